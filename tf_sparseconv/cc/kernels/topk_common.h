@@ -1,0 +1,78 @@
+// Shared, TensorFlow-independent pieces of the top-k selection family
+// (k-winners-take-all and top-k attention). Compiled by g++ for the CPU
+// kernels and by nvcc for the GPU kernels, so everything here is plain C++
+// usable from host and device code.
+//
+// Values are ranked through an order-preserving map of their IEEE bit
+// pattern onto an unsigned integer of the same width ("key"). This gives a
+// total order for every float format we support (half, bfloat16, float,
+// double) without converting to float, makes the selection deterministic,
+// and lets one implementation serve all four dtypes:
+//   * -0 and +0 rank equal (ties are then broken by the lower index);
+//   * NaN ranks above +inf (whatever its sign bit);
+//   * in "abs" mode the key of x is the key of |x|.
+#ifndef TF_SPARSECONV_CC_KERNELS_TOPK_COMMON_H_
+#define TF_SPARSECONV_CC_KERNELS_TOPK_COMMON_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TSC_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TSC_HOST_DEVICE inline
+#endif
+
+namespace tf_sparseconv {
+
+// How entries are scored. kValue: score x (k-winners). kAbs: score |x|.
+// kRelu: score x, and only entries > 0 survive the selection.
+enum class ScoreMode : int { kValue = 0, kAbs = 1, kRelu = 2 };
+
+// The float formats, by storage width and the bit pattern of +inf.
+enum class FloatFormat : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+template <typename U>
+struct FormatBits {
+  U sign;  // the sign bit
+  U inf;   // bit pattern of +inf; |bits| > inf means NaN
+};
+
+TSC_HOST_DEVICE FormatBits<uint16_t> HalfBits() { return {0x8000u, 0x7C00u}; }
+TSC_HOST_DEVICE FormatBits<uint16_t> BFloat16Bits() { return {0x8000u, 0x7F80u}; }
+TSC_HOST_DEVICE FormatBits<uint32_t> FloatBits() { return {0x80000000u, 0x7F800000u}; }
+TSC_HOST_DEVICE FormatBits<uint64_t> DoubleBits() {
+  return {0x8000000000000000ull, 0x7FF0000000000000ull};
+}
+
+// Order-preserving key of the value with bit pattern `b` under `mode`
+// (kRelu ranks like kValue).
+template <typename U>
+TSC_HOST_DEVICE U OrderedKey(U b, FormatBits<U> f, ScoreMode mode) {
+  const U mag = static_cast<U>(b & static_cast<U>(~f.sign));
+  if (mag > f.inf) return static_cast<U>(~U(0));  // NaN: highest
+  if (mode == ScoreMode::kAbs) return static_cast<U>(mag | f.sign);
+  if (mag == 0) return f.sign;  // -0 ranks as +0
+  return (b & f.sign) ? static_cast<U>(~b) : static_cast<U>(b | f.sign);
+}
+
+// True if the value with bit pattern `b` is > 0 (NaN is not).
+template <typename U>
+TSC_HOST_DEVICE bool IsPositive(U b, FormatBits<U> f) {
+  return !(b & f.sign) && b != 0 && b <= f.inf;
+}
+
+// Geometry of a selection: x is viewed as [outer, size, inner]; each of the
+// outer * inner slices of `size` entries (stride `inner`) keeps `k` entries,
+// 0 <= k <= size. The winners' positions are written to `indices`, viewed as
+// [outer, k, inner], in ascending order of position; a winner that does not
+// survive (kRelu, value <= 0) is written as -1.
+struct TopKGeometry {
+  int64_t outer;
+  int64_t size;
+  int64_t inner;
+  int64_t k;
+};
+
+}  // namespace tf_sparseconv
+
+#endif  // TF_SPARSECONV_CC_KERNELS_TOPK_COMMON_H_

@@ -1,0 +1,1 @@
+"""Implementation of tf_sparseconv's public modules (``tsc.ops``, ``tsc.layers``)."""

@@ -1,0 +1,131 @@
+"""Keras layers for k-winners-take-all and top-k attention."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from tf_sparseconv.python.layers._base import (
+    check_backend,
+    check_exactly_one,
+    check_fraction,
+    count_from_fraction,
+)
+from tf_sparseconv.python.ops import _common
+from tf_sparseconv.python.ops import topk_ops
+
+
+def _check_k(k):
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"`k` must be an int >= 1, got {k!r}")
+    return k
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class KWinners(keras.layers.Layer):
+    """k-winners-take-all: keeps the `k` largest activations along `axis`.
+
+    Args:
+      k: number of winners per slice (int >= 1).
+      sparsity: alternatively, the fraction in [0, 1) of each slice to zero:
+        `k = max(1, round((1 - sparsity) * size))`.
+      axis: the axis whose slices compete (default: channels).
+
+    Exactly one of `k` and `sparsity` is given. Gradients flow to the winners.
+    """
+
+    def __init__(self, k: int | None = None, sparsity: float | None = None, axis: int = -1, **kwargs):
+        super().__init__(**kwargs)
+        check_backend(type(self).__name__)
+        check_exactly_one(k=k, sparsity=sparsity)
+        self.k = _check_k(k)
+        self.sparsity = None if sparsity is None else check_fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
+        self.axis = _common.normalize_axis(axis, None)
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        _common.normalize_axis(self.axis, len(input_shape))
+        self.built = True
+
+    def winners(self, size):
+        """Winners per slice for a slice of `size` entries (int or tensor)."""
+        if self.k is not None:
+            return self.k
+        return count_from_fraction(1.0 - self.sparsity, size)
+
+    def call(self, inputs):
+        size = inputs.shape[self.axis]
+        if size is None:
+            size = tf.shape(inputs)[self.axis]
+        return topk_ops.kwinners(inputs, self.winners(size), axis=self.axis)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "sparsity": self.sparsity, "axis": self.axis}
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class TopKAttention(keras.layers.Layer):
+    """Top-k attention: keeps the `k` strongest entries of a feature map.
+
+    Args:
+      k: entries kept per selection set (int >= 1).
+      density: alternatively, the kept fraction in (0, 1] of each selection set
+        of `n` entries: `k = max(1, round(density * n))`.
+      mode: "abs" scores |x|; "relu" scores x and keeps only positive entries.
+      per: "channel" selects spatial positions per (sample, channel);
+        "sample" selects over all positions and channels of a sample.
+
+    Input `[B, *spatial, C]` with 1 to 3 spatial dims.
+    """
+
+    def __init__(
+        self,
+        k: int | None = None,
+        density: float | None = None,
+        mode: str = "abs",
+        per: str = "channel",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_backend(type(self).__name__)
+        check_exactly_one(k=k, density=density)
+        self.k = _check_k(k)
+        self.density = None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        self.mode = _common.choice(mode, "mode", ("abs", "relu"))
+        self.per = _common.choice(per, "per", ("channel", "sample"))
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        if not 3 <= len(input_shape) <= 5:
+            raise ValueError(
+                f"{type(self).__name__} expects [B, *spatial, C] with 1 to 3 spatial dims, got {input_shape}"
+            )
+        self.built = True
+
+    def _set_size(self, inputs):
+        dims = inputs.shape[1:] if self.per == "sample" else inputs.shape[1:-1]
+        if all(d is not None for d in dims):
+            return math.prod(dims)
+        dyn = tf.shape(inputs)
+        return tf.reduce_prod(dyn[1:] if self.per == "sample" else dyn[1:-1])
+
+    def call(self, inputs):
+        k = self.k if self.k is not None else count_from_fraction(self.density, self._set_size(inputs))
+        return topk_ops.topk_attention(inputs, k, mode=self.mode, per=self.per)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "k": self.k,
+            "density": self.density,
+            "mode": self.mode,
+            "per": self.per,
+        }

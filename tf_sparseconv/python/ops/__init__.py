@@ -1,0 +1,24 @@
+"""Custom TensorFlow ops of tf_sparseconv, with gradients and pure-TF references.
+
+Every op here runs the compiled C++/CUDA kernel when the op library is loaded
+and otherwise its pure-TensorFlow reference (same semantics, stock ops only).
+The references are public (``*_reference``) as test oracles and for portable
+export.
+"""
+
+from tf_sparseconv.python.ops._loader import is_library_loaded, load_library
+from tf_sparseconv.python.ops.topk_ops import (
+    kwinners,
+    kwinners_reference,
+    topk_attention,
+    topk_attention_reference,
+)
+
+__all__ = [
+    "is_library_loaded",
+    "kwinners",
+    "kwinners_reference",
+    "load_library",
+    "topk_attention",
+    "topk_attention_reference",
+]

@@ -1,0 +1,55 @@
+"""Argument checks shared by the op wrappers (ValueError before graph building)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def float_tensor(value, name: str) -> tf.Tensor:
+    """Converts `value` to a tensor and checks that it is a supported float."""
+    t = tf.convert_to_tensor(value, name=name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype.name}"
+        )
+    return t
+
+
+def positive_count(value, name: str) -> tf.Tensor:
+    """A count (k, ...) >= 1: Python ints are checked here, tensors by the op."""
+    if isinstance(value, (numbers.Integral, np.integer)):
+        if isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if value > np.iinfo(np.int32).max:
+            raise ValueError(f"`{name}` must fit in int32, got {value!r}")
+        return tf.constant(int(value), tf.int32)
+    if isinstance(value, numbers.Number):
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    t = tf.convert_to_tensor(value)
+    if not t.dtype.is_integer:
+        raise ValueError(f"`{name}` must be an integer, got dtype {t.dtype.name}")
+    if t.shape.rank is not None and t.shape.rank != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {t.shape}")
+    return tf.cast(t, tf.int32)
+
+
+def normalize_axis(axis, rank: int | None, name: str = "axis") -> int:
+    if not isinstance(axis, (numbers.Integral, np.integer)) or isinstance(axis, bool):
+        raise ValueError(f"`{name}` must be an int, got {axis!r}")
+    axis = int(axis)
+    if rank is None:
+        return axis
+    if not -rank <= axis < rank:
+        raise ValueError(f"`{name}` must be in [{-rank}, {rank}) for a rank-{rank} input, got {axis}")
+    return axis % rank
+
+
+def choice(value, name: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"`{name}` must be one of {options}, got {value!r}")
+    return value

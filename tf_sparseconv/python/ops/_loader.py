@@ -1,0 +1,92 @@
+"""Cached, never-raising load of the compiled op library.
+
+``load_library()`` loads ``_tf_sparseconv_ops.so`` once and returns the module
+of generated op wrappers, or ``None`` when the library is missing, was built
+for another TensorFlow version, or fails to load. In that case it emits one
+warning that names the TensorFlow version the library was built for and the
+command that rebuilds it, and the ops fall back to their pure-TF references.
+
+Environment:
+  TF_SPARSECONV_LIBRARY          path of the library to load instead of the
+                                 one in the package.
+  TF_SPARSECONV_FORCE_REFERENCE  "1": never load; use the pure-TF references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import tensorflow as tf
+
+LIBRARY_NAME = "_tf_sparseconv_ops.so"
+BUILD_INFO_NAME = "_build_info.json"
+REBUILD_COMMAND = "pip install --no-build-isolation -e . (or: python tools/build_ops.py)"
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent.parent
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "library": None, "problem": None}
+
+
+class LibraryWarning(RuntimeWarning):
+    """The compiled op library could not be used; ops run their references."""
+
+
+def library_path() -> Path:
+    override = os.environ.get("TF_SPARSECONV_LIBRARY")
+    return Path(override) if override else _PACKAGE_DIR / LIBRARY_NAME
+
+
+def _built_for(path: Path) -> str | None:
+    info = path.parent / BUILD_INFO_NAME
+    try:
+        return json.loads(info.read_text()).get("tf_version")
+    except (OSError, ValueError):
+        return None
+
+
+def _load(path: Path) -> tuple[ModuleType | None, str | None]:
+    if not path.exists():
+        return None, f"the op library {path} does not exist (the package was not built)"
+    built_for = _built_for(path)
+    if built_for is not None and built_for != tf.__version__:
+        return None, (
+            f"the op library was built for TensorFlow {built_for} but TensorFlow "
+            f"{tf.__version__} is installed"
+        )
+    try:
+        return tf.load_op_library(str(path)), None
+    except Exception as exc:  # noqa: BLE001 - any load failure means: fall back
+        where = f" (built for TensorFlow {built_for})" if built_for else ""
+        return None, f"loading {path}{where} failed: {exc}"
+
+
+def load_library() -> ModuleType | None:
+    """Returns the op library module, loading it on the first call."""
+    if _state["tried"]:
+        return _state["library"]
+    with _lock:
+        if not _state["tried"]:
+            if os.environ.get("TF_SPARSECONV_FORCE_REFERENCE", "0") == "1":
+                library, problem = None, None
+            else:
+                library, problem = _load(library_path())
+            if problem:
+                warnings.warn(
+                    f"tf_sparseconv: {problem}. The ops fall back to their (slower) "
+                    f"pure-TensorFlow references. Rebuild with: {REBUILD_COMMAND}",
+                    LibraryWarning,
+                    stacklevel=2,
+                )
+            _state.update(tried=True, library=library, problem=problem)
+    return _state["library"]
+
+
+def is_library_loaded() -> bool:
+    """True when the compiled kernels (not the references) run the ops."""
+    return load_library() is not None

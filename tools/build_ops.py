@@ -1,0 +1,187 @@
+"""Builds tf_sparseconv's op library against the installed TensorFlow.
+
+The default build route (``pip install``/``setup.py`` call this; so can you:
+``python tools/build_ops.py``). Compiler flags come only from ``tf.sysconfig``
+plus optimisation flags; CUDA kernels (``*.cu.cc``) are compiled with nvcc and
+linked in when nvcc is present and TensorFlow is a CUDA build.
+
+Environment:
+  TF_SPARSECONV_CUDA    "auto" (default), "1" (require CUDA), "0" (CPU only).
+  TF_SPARSECONV_CUDA_ARCHS  e.g. "75,80,90" (default); the last also gets PTX.
+  TF_SPARSECONV_NATIVE  "1" (default): -march=native; "0": portable x86-64-v2.
+  TF_SPARSECONV_ASAN    "1": build with AddressSanitizer (for the ASan run).
+  TF_SPARSECONV_JOBS    parallel compile jobs (default: CPU count).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CC_DIR = ROOT / "tf_sparseconv" / "cc"
+LIBRARY_NAME = "_tf_sparseconv_ops.so"
+BUILD_INFO_NAME = "_build_info.json"
+OBJ_DIR = ROOT / "build" / "obj"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def tf_flags() -> tuple[list[str], list[str], dict]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    info = dict(tf.sysconfig.get_build_info())
+    return (
+        list(tf.sysconfig.get_compile_flags()),
+        list(tf.sysconfig.get_link_flags()),
+        {"tf_version": tf.__version__, "tf_cuda": bool(info.get("is_cuda_build"))},
+    )
+
+
+def find_nvcc() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for candidate in ("/usr/local/cuda/bin/nvcc",):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def cuda_wanted(tf_cuda: bool) -> tuple[bool, str]:
+    setting = _env("TF_SPARSECONV_CUDA", "auto")
+    nvcc = find_nvcc()
+    if setting in ("0", "off", "false", "no"):
+        return False, "disabled by TF_SPARSECONV_CUDA=0"
+    if not cuda_sources():
+        return False, "no CUDA sources"
+    if setting in ("1", "on", "true", "yes"):
+        if not nvcc:
+            raise RuntimeError("TF_SPARSECONV_CUDA=1 but nvcc was not found")
+        return True, "forced by TF_SPARSECONV_CUDA=1"
+    if not nvcc:
+        return False, "nvcc not found"
+    if not tf_cuda:
+        return False, "TensorFlow is not a CUDA build"
+    return True, "nvcc found and TensorFlow is a CUDA build"
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _headers_digest() -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(CC_DIR.rglob("*.h")))
+
+
+def _compile(cmd: list[str], src: Path, obj: Path) -> str:
+    if obj.exists():
+        return f"cached {src.relative_to(ROOT)}"
+    tmp = obj.with_suffix(".tmp.o")
+    proc = subprocess.run(cmd + ["-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{proc.stderr[-8000:]}")
+    tmp.replace(obj)
+    return f"compiled {src.relative_to(ROOT)}"
+
+
+def cxx_sources() -> list[Path]:
+    return sorted(p for p in CC_DIR.rglob("*.cc") if not p.name.endswith(".cu.cc"))
+
+
+def cuda_sources() -> list[Path]:
+    return sorted(CC_DIR.rglob("*.cu.cc"))
+
+
+def nvcc_arch_flags() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("TF_SPARSECONV_CUDA_ARCHS", "75,80,90").split(",") if a.strip()]
+    flags = []
+    for i, a in enumerate(archs):
+        code = f"[sm_{a},compute_{a}]" if i == len(archs) - 1 else f"sm_{a}"
+        flags += ["-gencode", f"arch=compute_{a},code={code}"]
+    return flags
+
+
+def nvcc_command(nvcc: str) -> list[str]:
+    return [nvcc, "-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3",
+            "-Xcompiler", "-fPIC", f"-I{ROOT}", *nvcc_arch_flags()]
+
+
+def build(output: Path | None = None, verbose: bool = True) -> Path:
+    """Compiles the op library to ``output`` (default: in the package)."""
+    output = Path(output) if output else ROOT / "tf_sparseconv" / LIBRARY_NAME
+    compile_flags, link_flags, info = tf_flags()
+    use_cuda, why = cuda_wanted(info["tf_cuda"])
+    cxx = os.environ.get("CXX", "g++")
+    opt = ["-O3", "-fPIC", "-Wno-deprecated-declarations", "-Wno-interference-size",
+           "-Wno-unknown-warning-option"]
+    opt.append("-march=native" if _env("TF_SPARSECONV_NATIVE", "1") == "1" else "-march=x86-64-v2")
+    asan = _env("TF_SPARSECONV_ASAN", "0") == "1"
+    if asan:
+        opt += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+    defines = ["-DTF_SPARSECONV_CUDA=1"] if use_cuda else []
+    cxx_cmd = [cxx, f"-I{ROOT}", *compile_flags, *opt, *defines]
+    OBJ_DIR.mkdir(parents=True, exist_ok=True)
+    headers = _headers_digest()
+    jobs = int(os.environ.get("TF_SPARSECONV_JOBS", os.cpu_count() or 2))
+    tasks = []
+    for src in cxx_sources():
+        key = _digest(" ".join(cxx_cmd).encode(), src.read_bytes(), headers)
+        tasks.append((cxx_cmd, src, OBJ_DIR / f"{src.stem}-{key}.o"))
+    nvcc = find_nvcc() if use_cuda else None
+    if use_cuda:
+        nv_cmd = nvcc_command(nvcc)
+        for src in cuda_sources():
+            key = _digest(" ".join(nv_cmd).encode(), src.read_bytes(), headers)
+            tasks.append((nv_cmd, src, OBJ_DIR / f"{src.name[:-6]}-cu-{key}.o"))
+    if verbose:
+        print(f"[tf_sparseconv] building {output.name} for TensorFlow {info['tf_version']}; "
+              f"CUDA: {'on' if use_cuda else 'off'} ({why})", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for msg in pool.map(lambda t: _compile(*t), tasks):
+            if verbose:
+                print(f"[tf_sparseconv]   {msg}", flush=True)
+    link = [cxx, "-shared", *opt, "-o", str(output), *[str(t[2]) for t in tasks], *link_flags]
+    if use_cuda:
+        cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
+        link += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(link, check=True)
+    build_info = {**info, "cuda": use_cuda, "cuda_reason": why, "asan": asan,
+                  "compile_flags": compile_flags, "link_flags": link_flags}
+    (output.parent / BUILD_INFO_NAME).write_text(json.dumps(build_info, indent=2) + "\n")
+    if verbose:
+        print(f"[tf_sparseconv] wrote {output}", flush=True)
+    return output
+
+
+def compile_cuda_only() -> None:
+    """Compiles every .cu.cc with nvcc (no link): CI's check that GPU code builds."""
+    nvcc = find_nvcc()
+    if not nvcc:
+        raise SystemExit("nvcc not found")
+    out = ROOT / "build" / "cuda_check"
+    out.mkdir(parents=True, exist_ok=True)
+    for src in cuda_sources():
+        subprocess.run(nvcc_command(nvcc) + ["-c", str(src), "-o", str(out / (src.name[:-6] + ".o"))], check=True)
+        print(f"[tf_sparseconv] nvcc ok: {src.relative_to(ROOT)}", flush=True)
+
+
+if __name__ == "__main__":
+    if "--cuda-only" in sys.argv:
+        compile_cuda_only()
+    else:
+        build()
