@@ -57,6 +57,18 @@ def find_nvcc() -> str | None:
     return None
 
 
+def cuda_library_dir(nvcc: str) -> Path:
+    """The directory holding libcudart_static.a for this nvcc."""
+    homes = [Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda")]
+    if os.environ.get("CUDA_HOME"):
+        homes.insert(0, Path(os.environ["CUDA_HOME"]))
+    for home in homes:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            if (home / sub / "libcudart_static.a").exists():
+                return home / sub
+    raise RuntimeError(f"libcudart_static.a not found near {nvcc}; set CUDA_HOME")
+
+
 def cuda_wanted(tf_cuda: bool) -> tuple[bool, str]:
     setting = _env("TF_SPARSECONV_CUDA", "auto")
     nvcc = find_nvcc()
@@ -91,7 +103,7 @@ def _compile(cmd: list[str], src: Path, obj: Path) -> str:
     if obj.exists():
         return f"cached {src.relative_to(ROOT)}"
     tmp = obj.with_suffix(".tmp.o")
-    proc = subprocess.run(cmd + ["-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run(cmd + ["-c", str(src), "-o", str(tmp)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{proc.stderr[-8000:]}")
     tmp.replace(obj)
@@ -107,7 +119,9 @@ def cuda_sources() -> list[Path]:
 
 
 def nvcc_arch_flags() -> list[str]:
-    archs = [a.strip() for a in os.environ.get("TF_SPARSECONV_CUDA_ARCHS", "75,80,90").split(",") if a.strip()]
+    archs = [
+        a.strip() for a in os.environ.get("TF_SPARSECONV_CUDA_ARCHS", "75,80,90").split(",") if a.strip()
+    ]
     flags = []
     for i, a in enumerate(archs):
         code = f"[sm_{a},compute_{a}]" if i == len(archs) - 1 else f"sm_{a}"
@@ -116,8 +130,18 @@ def nvcc_arch_flags() -> list[str]:
 
 
 def nvcc_command(nvcc: str) -> list[str]:
-    return [nvcc, "-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3",
-            "-Xcompiler", "-fPIC", f"-I{ROOT}", *nvcc_arch_flags()]
+    return [
+        nvcc,
+        "-x",
+        "cu",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-O3",
+        "-Xcompiler",
+        "-fPIC",
+        f"-I{ROOT}",
+        *nvcc_arch_flags(),
+    ]
 
 
 def build(output: Path | None = None, verbose: bool = True) -> Path:
@@ -126,8 +150,13 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
     compile_flags, link_flags, info = tf_flags()
     use_cuda, why = cuda_wanted(info["tf_cuda"])
     cxx = os.environ.get("CXX", "g++")
-    opt = ["-O3", "-fPIC", "-Wno-deprecated-declarations", "-Wno-interference-size",
-           "-Wno-unknown-warning-option"]
+    opt = [
+        "-O3",
+        "-fPIC",
+        "-Wno-deprecated-declarations",
+        "-Wno-interference-size",
+        "-Wno-unknown-warning-option",
+    ]
     opt.append("-march=native" if _env("TF_SPARSECONV_NATIVE", "1") == "1" else "-march=x86-64-v2")
     asan = _env("TF_SPARSECONV_ASAN", "0") == "1"
     if asan:
@@ -148,20 +177,28 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
             key = _digest(" ".join(nv_cmd).encode(), src.read_bytes(), headers)
             tasks.append((nv_cmd, src, OBJ_DIR / f"{src.name[:-6]}-cu-{key}.o"))
     if verbose:
-        print(f"[tf_sparseconv] building {output.name} for TensorFlow {info['tf_version']}; "
-              f"CUDA: {'on' if use_cuda else 'off'} ({why})", flush=True)
+        print(
+            f"[tf_sparseconv] building {output.name} for TensorFlow {info['tf_version']}; "
+            f"CUDA: {'on' if use_cuda else 'off'} ({why})",
+            flush=True,
+        )
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for msg in pool.map(lambda t: _compile(*t), tasks):
             if verbose:
                 print(f"[tf_sparseconv]   {msg}", flush=True)
     link = [cxx, "-shared", *opt, "-o", str(output), *[str(t[2]) for t in tasks], *link_flags]
     if use_cuda:
-        cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
-        link += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+        link += [f"-L{cuda_library_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
     output.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(link, check=True)
-    build_info = {**info, "cuda": use_cuda, "cuda_reason": why, "asan": asan,
-                  "compile_flags": compile_flags, "link_flags": link_flags}
+    build_info = {
+        **info,
+        "cuda": use_cuda,
+        "cuda_reason": why,
+        "asan": asan,
+        "compile_flags": compile_flags,
+        "link_flags": link_flags,
+    }
     (output.parent / BUILD_INFO_NAME).write_text(json.dumps(build_info, indent=2) + "\n")
     if verbose:
         print(f"[tf_sparseconv] wrote {output}", flush=True)
@@ -176,7 +213,9 @@ def compile_cuda_only() -> None:
     out = ROOT / "build" / "cuda_check"
     out.mkdir(parents=True, exist_ok=True)
     for src in cuda_sources():
-        subprocess.run(nvcc_command(nvcc) + ["-c", str(src), "-o", str(out / (src.name[:-6] + ".o"))], check=True)
+        subprocess.run(
+            nvcc_command(nvcc) + ["-c", str(src), "-o", str(out / (src.name[:-6] + ".o"))], check=True
+        )
         print(f"[tf_sparseconv] nvcc ok: {src.relative_to(ROOT)}", flush=True)
 
 

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op_kernel.h"
@@ -68,8 +69,7 @@ struct DTypeTraits<double> {
 
 namespace {
 
-constexpr int64_t kColumnChunk = 16;   // columns of a strided axis per task
-constexpr int64_t kSmallK = 32;        // insertion buffer up to this k
+constexpr int64_t kColumnChunk = 16;  // columns of a strided axis per task
 
 void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
                  const std::function<void(int64_t, int64_t)>& fn) {
@@ -78,47 +78,46 @@ void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
   workers->ParallelFor(total, cost_per_unit, fn);
 }
 
-// Finds the k-th largest of keys[0, n) (1 <= k < n) and how many keys are
-// strictly larger. `scratch` has room for n keys.
+// Radix select: the k-th largest of keys[0, n) (1 <= k <= n) and how many
+// keys are strictly larger. One 256-bin histogram pass per byte of the key,
+// most significant first; after each pass only the keys in the bin holding
+// the k-th largest are kept (compacted into `scratch`, room for n keys), so
+// the passes after the first touch few keys. O(n), no sort, no branches in
+// the inner loops.
 template <typename U>
-void KthLargest(const U* keys, int64_t n, int64_t k, U* scratch, U* threshold,
-                int64_t* num_greater) {
-  U t;
-  if (k <= kSmallK) {
-    // scratch[0, k) holds the k largest keys seen so far, descending.
-    for (int64_t i = 0; i < k; ++i) {
-      const U key = keys[i];
-      int64_t j = i;
-      while (j > 0 && scratch[j - 1] < key) {
-        scratch[j] = scratch[j - 1];
-        --j;
-      }
-      scratch[j] = key;
-    }
-    for (int64_t i = k; i < n; ++i) {
-      const U key = keys[i];
-      if (key <= scratch[k - 1]) continue;
-      int64_t j = k - 1;
-      while (j > 0 && scratch[j - 1] < key) {
-        scratch[j] = scratch[j - 1];
-        --j;
-      }
-      scratch[j] = key;
-    }
-    t = scratch[k - 1];
-  } else {
-    std::copy(keys, keys + n, scratch);
-    std::nth_element(scratch, scratch + (k - 1), scratch + n, std::greater<U>());
-    t = scratch[k - 1];
-  }
+U KthLargest(const U* keys, int64_t n, int64_t k, U* scratch,
+             int64_t* num_greater) {
+  constexpr int kKeyBits = 8 * sizeof(U);
+  const U* src = keys;
+  int64_t m = n;
+  U prefix = 0;
   int64_t greater = 0;
-  for (int64_t i = 0; i < k; ++i) greater += scratch[i] > t;
-  *threshold = t;
+  uint32_t hist[256];
+  for (int shift = kKeyBits - 8;; shift -= 8) {
+    std::memset(hist, 0, sizeof(hist));
+    for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> shift) & 0xFF];
+    int digit = 255;
+    int64_t above = 0;
+    while (above + hist[digit] < k) above += hist[digit--];
+    greater += above;
+    k -= above;
+    prefix |= static_cast<U>(digit) << shift;
+    if (shift == 0) break;
+    int64_t w = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const U key = src[i];
+      scratch[w] = key;
+      w += static_cast<int>((key >> shift) & 0xFF) == digit;
+    }
+    src = scratch;
+    m = w;
+  }
   *num_greater = greater;
+  return prefix;
 }
 
-// The selection on the CPU. x, y: [outer, size, inner]; indices:
-// [outer, k, inner].
+// The selection on the CPU. x, y: [outer, size, inner] (y may alias x: each
+// entry is read before it is written); indices: [outer, k, inner].
 template <typename U>
 void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
                  const TopKGeometry& g, FormatBits<U> bits, ScoreMode mode) {
@@ -127,10 +126,12 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
   const int64_t chunk = std::min(inner, kColumnChunk);
   const int64_t chunks_per_row = (inner + chunk - 1) / chunk;
   const int64_t units = g.outer * chunks_per_row;
-  const int64_t cost = n * chunk * 12;
+  const int64_t cost = n * chunk * 16;
   auto work = [&](int64_t begin, int64_t end) {
     std::vector<U> keys(static_cast<size_t>(n * chunk));
     std::vector<U> scratch(static_cast<size_t>(n));
+    U threshold[kColumnChunk];
+    int64_t equal_left[kColumnChunk], winners[kColumnChunk];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t o = unit / chunks_per_row;
       const int64_t c0 = (unit % chunks_per_row) * chunk;
@@ -138,43 +139,46 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
       const U* xs = x + o * n * inner + c0;
       U* ys = y + o * n * inner + c0;
       int32_t* is = indices + o * k * inner + c0;
-      // Keys, transposed to one contiguous run per column; zeroed output.
-      if (inner == 1) {
-        for (int64_t i = 0; i < n; ++i) keys[i] = OrderedKey(xs[i], bits, mode);
-        std::memset(ys, 0, n * sizeof(U));
-      } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const U* row = xs + i * inner;
-          for (int64_t j = 0; j < cw; ++j) {
-            keys[j * n + i] = OrderedKey(row[j], bits, mode);
-          }
-          std::memset(ys + i * inner, 0, cw * sizeof(U));
+      // Keys, transposed to one contiguous run per column.
+      for (int64_t i = 0; i < n; ++i) {
+        const U* row = xs + i * inner;
+        for (int64_t j = 0; j < cw; ++j) {
+          keys[j * n + i] = OrderedKey(row[j], bits, mode);
         }
       }
+      // Per column: the k-th largest key, and how many keys equal to it win.
       for (int64_t j = 0; j < cw; ++j) {
-        const U* kc = keys.data() + j * n;
-        U threshold = 0;
-        int64_t num_greater = 0;
-        if (k < n) {
-          KthLargest(kc, n, k, scratch.data(), &threshold, &num_greater);
+        winners[j] = 0;
+        if (k == 0 || k == n) {  // nothing / everything wins
+          threshold[j] = static_cast<U>(~U(0));
+          equal_left[j] = k == 0 ? 0 : n;
+          if (k == n) threshold[j] = 0;
+          continue;
         }
-        int64_t equal_left = k - num_greater;
-        int64_t w = 0;
-        for (int64_t i = 0; i < n && w < k; ++i) {
-          const U key = kc[i];
-          if (key < threshold) continue;
-          if (key == threshold) {
-            if (equal_left == 0) continue;
-            --equal_left;
+        int64_t num_greater;
+        threshold[j] = KthLargest(keys.data() + j * n, n, k, scratch.data(),
+                                  &num_greater);
+        equal_left[j] = k - num_greater;
+      }
+      // One row-major pass writes y and the (ascending) winner positions.
+      for (int64_t i = 0; i < n; ++i) {
+        const U* row = xs + i * inner;
+        U* out = ys + i * inner;
+        for (int64_t j = 0; j < cw; ++j) {
+          const U key = keys[j * n + i];
+          bool win = key > threshold[j];
+          if (key == threshold[j] && equal_left[j] > 0) {
+            --equal_left[j];
+            win = true;
           }
-          const U v = xs[i * inner + j];
-          if (mode == ScoreMode::kRelu && !IsPositive(v, bits)) {
-            is[w * inner + j] = -1;
-          } else {
-            is[w * inner + j] = static_cast<int32_t>(i);
-            ys[i * inner + j] = v;
+          const U v = row[j];
+          if (!win) {
+            out[j] = 0;
+            continue;
           }
-          ++w;
+          const bool survives = mode != ScoreMode::kRelu || IsPositive(v, bits);
+          is[winners[j]++ * inner + j] = survives ? static_cast<int32_t>(i) : -1;
+          out[j] = survives ? v : U(0);
         }
       }
     }
@@ -182,36 +186,50 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
   ParallelFor(ctx, units, cost, work);
 }
 
-// dx = 0 except at the winners, where dx = dy. Returns false if an index is
-// out of [-1, size) (nothing out of range is touched).
+// dx = dy at the winners, 0 elsewhere (dx may alias dy). The winner positions
+// of each slice must be ascending in [0, size), with -1 for dropped winners
+// (as the forward op writes them); returns false otherwise, having touched
+// nothing out of range.
 template <typename U>
 bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
                      U* dx, const TopKGeometry& g) {
   const int64_t n = g.size, k = g.k, inner = g.inner;
+  if (g.outer * n * inner == 0) return true;
   std::atomic<bool> ok(true);
+  const int64_t chunk = std::min(inner, kColumnChunk);
+  const int64_t chunks_per_row = (inner + chunk - 1) / chunk;
   auto work = [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      U* dxs = dx + o * n * inner;
-      const U* dys = dy + o * n * inner;
-      const int32_t* is = indices + o * k * inner;
-      std::memset(dxs, 0, n * inner * sizeof(U));
-      for (int64_t w = 0; w < k; ++w) {
-        for (int64_t c = 0; c < inner; ++c) {
-          const int64_t i = is[w * inner + c];
-          if (i < 0) {
-            if (i != -1) ok.store(false, std::memory_order_relaxed);
-            continue;
+    int64_t next[kColumnChunk];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t o = unit / chunks_per_row;
+      const int64_t c0 = (unit % chunks_per_row) * chunk;
+      const int64_t cw = std::min(chunk, inner - c0);
+      const U* dys = dy + o * n * inner + c0;
+      U* dxs = dx + o * n * inner + c0;
+      const int32_t* is = indices + o * k * inner + c0;
+      auto skip_dropped = [&](int64_t j) {
+        while (next[j] < k && is[next[j] * inner + j] == -1) ++next[j];
+      };
+      for (int64_t j = 0; j < cw; ++j) {
+        next[j] = 0;
+        skip_dropped(j);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < cw; ++j) {
+          const bool win = next[j] < k && is[next[j] * inner + j] == i;
+          dxs[i * inner + j] = win ? dys[i * inner + j] : U(0);
+          if (win) {
+            ++next[j];
+            skip_dropped(j);
           }
-          if (i >= n) {
-            ok.store(false, std::memory_order_relaxed);
-            continue;
-          }
-          dxs[i * inner + c] = dys[i * inner + c];
         }
+      }
+      for (int64_t j = 0; j < cw; ++j) {
+        if (next[j] != k) ok.store(false, std::memory_order_relaxed);
       }
     }
   };
-  ParallelFor(ctx, g.outer, n * inner + 4 * k * inner, work);
+  ParallelFor(ctx, g.outer * chunks_per_row, n * chunk * 4, work);
   return ok.load();
 }
 
@@ -225,6 +243,18 @@ bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
   *k = k_tensor.scalar<int32_t>()();
   if (*k < 1) return errors::InvalidArgument("k must be >= 1, got ", *k);
   return ::tensorflow::OkStatus();
+}
+
+// The output that has the shape of input `input`: on the CPU the input's
+// buffer is reused when nothing else holds it (the kernels allow aliasing).
+template <typename Device>
+::tensorflow::Status SameShapeOutput(OpKernelContext* ctx, int input,
+                                     Tensor** out) {
+  if (std::is_same<Device, Eigen::ThreadPoolDevice>::value) {
+    return ctx->forward_input_or_allocate_output({input}, 0,
+                                                 ctx->input(input).shape(), out);
+  }
+  return ctx->allocate_output(0, ctx->input(input).shape(), out);
 }
 
 // [outer, size, inner] of x for a selection along `axis`.
@@ -279,8 +309,9 @@ struct TopKMaskGradFunctor<CPUDevice, T> {
         indices.flat<int32_t>().data(), reinterpret_cast<U*>(dx->flat<T>().data()),
         g);
     OP_REQUIRES(ctx, ok,
-                errors::InvalidArgument("indices must be in [-1, ", g.size,
-                                        ") (positions along the selection)"));
+                errors::InvalidArgument(
+                    "indices must hold, per slice, ascending positions in [0, ",
+                    g.size, ") or -1 (as the forward op writes them)"));
   }
 };
 
@@ -347,7 +378,7 @@ class KWinnersOp : public OpKernel {
     indices_shape.set_dim(axis, g.k);
     Tensor* y = nullptr;
     Tensor* indices = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, indices_shape, &indices));
     TopKMaskFunctor<Device, T>()(ctx, x, y, indices, g, ScoreMode::kValue);
   }
@@ -386,7 +417,7 @@ class KWinnersGradOp : public OpKernel {
     TopKGeometry g = AxisGeometry(dy.shape(), axis);
     g.k = indices.dim_size(axis);
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dy.shape(), &dx));
+    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
     TopKMaskGradFunctor<Device, T>()(ctx, dy, indices, dx, g);
   }
 
@@ -424,7 +455,7 @@ class TopKAttentionOp : public OpKernel {
                     : TensorShape({g.outer, g.k, g.inner});
     Tensor* y = nullptr;
     Tensor* indices = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, indices_shape, &indices));
     TopKMaskFunctor<Device, T>()(ctx, x, y, indices, g, mode_);
   }
@@ -467,7 +498,7 @@ class TopKAttentionGradOp : public OpKernel {
                                 : " (per='channel': [B, k, C])"));
     g.k = indices.dim_size(1);
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dy.shape(), &dx));
+    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
     TopKMaskGradFunctor<Device, T>()(ctx, dy, indices, dx, g);
   }
 

@@ -13,8 +13,7 @@ from tf_sparseconv.python.layers._base import (
     check_fraction,
     count_from_fraction,
 )
-from tf_sparseconv.python.ops import _common
-from tf_sparseconv.python.ops import topk_ops
+from tf_sparseconv.python.ops import _common, topk_ops
 
 
 def _check_k(k):
@@ -41,7 +40,11 @@ class KWinners(keras.layers.Layer):
         check_backend(type(self).__name__)
         check_exactly_one(k=k, sparsity=sparsity)
         self.k = _check_k(k)
-        self.sparsity = None if sparsity is None else check_fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
+        self.sparsity = (
+            None
+            if sparsity is None
+            else check_fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
+        )
         self.axis = _common.normalize_axis(axis, None)
         self.supports_jit = False
 
@@ -95,7 +98,9 @@ class TopKAttention(keras.layers.Layer):
         check_backend(type(self).__name__)
         check_exactly_one(k=k, density=density)
         self.k = _check_k(k)
-        self.density = None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        self.density = (
+            None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        )
         self.mode = _common.choice(mode, "mode", ("abs", "relu"))
         self.per = _common.choice(per, "per", ("channel", "sample"))
         self.supports_jit = False

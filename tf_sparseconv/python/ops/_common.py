@@ -14,9 +14,7 @@ def float_tensor(value, name: str) -> tf.Tensor:
     """Converts `value` to a tensor and checks that it is a supported float."""
     t = tf.convert_to_tensor(value, name=name)
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype.name}"
-        )
+        raise ValueError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype.name}")
     return t
 
 
