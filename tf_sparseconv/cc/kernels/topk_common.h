@@ -46,13 +46,15 @@ TSC_HOST_DEVICE FormatBits<uint64_t> DoubleBits() {
 
 // Order-preserving key of the value with bit pattern `b` under `mode`
 // (kRelu ranks like kValue).
+// Written with selects only, so that loops over it vectorise.
 template <typename U>
 TSC_HOST_DEVICE U OrderedKey(U b, FormatBits<U> f, ScoreMode mode) {
   const U mag = static_cast<U>(b & static_cast<U>(~f.sign));
-  if (mag > f.inf) return static_cast<U>(~U(0));  // NaN: highest
-  if (mode == ScoreMode::kAbs) return static_cast<U>(mag | f.sign);
-  if (mag == 0) return f.sign;  // -0 ranks as +0
-  return (b & f.sign) ? static_cast<U>(~b) : static_cast<U>(b | f.sign);
+  const U flipped = (b & f.sign) ? static_cast<U>(~b) : static_cast<U>(b | f.sign);
+  // -0 ranks as +0; |x| ranks by magnitude.
+  const U key = mode == ScoreMode::kAbs ? static_cast<U>(mag | f.sign)
+                                        : (mag == 0 ? f.sign : flipped);
+  return mag > f.inf ? static_cast<U>(~U(0)) : key;  // NaN: highest
 }
 
 // True if the value with bit pattern `b` is > 0 (NaN is not).

@@ -70,6 +70,7 @@ struct DTypeTraits<double> {
 namespace {
 
 constexpr int64_t kColumnChunk = 16;  // columns of a strided axis per task
+constexpr int64_t kSortBelow = 24;    // radix select sorts this few keys
 
 void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
                  const std::function<void(int64_t, int64_t)>& fn) {
@@ -78,15 +79,15 @@ void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
   workers->ParallelFor(total, cost_per_unit, fn);
 }
 
-// Radix select: the k-th largest of keys[0, n) (1 <= k <= n) and how many
-// keys are strictly larger. One 256-bin histogram pass per byte of the key,
-// most significant first; after each pass only the keys in the bin holding
-// the k-th largest are kept (compacted into `scratch`, room for n keys), so
-// the passes after the first touch few keys. O(n), no sort, no branches in
-// the inner loops.
+// Radix select: the k-th largest of keys[0, n) (1 <= k <= n), how many keys
+// are strictly larger and how many are equal to it. One 256-bin histogram
+// pass per byte of the key, most significant first; after each pass only the
+// keys in the bin holding the k-th largest are kept (compacted into
+// `scratch`, room for n keys), so the passes after the first touch few keys.
+// O(n), no sort, no data-dependent branches in the inner loops.
 template <typename U>
 U KthLargest(const U* keys, int64_t n, int64_t k, U* scratch,
-             int64_t* num_greater) {
+             int64_t* num_greater, int64_t* num_equal) {
   constexpr int kKeyBits = 8 * sizeof(U);
   const U* src = keys;
   int64_t m = n;
@@ -102,36 +103,78 @@ U KthLargest(const U* keys, int64_t n, int64_t k, U* scratch,
     greater += above;
     k -= above;
     prefix |= static_cast<U>(digit) << shift;
-    if (shift == 0) break;
+    if (shift == 0) {
+      *num_equal = hist[digit];
+      break;
+    }
     int64_t w = 0;
     for (int64_t i = 0; i < m; ++i) {
       const U key = src[i];
       scratch[w] = key;
       w += static_cast<int>((key >> shift) & 0xFF) == digit;
     }
-    src = scratch;
     m = w;
+    if (m <= kSortBelow) {
+      // Few candidates left: sort them (descending) instead of more passes.
+      for (int64_t i = 1; i < m; ++i) {
+        const U key = scratch[i];
+        int64_t j = i;
+        for (; j > 0 && scratch[j - 1] < key; --j) scratch[j] = scratch[j - 1];
+        scratch[j] = key;
+      }
+      const U t = scratch[k - 1];
+      int64_t equal = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        greater += scratch[i] > t;
+        equal += scratch[i] == t;
+      }
+      *num_greater = greater;
+      *num_equal = equal;
+      return t;
+    }
+    src = scratch;
   }
   *num_greater = greater;
   return prefix;
 }
 
+// Per-column outcome of the selection: winners are the keys > threshold and
+// the first `equal_left` keys == threshold (by position).
+template <typename U>
+struct ColumnSelection {
+  U threshold;
+  int64_t equal_left;
+  bool all_equal_win;  // every key == threshold wins: a winner is key >= threshold
+};
+
+template <typename U>
+ColumnSelection<U> SelectColumn(const U* keys, int64_t n, int64_t k,
+                                U* scratch) {
+  if (k == n) return {U(0), n, true};  // everything wins
+  int64_t num_greater, num_equal;
+  const U t = KthLargest(keys, n, k, scratch, &num_greater, &num_equal);
+  return {t, k - num_greater, k - num_greater == num_equal};
+}
+
 // The selection on the CPU. x, y: [outer, size, inner] (y may alias x: each
 // entry is read before it is written); indices: [outer, k, inner].
-template <typename U>
+template <typename U, ScoreMode kMode>
 void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
-                 const TopKGeometry& g, FormatBits<U> bits, ScoreMode mode) {
+                 const TopKGeometry& g, FormatBits<U> bits) {
   const int64_t n = g.size, k = g.k, inner = g.inner;
   if (g.outer * n * inner == 0) return;
+  if (k == 0) {  // only when size == 0, handled above; kept for clarity
+    return;
+  }
   const int64_t chunk = std::min(inner, kColumnChunk);
   const int64_t chunks_per_row = (inner + chunk - 1) / chunk;
   const int64_t units = g.outer * chunks_per_row;
-  const int64_t cost = n * chunk * 16;
+  const int64_t cost = n * chunk * 8;
   auto work = [&](int64_t begin, int64_t end) {
     std::vector<U> keys(static_cast<size_t>(n * chunk));
     std::vector<U> scratch(static_cast<size_t>(n));
-    U threshold[kColumnChunk];
-    int64_t equal_left[kColumnChunk], winners[kColumnChunk];
+    ColumnSelection<U> sel[kColumnChunk];
+    int64_t winners[kColumnChunk];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t o = unit / chunks_per_row;
       const int64_t c0 = (unit % chunks_per_row) * chunk;
@@ -139,46 +182,71 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
       const U* xs = x + o * n * inner + c0;
       U* ys = y + o * n * inner + c0;
       int32_t* is = indices + o * k * inner + c0;
-      // Keys, transposed to one contiguous run per column.
-      for (int64_t i = 0; i < n; ++i) {
-        const U* row = xs + i * inner;
+      bool fast = true;
+      if (inner == 1) {
+        for (int64_t i = 0; i < n; ++i) keys[i] = OrderedKey(xs[i], bits, kMode);
+        sel[0] = SelectColumn(keys.data(), n, k, scratch.data());
+        fast = sel[0].all_equal_win;
+      } else {
+        // Keys, transposed to one contiguous run per column.
+        for (int64_t i = 0; i < n; ++i) {
+          const U* row = xs + i * inner;
+          for (int64_t j = 0; j < cw; ++j) {
+            keys[j * n + i] = OrderedKey(row[j], bits, kMode);
+          }
+        }
         for (int64_t j = 0; j < cw; ++j) {
-          keys[j * n + i] = OrderedKey(row[j], bits, mode);
+          sel[j] = SelectColumn(keys.data() + j * n, n, k, scratch.data());
+          fast = fast && sel[j].all_equal_win;
         }
       }
-      // Per column: the k-th largest key, and how many keys equal to it win.
-      for (int64_t j = 0; j < cw; ++j) {
-        winners[j] = 0;
-        if (k == 0 || k == n) {  // nothing / everything wins
-          threshold[j] = static_cast<U>(~U(0));
-          equal_left[j] = k == 0 ? 0 : n;
-          if (k == n) threshold[j] = 0;
-          continue;
+      for (int64_t j = 0; j < cw; ++j) winners[j] = 0;
+      auto record = [&](int64_t i, int64_t j, U v) {
+        // A winner: its position (or -1 if mode=relu drops it); y's value.
+        const bool survives = kMode != ScoreMode::kRelu || IsPositive(v, bits);
+        is[winners[j]++ * inner + j] = survives ? static_cast<int32_t>(i) : -1;
+        return survives ? v : U(0);
+      };
+      if (fast && inner == 1) {
+        // y: one vectorisable select; then the ascending winner positions.
+        const U t = sel[0].threshold;
+        for (int64_t i = 0; i < n; ++i) {
+          const U v = xs[i];
+          const bool keep = keys[i] >= t &&
+                            (kMode != ScoreMode::kRelu || IsPositive(v, bits));
+          ys[i] = keep ? v : U(0);
         }
-        int64_t num_greater;
-        threshold[j] = KthLargest(keys.data() + j * n, n, k, scratch.data(),
-                                  &num_greater);
-        equal_left[j] = k - num_greater;
-      }
-      // One row-major pass writes y and the (ascending) winner positions.
-      for (int64_t i = 0; i < n; ++i) {
-        const U* row = xs + i * inner;
-        U* out = ys + i * inner;
-        for (int64_t j = 0; j < cw; ++j) {
-          const U key = keys[j * n + i];
-          bool win = key > threshold[j];
-          if (key == threshold[j] && equal_left[j] > 0) {
-            --equal_left[j];
-            win = true;
+        for (int64_t i = 0; i < n; ++i) {
+          if (keys[i] >= t) {
+            is[winners[0]++] = (kMode != ScoreMode::kRelu || ys[i] != 0)
+                                   ? static_cast<int32_t>(i)
+                                   : -1;
           }
-          const U v = row[j];
-          if (!win) {
-            out[j] = 0;
-            continue;
+        }
+      } else if (fast) {
+        for (int64_t i = 0; i < n; ++i) {
+          const U* row = xs + i * inner;
+          U* out = ys + i * inner;
+          for (int64_t j = 0; j < cw; ++j) {
+            const U v = row[j];
+            out[j] = keys[j * n + i] >= sel[j].threshold ? record(i, j, v) : U(0);
           }
-          const bool survives = mode != ScoreMode::kRelu || IsPositive(v, bits);
-          is[winners[j]++ * inner + j] = survives ? static_cast<int32_t>(i) : -1;
-          out[j] = survives ? v : U(0);
+        }
+      } else {
+        // Ties at the threshold: the first equal_left equal keys win.
+        for (int64_t i = 0; i < n; ++i) {
+          const U* row = xs + i * inner;
+          U* out = ys + i * inner;
+          for (int64_t j = 0; j < cw; ++j) {
+            const U key = keys[j * n + i];
+            bool win = key > sel[j].threshold;
+            if (key == sel[j].threshold && sel[j].equal_left > 0) {
+              --sel[j].equal_left;
+              win = true;
+            }
+            const U v = row[j];
+            out[j] = win ? record(i, j, v) : U(0);
+          }
         }
       }
     }
@@ -186,9 +254,22 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
   ParallelFor(ctx, units, cost, work);
 }
 
-// dx = dy at the winners, 0 elsewhere (dx may alias dy). The winner positions
-// of each slice must be ascending in [0, size), with -1 for dropped winners
-// (as the forward op writes them); returns false otherwise, having touched
+template <typename U>
+void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
+                 const TopKGeometry& g, FormatBits<U> bits, ScoreMode mode) {
+  switch (mode) {
+    case ScoreMode::kValue:
+      return TopKMaskCpu<U, ScoreMode::kValue>(ctx, x, y, indices, g, bits);
+    case ScoreMode::kAbs:
+      return TopKMaskCpu<U, ScoreMode::kAbs>(ctx, x, y, indices, g, bits);
+    case ScoreMode::kRelu:
+      return TopKMaskCpu<U, ScoreMode::kRelu>(ctx, x, y, indices, g, bits);
+  }
+}
+
+// dx = dy at the winners, 0 elsewhere (dx may alias dy: the winners' values
+// are saved before the slice is zeroed). Entries of `indices` must be in
+// [0, size) or -1 (a dropped winner); returns false otherwise, having touched
 // nothing out of range.
 template <typename U>
 bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
@@ -199,7 +280,7 @@ bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
   const int64_t chunk = std::min(inner, kColumnChunk);
   const int64_t chunks_per_row = (inner + chunk - 1) / chunk;
   auto work = [&](int64_t begin, int64_t end) {
-    int64_t next[kColumnChunk];
+    std::vector<U> saved(static_cast<size_t>(k * chunk));
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t o = unit / chunks_per_row;
       const int64_t c0 = (unit % chunks_per_row) * chunk;
@@ -207,29 +288,31 @@ bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
       const U* dys = dy + o * n * inner + c0;
       U* dxs = dx + o * n * inner + c0;
       const int32_t* is = indices + o * k * inner + c0;
-      auto skip_dropped = [&](int64_t j) {
-        while (next[j] < k && is[next[j] * inner + j] == -1) ++next[j];
-      };
-      for (int64_t j = 0; j < cw; ++j) {
-        next[j] = 0;
-        skip_dropped(j);
-      }
-      for (int64_t i = 0; i < n; ++i) {
+      bool unit_ok = true;
+      for (int64_t w = 0; w < k; ++w) {
         for (int64_t j = 0; j < cw; ++j) {
-          const bool win = next[j] < k && is[next[j] * inner + j] == i;
-          dxs[i * inner + j] = win ? dys[i * inner + j] : U(0);
-          if (win) {
-            ++next[j];
-            skip_dropped(j);
-          }
+          const int64_t i = is[w * inner + j];
+          unit_ok = unit_ok && i >= -1 && i < n;
+          saved[w * chunk + j] = (i >= 0 && i < n) ? dys[i * inner + j] : U(0);
         }
       }
-      for (int64_t j = 0; j < cw; ++j) {
-        if (next[j] != k) ok.store(false, std::memory_order_relaxed);
+      if (inner == cw) {
+        std::memset(dxs, 0, n * inner * sizeof(U));
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          std::memset(dxs + i * inner, 0, cw * sizeof(U));
+        }
       }
+      for (int64_t w = 0; w < k; ++w) {
+        for (int64_t j = 0; j < cw; ++j) {
+          const int64_t i = is[w * inner + j];
+          if (i >= 0 && i < n) dxs[i * inner + j] = saved[w * chunk + j];
+        }
+      }
+      if (!unit_ok) ok.store(false, std::memory_order_relaxed);
     }
   };
-  ParallelFor(ctx, g.outer * chunks_per_row, n * chunk * 4, work);
+  ParallelFor(ctx, g.outer * chunks_per_row, n * chunk + 8 * k * chunk, work);
   return ok.load();
 }
 
@@ -309,9 +392,8 @@ struct TopKMaskGradFunctor<CPUDevice, T> {
         indices.flat<int32_t>().data(), reinterpret_cast<U*>(dx->flat<T>().data()),
         g);
     OP_REQUIRES(ctx, ok,
-                errors::InvalidArgument(
-                    "indices must hold, per slice, ascending positions in [0, ",
-                    g.size, ") or -1 (as the forward op writes them)"));
+                errors::InvalidArgument("indices must be in [-1, ", g.size,
+                                        ") (positions along the selection)"));
   }
 };
 
