@@ -13,7 +13,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from conftest import run_python
+from helpers import run_python
 from keras.src.trainers.trainer import model_supports_jit
 
 

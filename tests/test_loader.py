@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, run_python
+from helpers import ROOT, run_python
 
 import tf_sparseconv as tsc
 
@@ -63,3 +63,23 @@ np.testing.assert_array_equal(g, [[0, 0, 0, 0, 1, 1]] * 2)
 """,
         env={"TF_SPARSECONV_FORCE_REFERENCE": "1"},
     )
+
+
+BAZEL_LIBRARY = ROOT / "build" / "bazel" / "_tf_sparseconv_ops.so"
+
+
+@pytest.mark.skipif(not BAZEL_LIBRARY.exists(), reason="no Bazel build (bash tools/bazel_build.sh)")
+def test_bazel_built_library_runs_the_ops():
+    proc = run_python(
+        """
+import numpy as np, tensorflow as tf
+import tf_sparseconv as tsc
+assert tsc.ops.is_library_loaded()
+x = tf.random.stateless_normal((5, 7, 33), seed=[0, 1])
+np.testing.assert_array_equal(tsc.ops.kwinners(x, 4, axis=1), tsc.ops.kwinners_reference(x, 4, axis=1))
+np.testing.assert_array_equal(tsc.ops.topk_attention(x, 3), tsc.ops.topk_attention_reference(x, 3))
+print("bazel library ok")
+""",
+        env={"TF_SPARSECONV_LIBRARY": str(BAZEL_LIBRARY)},
+    )
+    assert "bazel library ok" in proc.stdout

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +219,13 @@ def compile_cuda_only() -> None:
 
 
 if __name__ == "__main__":
-    if "--cuda-only" in sys.argv:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build tf_sparseconv's op library.")
+    parser.add_argument("--cuda-only", action="store_true", help="only check that every .cu.cc compiles")
+    parser.add_argument("--output", type=Path, default=None, help="library path (default: in the package)")
+    args = parser.parse_args()
+    if args.cuda_only:
         compile_cuda_only()
     else:
-        build()
+        build(args.output)
