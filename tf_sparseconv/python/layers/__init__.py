@@ -1,5 +1,16 @@
 """Keras 3 layers of tf_sparseconv (TensorFlow backend)."""
 
+from tf_sparseconv.python.layers.channel_sparse import (
+    ChannelSparseConv1D,
+    ChannelSparseConv2D,
+    channel_sparse_from_conv,
+)
 from tf_sparseconv.python.layers.topk import KWinners, TopKAttention
 
-__all__ = ["KWinners", "TopKAttention"]
+__all__ = [
+    "ChannelSparseConv1D",
+    "ChannelSparseConv2D",
+    "KWinners",
+    "TopKAttention",
+    "channel_sparse_from_conv",
+]

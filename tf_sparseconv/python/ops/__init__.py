@@ -7,6 +7,14 @@ export.
 """
 
 from tf_sparseconv.python.ops._loader import is_library_loaded, load_library
+from tf_sparseconv.python.ops.channel_sparse_ops import (
+    channel_sparse_conv1d,
+    channel_sparse_conv1d_reference,
+    channel_sparse_conv2d,
+    channel_sparse_conv2d_reference,
+    dense_kernel,
+    random_connections,
+)
 from tf_sparseconv.python.ops.topk_ops import (
     kwinners,
     kwinners_reference,
@@ -15,6 +23,12 @@ from tf_sparseconv.python.ops.topk_ops import (
 )
 
 __all__ = [
+    "channel_sparse_conv1d",
+    "channel_sparse_conv1d_reference",
+    "channel_sparse_conv2d",
+    "channel_sparse_conv2d_reference",
+    "dense_kernel",
+    "random_connections",
     "is_library_loaded",
     "kwinners",
     "kwinners_reference",

@@ -1,0 +1,57 @@
+// TensorFlow-independent launchers for the GPU kernels of the channel-sparse
+// convolution (raw device pointers, a cudaStream_t passed as void*). Each
+// returns nullptr on success or a static error string. Layouts and the
+// formula are in channel_sparse_common.h; `format` is the dtype of x, kernel,
+// y, dy, dx and dkernel (topk_common.h's FloatFormat). Arithmetic is in float
+// for half/bfloat16 and in the dtype otherwise.
+#ifndef TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_LAUNCHER_H_
+#define TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_LAUNCHER_H_
+
+#include <cstdint>
+
+#include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
+#include "tf_sparseconv/cc/kernels/topk_common.h"
+
+namespace tf_sparseconv {
+
+// y = conv(x, kernel, connections).
+const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
+                                         const void* kernel,
+                                         const int32_t* connections, void* y,
+                                         const ChannelSparseGeometry& g,
+                                         void* stream);
+
+// dx = d(sum(y * dy)) / dx. `workspace` is a device buffer of
+// batch*in_h*in_w*in_c floats, used (and required) only for half/bfloat16;
+// nullptr otherwise.
+const char* LaunchChannelSparseConv2DBackpropInputGpu(
+    FloatFormat format, const void* dy, const void* kernel,
+    const int32_t* connections, void* dx, float* workspace,
+    const ChannelSparseGeometry& g, void* stream);
+
+// dkernel [k_h, k_w, m, out_c] = d(sum(y * dy)) / dkernel (deterministic:
+// no atomics).
+const char* LaunchChannelSparseConv2DBackpropKernelGpu(
+    FloatFormat format, const void* x, const void* dy,
+    const int32_t* connections, void* dkernel, const ChannelSparseGeometry& g,
+    void* stream);
+
+}  // namespace tf_sparseconv
+
+extern "C" {
+// C entry points for ctypes (tests/gpu/): `geometry` points to 16 int64 in
+// the field order of ChannelSparseGeometry.
+const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
+                                          const void* kernel,
+                                          const int32_t* connections, void* y,
+                                          const int64_t* geometry,
+                                          void* stream);
+const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
+    int format, const void* dy, const void* kernel, const int32_t* connections,
+    void* dx, float* workspace, const int64_t* geometry, void* stream);
+const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
+    int format, const void* x, const void* dy, const int32_t* connections,
+    void* dkernel, const int64_t* geometry, void* stream);
+}
+
+#endif  // TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_LAUNCHER_H_

@@ -1,0 +1,699 @@
+// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernels of the channel-sparse
+// convolution and its two gradient ops.
+//
+// CPU scheme. Work is split into tiles of kTile = 64 consecutive positions
+// (output positions for the forward op and the kernel gradient, input
+// positions for the input gradient) of one sample. For a tile, the operand
+// is gathered into a "column" buffer laid out [channel][tap][position] (an
+// im2col, transposed so that each (channel, tap) is one contiguous run of 64
+// positions). Every result channel r is then
+//     out[r][:] = sum over its entries e and taps t of w[e][t] * col[src(e)][t][:]
+// computed with 64-wide vector accumulators that stay in registers: one
+// broadcast and 64/L fused multiply-adds per (entry, tap). The entries of a
+// result channel are a CSR row: for the forward op, row o lists the m input
+// channels connections[o, :]; for the input gradient, row c lists the
+// (output channel, slot) pairs that read input channel c (the transposed
+// connection list) and the column buffer holds the gradient gathered at the
+// output positions that read each input position. So the work is
+// proportional to m (the fan-in), never to Cin. The kernel gradient reuses
+// the forward column buffer: dw[o][e][t] += <col[connections[o, e]][t], dy[o]>.
+// half/bfloat16 compute in float; results are bitwise deterministic (fixed
+// tiling and a fixed-order reduction of the kernel gradient's partial sums).
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/lib/core/threadpool.h"
+#include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
+#include "tf_sparseconv/cc/kernels/topk_common.h"
+
+#if TF_SPARSECONV_CUDA
+#include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
+#include "xla/stream_executor/stream.h"
+#endif
+
+namespace tf_sparseconv {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
+
+namespace {
+
+constexpr int64_t kTile = 64;
+
+// Arithmetic type: float for the 16-bit types.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// A 32-byte vector of A (8 floats or 4 doubles) and the accumulator of one
+// tile of kTile positions.
+template <typename A>
+struct Vec {
+  static constexpr int kLanes = 32 / sizeof(A);
+  typedef A type __attribute__((vector_size(32), may_alias));
+};
+
+// out[r][0:kTile] = sum_{e in row r} sum_t w[t][e] * col[t][src[e]][:] for
+// r in [0, rows); col is [taps][channels][kTile], 32-byte aligned. Taps are
+// the outer loop so that the column data of one tap (channels * kTile
+// values) stays in L1 while every result channel reads it; the 64-wide
+// accumulator of a result channel lives in registers for its whole row.
+template <typename A>
+void SparseRowsTile(const A* col, int64_t taps, int64_t channels,
+                    const int64_t* row_ptr, const int32_t* src, const A* w,
+                    int64_t entries, int64_t rows, A* out) {
+  using V = typename Vec<A>::type;
+  constexpr int kVecs = kTile / Vec<A>::kLanes;
+  for (int64_t t = 0; t < taps; ++t) {
+    const A* ct = col + t * channels * kTile;
+    const A* wt = w + t * entries;
+    for (int64_t r = 0; r < rows; ++r) {
+      V* o = reinterpret_cast<V*>(out + r * kTile);
+      V acc[kVecs];
+      for (int v = 0; v < kVecs; ++v) acc[v] = t == 0 ? V{} : o[v];
+      for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+        const V we = V{} + wt[e];
+        const V* c = reinterpret_cast<const V*>(ct + static_cast<int64_t>(src[e]) * kTile);
+        for (int v = 0; v < kVecs; ++v) acc[v] += we * c[v];
+      }
+      for (int v = 0; v < kVecs; ++v) o[v] = acc[v];
+    }
+  }
+}
+
+// 32-byte aligned scratch buffer.
+template <typename A>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(n + 32 / sizeof(A)) {}
+  A* get() {
+    auto p = reinterpret_cast<uintptr_t>(data_.data());
+    return reinterpret_cast<A*>((p + 31) & ~uintptr_t{31});
+  }
+
+ private:
+  std::vector<A> data_;
+};
+
+void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
+                 const std::function<void(int64_t, int64_t)>& fn) {
+  if (total <= 0) return;
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  workers->ParallelFor(total, cost_per_unit, fn);
+}
+
+// Transposes the rows[p] (p < kTile; nullptr = zeros) of `channels` values
+// into col[c][p], 8 channels at a time so reads and writes both stay in few
+// cache lines.
+template <typename T, typename A>
+void TransposeRows(const T* const* rows, int64_t channels, A* col) {
+  constexpr int64_t kBlock = 8;
+  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+    const int64_t cw = std::min(kBlock, channels - c0);
+    for (int64_t p = 0; p < kTile; ++p) {
+      A* dst = col + c0 * kTile + p;
+      const T* s = rows[p];
+      if (s == nullptr) {
+        for (int64_t c = 0; c < cw; ++c) dst[c * kTile] = A(0);
+      } else {
+        for (int64_t c = 0; c < cw; ++c) dst[c * kTile] = static_cast<A>(s[c0 + c]);
+      }
+    }
+  }
+}
+
+// Gathers x around output positions [p0, p0 + kTile) of sample b into
+// col[t][c][p] (zeros outside the image and past the last position).
+template <typename T, typename A>
+void GatherInputColumns(const T* x, const ChannelSparseGeometry& g, int64_t b,
+                        int64_t p0, A* col) {
+  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
+  const T* rows[kTile];
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t p = 0; p < kTile; ++p) {
+      const int64_t pos = p0 + p;
+      const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
+      const int64_t ih = oh * g.stride_h - g.pad_top + (t / g.k_w) * g.dil_h;
+      const int64_t iw = ow * g.stride_w - g.pad_left + (t % g.k_w) * g.dil_w;
+      const bool valid = pos < positions && ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+      rows[p] = valid ? x + ((b * g.in_h + ih) * g.in_w + iw) * g.in_c : nullptr;
+    }
+    TransposeRows(rows, g.in_c, col + t * g.in_c * kTile);
+  }
+}
+
+// Gathers dy at the output positions that read input positions
+// [q0, q0 + kTile) of sample b through each tap: col[t][o][q] (zeros where
+// no output position reads it).
+template <typename T, typename A>
+void GatherGradColumns(const T* dy, const ChannelSparseGeometry& g, int64_t b,
+                       int64_t q0, A* col) {
+  const int64_t taps = g.k_h * g.k_w, positions = g.in_h * g.in_w;
+  const T* rows[kTile];
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t q = 0; q < kTile; ++q) {
+      const int64_t pos = q0 + q;
+      const int64_t ih = pos / g.in_w, iw = pos % g.in_w;
+      const int64_t nh = ih + g.pad_top - (t / g.k_w) * g.dil_h;
+      const int64_t nw = iw + g.pad_left - (t % g.k_w) * g.dil_w;
+      const bool valid = pos < positions && nh >= 0 && nw >= 0 &&
+                         nh % g.stride_h == 0 && nw % g.stride_w == 0 &&
+                         nh / g.stride_h < g.out_h && nw / g.stride_w < g.out_w;
+      rows[q] = valid ? dy + ((b * g.out_h + nh / g.stride_h) * g.out_w +
+                              nw / g.stride_w) * g.out_c
+                      : nullptr;
+    }
+    TransposeRows(rows, g.out_c, col + t * g.out_c * kTile);
+  }
+}
+
+// Writes out[r][p] (p < count) to y[(base + p) * rows + r].
+template <typename T, typename A>
+void ScatterTile(const A* out, int64_t rows, int64_t count, T* y) {
+  for (int64_t p = 0; p < count; ++p) {
+    T* dst = y + p * rows;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = static_cast<T>(out[r * kTile + p]);
+  }
+}
+
+// The connection lists as CSR rows, weights [entry][tap]:
+//   forward: row o = connections[o, :], weights kernel[t, e, o];
+//   transposed: row c = the (o, e) with connections[o, e] == c, ordered by
+//   (o, e), source o, weights kernel[t, e, o]. Weights are [tap][entry].
+template <typename T, typename A>
+struct Rows {
+  std::vector<int64_t> row_ptr;
+  std::vector<int32_t> src;
+  std::vector<A> w;
+};
+
+template <typename T, typename A>
+Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn,
+                       const ChannelSparseGeometry& g) {
+  const int64_t taps = g.k_h * g.k_w, m = g.m, cout = g.out_c;
+  Rows<T, A> rows;
+  rows.row_ptr.resize(cout + 1);
+  rows.src.assign(conn, conn + cout * m);
+  rows.w.resize(cout * m * taps);
+  for (int64_t o = 0; o <= cout; ++o) rows.row_ptr[o] = o * m;
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t e = 0; e < m; ++e) {
+      for (int64_t o = 0; o < cout; ++o) {
+        rows.w[t * cout * m + o * m + e] =
+            static_cast<A>(kernel[(t * m + e) * cout + o]);
+      }
+    }
+  }
+  return rows;
+}
+
+template <typename T, typename A>
+Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
+                          const ChannelSparseGeometry& g) {
+  const int64_t taps = g.k_h * g.k_w, m = g.m, cout = g.out_c, cin = g.in_c;
+  Rows<T, A> rows;
+  rows.row_ptr.assign(cin + 1, 0);
+  for (int64_t i = 0; i < cout * m; ++i) ++rows.row_ptr[conn[i] + 1];
+  for (int64_t c = 0; c < cin; ++c) rows.row_ptr[c + 1] += rows.row_ptr[c];
+  std::vector<int64_t> fill(rows.row_ptr.begin(), rows.row_ptr.end() - 1);
+  rows.src.resize(cout * m);
+  rows.w.resize(cout * m * taps);
+  for (int64_t o = 0; o < cout; ++o) {
+    for (int64_t e = 0; e < m; ++e) {
+      const int64_t slot = fill[conn[o * m + e]]++;
+      rows.src[slot] = static_cast<int32_t>(o);
+      for (int64_t t = 0; t < taps; ++t) {
+        rows.w[t * cout * m + slot] = static_cast<A>(kernel[(t * m + e) * cout + o]);
+      }
+    }
+  }
+  return rows;
+}
+
+template <typename T>
+void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
+                const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
+  using A = typename AccType<T>::type;
+  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
+  const int64_t tiles = (positions + kTile - 1) / kTile;
+  const Rows<T, A> rows = ForwardRows<T, A>(kernel, conn, g);
+  const int64_t cost = kTile * taps * (g.m * g.out_c + g.in_c);
+  auto work = [&](int64_t begin, int64_t end) {
+    Scratch<A> col(g.in_c * taps * kTile), out(g.out_c * kTile);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / tiles, p0 = (unit % tiles) * kTile;
+      GatherInputColumns(x, g, b, p0, col.get());
+      SparseRowsTile(col.get(), taps, g.in_c, rows.row_ptr.data(), rows.src.data(),
+                     rows.w.data(), g.out_c * g.m, g.out_c, out.get());
+      ScatterTile(out.get(), g.out_c, std::min(kTile, positions - p0),
+                  y + (b * positions + p0) * g.out_c);
+    }
+  };
+  ParallelFor(ctx, g.batch * tiles, cost, work);
+}
+
+template <typename T>
+void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
+                      const int32_t* conn, T* dx,
+                      const ChannelSparseGeometry& g) {
+  using A = typename AccType<T>::type;
+  const int64_t taps = g.k_h * g.k_w, positions = g.in_h * g.in_w;
+  const int64_t tiles = (positions + kTile - 1) / kTile;
+  const Rows<T, A> rows = TransposedRows<T, A>(kernel, conn, g);
+  const int64_t cost = kTile * taps * (g.m * g.out_c + g.out_c);
+  auto work = [&](int64_t begin, int64_t end) {
+    Scratch<A> col(g.out_c * taps * kTile), out(g.in_c * kTile);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / tiles, q0 = (unit % tiles) * kTile;
+      GatherGradColumns(dy, g, b, q0, col.get());
+      SparseRowsTile(col.get(), taps, g.out_c, rows.row_ptr.data(), rows.src.data(),
+                     rows.w.data(), g.out_c * g.m, g.in_c, out.get());
+      ScatterTile(out.get(), g.in_c, std::min(kTile, positions - q0),
+                  dx + (b * positions + q0) * g.in_c);
+    }
+  };
+  ParallelFor(ctx, g.batch * tiles, cost, work);
+}
+
+template <typename T>
+void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
+                       const int32_t* conn, T* dkernel,
+                       const ChannelSparseGeometry& g) {
+  using A = typename AccType<T>::type;
+  using V = typename Vec<A>::type;
+  constexpr int kVecs = kTile / Vec<A>::kLanes;
+  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
+  const int64_t m = g.m, cout = g.out_c;
+  const int64_t tiles = (positions + kTile - 1) / kTile;
+  const int64_t units = g.batch * tiles;
+  const int64_t weights = cout * m * taps;
+  // A fixed number of blocks of consecutive tiles, each summing into its own
+  // partial gradient, reduced in block order: deterministic whatever the
+  // thread pool does.
+  const int64_t blocks = std::min<int64_t>(units, 32);
+  std::vector<A> partial(blocks * weights, A(0));
+  auto work = [&](int64_t begin, int64_t end) {
+    Scratch<A> col(g.in_c * taps * kTile), dyt(cout * kTile);
+    for (int64_t block = begin; block < end; ++block) {
+      A* dw = partial.data() + block * weights;  // [o][e][t]
+      for (int64_t unit = units * block / blocks;
+           unit < units * (block + 1) / blocks; ++unit) {
+        const int64_t b = unit / tiles, p0 = (unit % tiles) * kTile;
+        const int64_t count = std::min(kTile, positions - p0);
+        GatherInputColumns(x, g, b, p0, col.get());
+        A* d = dyt.get();
+        const T* dys = dy + (b * positions + p0) * cout;
+        for (int64_t p = 0; p < kTile; ++p) {
+          for (int64_t o = 0; o < cout; ++o) {
+            d[o * kTile + p] = p < count ? static_cast<A>(dys[p * cout + o]) : A(0);
+          }
+        }
+        for (int64_t o = 0; o < cout; ++o) {
+          const V* dv = reinterpret_cast<const V*>(d + o * kTile);
+          for (int64_t e = 0; e < m; ++e) {
+            const A* c = col.get() + static_cast<int64_t>(conn[o * m + e]) * kTile;
+            for (int64_t t = 0; t < taps; ++t) {
+              const V* cv = reinterpret_cast<const V*>(c + t * g.in_c * kTile);
+              V acc = V{};
+              for (int v = 0; v < kVecs; ++v) acc += cv[v] * dv[v];
+              A sum = 0;
+              for (int l = 0; l < Vec<A>::kLanes; ++l) sum += acc[l];
+              dw[(o * m + e) * taps + t] += sum;
+            }
+          }
+        }
+      }
+    }
+  };
+  ParallelFor(ctx, blocks, (units / std::max<int64_t>(blocks, 1) + 1) * kTile *
+                               taps * (m * cout + g.in_c), work);
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t e = 0; e < m; ++e) {
+      for (int64_t o = 0; o < cout; ++o) {
+        A sum = 0;
+        for (int64_t block = 0; block < blocks; ++block) {
+          sum += partial[block * weights + (o * m + e) * taps + t];
+        }
+        dkernel[(t * m + e) * cout + o] = static_cast<T>(sum);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// --- argument checks shared by the three ops -----------------------------------
+
+class ChannelSparseBase : public OpKernel {
+ public:
+  explicit ChannelSparseBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::vector<int32_t> strides, dilations;
+    std::string padding;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("strides", &strides));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dilations", &dilations));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("padding", &padding));
+    OP_REQUIRES(ctx, strides.size() == 2 && strides[0] >= 1 && strides[1] >= 1,
+                errors::InvalidArgument(
+                    "strides must be 2 positive ints (height, width)"));
+    OP_REQUIRES(ctx,
+                dilations.size() == 2 && dilations[0] >= 1 && dilations[1] >= 1,
+                errors::InvalidArgument(
+                    "dilations must be 2 positive ints (height, width)"));
+    stride_h_ = strides[0];
+    stride_w_ = strides[1];
+    dil_h_ = dilations[0];
+    dil_w_ = dilations[1];
+    same_ = padding == "SAME";
+  }
+
+ protected:
+  // Validates shapes (and, when the connections are in host memory, their
+  // values: the GPU kernels instead skip out-of-range connections); fills
+  // the geometry.
+  Status Geometry(const TensorShape& x, const TensorShape& kernel,
+                  const Tensor& connections, bool check_values,
+                  ChannelSparseGeometry* g) const {
+    if (x.dims() != 4) {
+      return errors::InvalidArgument("x must be [B, H, W, Cin], got shape ",
+                                     x.DebugString());
+    }
+    if (kernel.dims() != 4) {
+      return errors::InvalidArgument("kernel must be [kh, kw, m, Cout], got shape ",
+                                     kernel.DebugString());
+    }
+    if (connections.dims() != 2) {
+      return errors::InvalidArgument("connections must be [Cout, m], got shape ",
+                                     connections.shape().DebugString());
+    }
+    if (connections.dim_size(0) != kernel.dim_size(3) ||
+        connections.dim_size(1) != kernel.dim_size(2)) {
+      return errors::InvalidArgument(
+          "connections ", connections.shape().DebugString(),
+          " must be [Cout, m] for kernel ", kernel.DebugString(),
+          " [kh, kw, m, Cout]");
+    }
+    if (kernel.dim_size(0) < 1 || kernel.dim_size(1) < 1) {
+      return errors::InvalidArgument("kernel must have positive spatial size, got ",
+                                     kernel.DebugString());
+    }
+    g->batch = x.dim_size(0);
+    g->in_h = x.dim_size(1);
+    g->in_w = x.dim_size(2);
+    g->in_c = x.dim_size(3);
+    g->k_h = kernel.dim_size(0);
+    g->k_w = kernel.dim_size(1);
+    g->m = kernel.dim_size(2);
+    g->out_c = kernel.dim_size(3);
+    g->stride_h = stride_h_;
+    g->stride_w = stride_w_;
+    g->dil_h = dil_h_;
+    g->dil_w = dil_w_;
+    if (g->m > g->in_c) {
+      return errors::InvalidArgument("connections has m = ", g->m,
+                                     " entries per row but x has only ", g->in_c,
+                                     " input channels");
+    }
+    auto axis = [&](int64_t n, int64_t k, int64_t s, int64_t d, int64_t* out,
+                    int64_t* pad) {
+      const int64_t span = (k - 1) * d + 1;
+      if (same_) {
+        *out = (n + s - 1) / s;
+        *pad = std::max<int64_t>((*out - 1) * s + span - n, 0) / 2;
+      } else {
+        *out = n >= span ? (n - span) / s + 1 : 0;
+        *pad = 0;
+      }
+    };
+    axis(g->in_h, g->k_h, g->stride_h, g->dil_h, &g->out_h, &g->pad_top);
+    axis(g->in_w, g->k_w, g->stride_w, g->dil_w, &g->out_w, &g->pad_left);
+    if (!check_values) return ::tensorflow::OkStatus();
+    // Connection values: in range, distinct per row.
+    const auto conn = connections.matrix<int32_t>();
+    std::vector<int64_t> seen(g->in_c, -1);
+    for (int64_t o = 0; o < g->out_c; ++o) {
+      for (int64_t e = 0; e < g->m; ++e) {
+        const int32_t c = conn(o, e);
+        if (c < 0 || c >= g->in_c) {
+          return errors::InvalidArgument("connections[", o, ", ", e, "] = ", c,
+                                         " is out of range [0, ", g->in_c, ")");
+        }
+        if (seen[c] == o) {
+          return errors::InvalidArgument("connections row ", o,
+                                         " lists input channel ", c, " twice");
+        }
+        seen[c] = o;
+      }
+    }
+    return ::tensorflow::OkStatus();
+  }
+
+  static Status ShapeFromSizes(const Tensor& sizes, const char* name,
+                               TensorShape* shape) {
+    if (sizes.dims() != 1 || sizes.NumElements() != 4) {
+      return errors::InvalidArgument(name, " must be a vector of 4 ints, got shape ",
+                                     sizes.shape().DebugString());
+    }
+    auto v = sizes.vec<int32_t>();
+    for (int i = 0; i < 4; ++i) {
+      if (v(i) < 0) {
+        return errors::InvalidArgument(name, " must be non-negative, got ", v(i));
+      }
+    }
+    return TensorShape::BuildTensorShape({v(0), v(1), v(2), v(3)}, shape);
+  }
+
+  static Status CheckGrad(const Tensor& grad, const ChannelSparseGeometry& g) {
+    const TensorShape expected({g.batch, g.out_h, g.out_w, g.out_c});
+    if (grad.shape() != expected) {
+      return errors::InvalidArgument("grad must have the output shape ",
+                                     expected.DebugString(), ", got ",
+                                     grad.shape().DebugString());
+    }
+    return ::tensorflow::OkStatus();
+  }
+
+  int64_t stride_h_, stride_w_, dil_h_, dil_w_;
+  bool same_;
+};
+
+// --- device dispatch --------------------------------------------------------------
+
+template <typename Device, typename T>
+struct ChannelSparseFunctor;
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+template <typename T>
+struct ChannelSparseFunctor<CPUDevice, T> {
+  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel,
+                      const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
+    ForwardCpu(ctx, x, kernel, conn, y, g);
+  }
+  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
+                            const int32_t* conn, T* dx,
+                            const ChannelSparseGeometry& g) {
+    BackpropInputCpu(ctx, dy, kernel, conn, dx, g);
+  }
+  static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy,
+                             const int32_t* conn, T* dkernel,
+                             const ChannelSparseGeometry& g) {
+    BackpropKernelCpu(ctx, x, dy, conn, dkernel, g);
+  }
+};
+
+#if TF_SPARSECONV_CUDA
+using GPUDevice = Eigen::GpuDevice;
+
+template <typename T>
+struct GpuFormat;
+template <>
+struct GpuFormat<Eigen::half> {
+  static constexpr FloatFormat kValue = FloatFormat::kHalf;
+};
+template <>
+struct GpuFormat<Eigen::bfloat16> {
+  static constexpr FloatFormat kValue = FloatFormat::kBFloat16;
+};
+template <>
+struct GpuFormat<float> {
+  static constexpr FloatFormat kValue = FloatFormat::kFloat;
+};
+template <>
+struct GpuFormat<double> {
+  static constexpr FloatFormat kValue = FloatFormat::kDouble;
+};
+
+inline void* CsGpuStream(OpKernelContext* ctx) {
+  return ctx->op_device_context()->stream()->platform_specific_handle().stream;
+}
+
+template <typename T>
+struct ChannelSparseFunctor<GPUDevice, T> {
+  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel,
+                      const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
+    const char* err = LaunchChannelSparseConv2DGpu(GpuFormat<T>::kValue, x, kernel,
+                                                   conn, y, g, CsGpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
+                            const int32_t* conn, T* dx,
+                            const ChannelSparseGeometry& g) {
+    Tensor workspace;
+    float* ws = nullptr;
+    if (sizeof(T) == 2) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                              ::tensorflow::DT_FLOAT,
+                              TensorShape({g.batch * g.in_h * g.in_w * g.in_c}),
+                              &workspace));
+      ws = workspace.flat<float>().data();
+    }
+    const char* err = LaunchChannelSparseConv2DBackpropInputGpu(
+        GpuFormat<T>::kValue, dy, kernel, conn, dx, ws, g, CsGpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+  static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy,
+                             const int32_t* conn, T* dkernel,
+                             const ChannelSparseGeometry& g) {
+    const char* err = LaunchChannelSparseConv2DBackpropKernelGpu(
+        GpuFormat<T>::kValue, x, dy, conn, dkernel, g, CsGpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+#endif  // TF_SPARSECONV_CUDA
+
+// Connections live in host memory (and are validated) on the CPU only.
+template <typename Device>
+constexpr bool kCheckConnections = std::is_same<Device, CPUDevice>::value;
+
+template <typename Device, typename T>
+class ChannelSparseConv2DOp : public ChannelSparseBase {
+ public:
+  using ChannelSparseBase::ChannelSparseBase;
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& kernel = ctx->input(1);
+    const Tensor& connections = ctx->input(2);
+    ChannelSparseGeometry g;
+    OP_REQUIRES_OK(ctx, Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
+    if (y->NumElements() == 0) return;
+    if (g.m == 0) {
+      y->flat<T>().setZero();
+      return;
+    }
+    ChannelSparseFunctor<Device, T>::Forward(
+        ctx, x.flat<T>().data(), kernel.flat<T>().data(),
+        connections.flat<int32_t>().data(), y->flat<T>().data(), g);
+  }
+};
+
+template <typename Device, typename T>
+class ChannelSparseConv2DBackpropInputOp : public ChannelSparseBase {
+ public:
+  using ChannelSparseBase::ChannelSparseBase;
+  void Compute(OpKernelContext* ctx) override {
+    TensorShape x_shape;
+    OP_REQUIRES_OK(ctx, ShapeFromSizes(ctx->input(0), "input_sizes", &x_shape));
+    const Tensor& kernel = ctx->input(1);
+    const Tensor& connections = ctx->input(2);
+    const Tensor& grad = ctx->input(3);
+    ChannelSparseGeometry g;
+    OP_REQUIRES_OK(ctx, Geometry(x_shape, kernel.shape(), connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx, CheckGrad(grad, g));
+    Tensor* dx = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape, &dx));
+    if (dx->NumElements() == 0) return;
+    if (grad.NumElements() == 0 || g.m == 0) {
+      ZeroOutput<Device>(ctx, dx);
+      return;
+    }
+    ChannelSparseFunctor<Device, T>::BackpropInput(
+        ctx, grad.flat<T>().data(), kernel.flat<T>().data(),
+        connections.flat<int32_t>().data(), dx->flat<T>().data(), g);
+  }
+
+ private:
+  template <typename D>
+  static void ZeroOutput(OpKernelContext* ctx, Tensor* t) {
+    t->flat<T>().device(ctx->eigen_device<D>()) = t->flat<T>().constant(T(0));
+  }
+};
+
+template <typename Device, typename T>
+class ChannelSparseConv2DBackpropKernelOp : public ChannelSparseBase {
+ public:
+  using ChannelSparseBase::ChannelSparseBase;
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    TensorShape kernel_shape;
+    OP_REQUIRES_OK(ctx, ShapeFromSizes(ctx->input(1), "kernel_sizes", &kernel_shape));
+    const Tensor& connections = ctx->input(2);
+    const Tensor& grad = ctx->input(3);
+    ChannelSparseGeometry g;
+    OP_REQUIRES_OK(ctx, Geometry(x.shape(), kernel_shape, connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx, CheckGrad(grad, g));
+    Tensor* dkernel = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel_shape, &dkernel));
+    if (dkernel->NumElements() == 0) return;
+    if (grad.NumElements() == 0) {
+      dkernel->flat<T>().device(ctx->eigen_device<Device>()) =
+          dkernel->flat<T>().constant(T(0));
+      return;
+    }
+    ChannelSparseFunctor<Device, T>::BackpropKernel(
+        ctx, x.flat<T>().data(), grad.flat<T>().data(),
+        connections.flat<int32_t>().data(), dkernel->flat<T>().data(), g);
+  }
+};
+
+#define TSC_REGISTER_CHANNEL_SPARSE(DEVICE, DEVICE_TYPE, T, HOST_CONNECTIONS)   \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2D")            \
+                              .Device(DEVICE)                                 \
+                              .HostMemory("connections")                      \
+                              .TypeConstraint<T>("T"),                        \
+                          ChannelSparseConv2DOp<DEVICE_TYPE, T>);             \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropInput") \
+                              .Device(DEVICE)                                 \
+                              .HostMemory("input_sizes")                      \
+                              .HostMemory("connections")                      \
+                              .TypeConstraint<T>("T"),                        \
+                          ChannelSparseConv2DBackpropInputOp<DEVICE_TYPE, T>); \
+  REGISTER_KERNEL_BUILDER(                                                    \
+      Name("TfSparseConv>ChannelSparseConv2DBackpropKernel")                  \
+          .Device(DEVICE)                                                     \
+          .HostMemory("kernel_sizes")                                         \
+          .HostMemory("connections")                                          \
+          .TypeConstraint<T>("T"),                                            \
+      ChannelSparseConv2DBackpropKernelOp<DEVICE_TYPE, T>);
+
+#define TSC_REGISTER_CPU(T) \
+  TSC_REGISTER_CHANNEL_SPARSE(::tensorflow::DEVICE_CPU, CPUDevice, T, true)
+TSC_REGISTER_CPU(Eigen::half);
+TSC_REGISTER_CPU(Eigen::bfloat16);
+TSC_REGISTER_CPU(float);
+TSC_REGISTER_CPU(double);
+#undef TSC_REGISTER_CPU
+
+#undef TSC_REGISTER_CHANNEL_SPARSE
+
+}  // namespace tf_sparseconv

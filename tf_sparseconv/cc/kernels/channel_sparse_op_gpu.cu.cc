@@ -1,0 +1,733 @@
+// GPU kernels of the channel-sparse 2-D convolution (TensorFlow-independent).
+//
+// Defines the launchers declared in channel_sparse_launcher.h. No TensorFlow
+// headers: the file is built by the TF op build and, standalone, by
+// tests/gpu/build.py. Geometry and formula: channel_sparse_common.h.
+//
+// Checked to compile (nvcc 13.0, -x cu -std=c++17 --expt-relaxed-constexpr
+// -Xcompiler -fPIC -O3, also with -Xcompiler -Wall,-Wextra) without warnings
+// for sm_75, sm_80 and sm_90 (+ compute_90 PTX). Needs sm_60+ (double
+// atomicAdd); half and bfloat16 only go through float conversions, so sm_75
+// (no native bfloat16 arithmetic) is fine.
+//
+// Kernels (A = float for half/bfloat16/float, double for double; every load
+// is converted to A, every store rounds once from A):
+//   * Forward: one thread per output element (b, oh, ow, o), o fastest
+//     (grid-stride). The valid tap ranges [i0, i1) x [j0, j1) are computed
+//     once per element, then for e < m (connection loaded once) the thread
+//     walks those taps. Cost m * k_h * k_w per output, independent of in_c.
+//     A warp covers 32 consecutive o of one pixel: kernel reads coalesce, x
+//     reads gather inside one pixel's channel row.
+//   * Backprop input: dx (float/double) or the float workspace (half,
+//     bfloat16) is zeroed with cudaMemsetAsync; one thread per
+//     (b, oh, ow, e, o), o fastest, scatters dy * kernel over the valid taps
+//     with atomicAdd; for half/bfloat16 a last kernel rounds workspace -> dx.
+//     Summation order (and so the low bits of dx) is not deterministic.
+//   * Backprop kernel: deterministic, no atomics. One block per task
+//     (o-tile of W <= 32 output channels, e, chunk of kTaps taps); the block
+//     is W lanes (o) x (threads / W) rows; row r sums the pixels p = r,
+//     r + rows, ... in order, then a fixed shared-memory tree reduces the
+//     rows. The result depends only on the geometry (block shape and chunking
+//     are functions of it), never on scheduling or grid size.
+// Flat indices are decomposed with 32-bit division when every tensor and the
+// backprop-input thread count are < 2^31, with 64-bit division otherwise.
+// All work is on the given stream; no synchronisation, no allocation.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
+#include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/topk_common.h"
+
+namespace tf_sparseconv {
+namespace {
+
+constexpr int kThreads = 256;                      // forward / input / cast
+constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
+constexpr int64_t kIndex32Limit = int64_t{1} << 31;
+constexpr int64_t kCoordLimit = int64_t{1} << 62;  // |coordinate| bound
+// Backprop kernel: aim for at least this many resident threads before
+// preferring fewer, fatter tasks.
+constexpr int64_t kTargetThreads = int64_t{1} << 17;
+
+// ---------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  using Acc = float;
+  static __device__ __forceinline__ float Load(__half v) {
+    return __half2float(v);
+  }
+  static __device__ __forceinline__ __half Store(float v) {
+    return __float2half_rn(v);
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ __forceinline__ float Load(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 Store(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+
+template <>
+struct Elem<float> {
+  using Acc = float;
+  static __device__ __forceinline__ float Load(float v) { return v; }
+  static __device__ __forceinline__ float Store(float v) { return v; }
+};
+
+template <>
+struct Elem<double> {
+  using Acc = double;
+  static __device__ __forceinline__ double Load(double v) { return v; }
+  static __device__ __forceinline__ double Store(double v) { return v; }
+};
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+
+// Taps t in [*lo, *hi) are those with 0 <= base + t * dil < size, t < k
+// (dil >= 1). Empty when *lo >= *hi.
+__device__ __forceinline__ void TapRange(int64_t base, int64_t dil, int64_t k,
+                                         int64_t size, int64_t* lo,
+                                         int64_t* hi) {
+  *lo = base >= 0 ? 0 : (-base + dil - 1) / dil;
+  const int64_t h = base >= size ? 0 : (size - 1 - base) / dil + 1;
+  *hi = h < k ? h : k;
+}
+
+// Connection e of output channel o, or -1 if outside [0, in_c).
+__device__ __forceinline__ int64_t Connection(const int32_t* __restrict__ conn,
+                                              int64_t o, int64_t e, int64_t m,
+                                              int64_t in_c) {
+  const int64_t c = conn[o * m + e];
+  return c >= 0 && c < in_c ? c : -1;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+// y[b, oh, ow, o]; one thread per output element, o fastest.
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    ConvForwardKernel(const T* __restrict__ x, const T* __restrict__ w,
+                      const int32_t* __restrict__ conn, T* __restrict__ y,
+                      ChannelSparseGeometry g) {
+  using Acc = typename Elem<T>::Acc;
+  const Index out_c = static_cast<Index>(g.out_c);
+  const Index out_w = static_cast<Index>(g.out_w);
+  const Index out_h = static_cast<Index>(g.out_h);
+  const Index total =
+      static_cast<Index>(g.batch * g.out_h * g.out_w * g.out_c);
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  const int64_t x_image = g.in_h * g.in_w * g.in_c;
+  const int64_t x_step_i = g.dil_h * g.in_w * g.in_c;  // next tap row
+  const int64_t x_step_j = g.dil_w * g.in_c;           // next tap column
+  const int64_t w_step_j = g.m * g.out_c;              // next tap column
+  const int64_t w_step_i = g.k_w * w_step_j;           // next tap row
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+       idx < total; idx += stride) {
+    const Index o = idx % out_c;
+    Index p = idx / out_c;
+    const Index ow = p % out_w;
+    p /= out_w;
+    const Index oh = p % out_h;
+    const Index b = p / out_h;
+    const int64_t bh = static_cast<int64_t>(oh) * g.stride_h - g.pad_top;
+    const int64_t bw = static_cast<int64_t>(ow) * g.stride_w - g.pad_left;
+    int64_t i0, i1, j0, j1;
+    TapRange(bh, g.dil_h, g.k_h, g.in_h, &i0, &i1);
+    TapRange(bw, g.dil_w, g.k_w, g.in_w, &j0, &j1);
+    Acc acc = Acc(0);
+    if (i0 < i1 && j0 < j1) {
+      // x of the first valid tap (channel 0), kernel of the first valid tap
+      // (e = 0, this o).
+      const T* x0 = x + static_cast<int64_t>(b) * x_image +
+                    ((bh + i0 * g.dil_h) * g.in_w + bw + j0 * g.dil_w) * g.in_c;
+      const T* w0 = w + i0 * w_step_i + j0 * w_step_j + static_cast<int64_t>(o);
+      for (int64_t e = 0; e < g.m; ++e) {
+        const int64_t c = Connection(conn, o, e, g.m, g.in_c);
+        if (c < 0) continue;
+        const T* xi = x0 + c;
+        const T* wi = w0 + e * g.out_c;
+        for (int64_t i = i0; i < i1; ++i, xi += x_step_i, wi += w_step_i) {
+          const T* xj = xi;
+          const T* wj = wi;
+          for (int64_t j = j0; j < j1; ++j, xj += x_step_j, wj += w_step_j) {
+            acc += Elem<T>::Load(*xj) * Elem<T>::Load(*wj);
+          }
+        }
+      }
+    }
+    y[idx] = Elem<T>::Store(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backprop input
+// ---------------------------------------------------------------------------
+
+// dst[b, ih, iw, c] += dy[b, oh, ow, o] * w[i, j, e, o] for c = conn[o, e];
+// one thread per (b, oh, ow, e, o), o fastest. dst (Acc) is zeroed before.
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    ConvBackpropInputKernel(const T* __restrict__ dy, const T* __restrict__ w,
+                            const int32_t* __restrict__ conn,
+                            typename Elem<T>::Acc* __restrict__ dst,
+                            ChannelSparseGeometry g) {
+  using Acc = typename Elem<T>::Acc;
+  const Index out_c = static_cast<Index>(g.out_c);
+  const Index out_w = static_cast<Index>(g.out_w);
+  const Index out_h = static_cast<Index>(g.out_h);
+  const Index m = static_cast<Index>(g.m);
+  const Index total =
+      static_cast<Index>(g.batch * g.out_h * g.out_w * g.m * g.out_c);
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  const int64_t x_image = g.in_h * g.in_w * g.in_c;
+  const int64_t x_step_i = g.dil_h * g.in_w * g.in_c;
+  const int64_t x_step_j = g.dil_w * g.in_c;
+  const int64_t w_step_j = g.m * g.out_c;
+  const int64_t w_step_i = g.k_w * w_step_j;
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+       idx < total; idx += stride) {
+    const Index o = idx % out_c;
+    Index p = idx / out_c;
+    const Index e = p % m;
+    p /= m;  // pixel (b, oh, ow)
+    const Index dy_off = p * out_c + o;
+    const Index ow = p % out_w;
+    p /= out_w;
+    const Index oh = p % out_h;
+    const Index b = p / out_h;
+    const int64_t c = Connection(conn, o, e, g.m, g.in_c);
+    if (c < 0) continue;
+    const int64_t bh = static_cast<int64_t>(oh) * g.stride_h - g.pad_top;
+    const int64_t bw = static_cast<int64_t>(ow) * g.stride_w - g.pad_left;
+    int64_t i0, i1, j0, j1;
+    TapRange(bh, g.dil_h, g.k_h, g.in_h, &i0, &i1);
+    TapRange(bw, g.dil_w, g.k_w, g.in_w, &j0, &j1);
+    if (i0 >= i1 || j0 >= j1) continue;
+    const Acc gy = Elem<T>::Load(dy[dy_off]);
+    Acc* xi = dst + static_cast<int64_t>(b) * x_image +
+              ((bh + i0 * g.dil_h) * g.in_w + bw + j0 * g.dil_w) * g.in_c + c;
+    const T* wi = w + i0 * w_step_i + j0 * w_step_j +
+                  static_cast<int64_t>(e) * g.out_c + static_cast<int64_t>(o);
+    for (int64_t i = i0; i < i1; ++i, xi += x_step_i, wi += w_step_i) {
+      Acc* xj = xi;
+      const T* wj = wi;
+      for (int64_t j = j0; j < j1; ++j, xj += x_step_j, wj += w_step_j) {
+        atomicAdd(xj, gy * Elem<T>::Load(*wj));
+      }
+    }
+  }
+}
+
+// dx = round(workspace) (half / bfloat16).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    CastFromFloatKernel(const float* __restrict__ src, T* __restrict__ dst,
+                        int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += stride) {
+    dst[i] = Elem<T>::Store(src[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backprop kernel (deterministic)
+// ---------------------------------------------------------------------------
+
+// One block per task (o-tile, e, tap chunk); see the header comment.
+// 1 << log2w = W lanes per row (W <= B, power of two); tasks are ordered
+// o-tile-major so that blocks running together share dy columns.
+template <typename T, typename Index, int B, int kTaps>
+__global__ void __launch_bounds__(B)
+    ConvBackpropKernelKernel(const T* __restrict__ x, const T* __restrict__ dy,
+                             const int32_t* __restrict__ conn,
+                             T* __restrict__ dk, ChannelSparseGeometry g,
+                             int log2w, int64_t tap_chunks) {
+  using Acc = typename Elem<T>::Acc;
+  static_assert(B >= 32 && B <= 1024 && (B & (B - 1)) == 0, "B");
+  static_assert(kTaps >= 1, "kTaps");
+  __shared__ Acc red[kTaps * B];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & ((1 << log2w) - 1);
+  const int row = tid >> log2w;
+  const int rows = B >> log2w;
+  const Index out_w = static_cast<Index>(g.out_w);
+  const Index out_h = static_cast<Index>(g.out_h);
+  const Index pixels = static_cast<Index>(g.batch * g.out_h * g.out_w);
+  const int64_t taps = g.k_h * g.k_w;
+  const int64_t o_tiles = ((g.out_c - 1) >> log2w) + 1;
+  const int64_t tasks = o_tiles * g.m * tap_chunks;
+  const int64_t x_image = g.in_h * g.in_w * g.in_c;
+
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t tc = task % tap_chunks;
+    const int64_t rest = task / tap_chunks;
+    const int64_t e = rest % g.m;
+    const int64_t o = ((rest / g.m) << log2w) + lane;
+    const int64_t t0 = tc * kTaps;
+    const int64_t c = o < g.out_c ? Connection(conn, o, e, g.m, g.in_c) : -1;
+
+    // Row / column offsets (relative to oh * stride_h, ow * stride_w) of
+    // the taps of this chunk; tap t0 + t is (i, j) = divmod(t0 + t, k_w).
+    int64_t off_h[kTaps];
+    int64_t off_w[kTaps];
+    bool tap_ok[kTaps];
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) {
+      const int64_t tt = t0 + t;
+      tap_ok[t] = tt < taps;
+      const int64_t ti = tap_ok[t] ? tt / g.k_w : 0;
+      const int64_t tj = tap_ok[t] ? tt - ti * g.k_w : 0;
+      off_h[t] = ti * g.dil_h - g.pad_top;
+      off_w[t] = tj * g.dil_w - g.pad_left;
+    }
+
+    Acc acc[kTaps];
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) acc[t] = Acc(0);
+
+    if (c >= 0) {
+      for (Index p = static_cast<Index>(row); p < pixels;
+           p += static_cast<Index>(rows)) {
+        Index q = p;
+        const Index ow = q % out_w;
+        q /= out_w;
+        const Index oh = q % out_h;
+        const Index b = q / out_h;
+        const Acc gy = Elem<T>::Load(dy[static_cast<int64_t>(p) * g.out_c + o]);
+        const T* xb = x + static_cast<int64_t>(b) * x_image + c;
+        const int64_t bh = static_cast<int64_t>(oh) * g.stride_h;
+        const int64_t bw = static_cast<int64_t>(ow) * g.stride_w;
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) {
+          const int64_t ih = bh + off_h[t];
+          const int64_t iw = bw + off_w[t];
+          if (tap_ok[t] && ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
+            acc[t] += Elem<T>::Load(xb[(ih * g.in_w + iw) * g.in_c]) * gy;
+          }
+        }
+      }
+    }
+
+    // Fixed-order tree over the rows (rows is a power of two).
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) red[t * B + tid] = acc[t];
+    __syncthreads();
+    for (int s = rows >> 1; s > 0; s >>= 1) {
+      if (row < s) {
+        const int src = tid + (s << log2w);
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) red[t * B + tid] += red[t * B + src];
+      }
+      __syncthreads();
+    }
+    if (row == 0 && o < g.out_c) {
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) {
+        if (tap_ok[t]) {
+          dk[((t0 + t) * g.m + e) * g.out_c + o] = Elem<T>::Store(red[t * B + tid]);
+        }
+      }
+    }
+    __syncthreads();  // red is reused by the next task
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+const char* LastError() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* MemsetZero(void* p, int64_t bytes, cudaStream_t stream) {
+  const cudaError_t err =
+      cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), stream);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+unsigned GridFor(int64_t work, int64_t threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
+                                                       : kMaxGridBlocks);
+}
+
+// *out = a * b for a, b >= 0; false on int64 overflow.
+bool MulNonNeg(int64_t a, int64_t b, int64_t* out) {
+  if (a != 0 && b > INT64_MAX / a) return false;
+  *out = a * b;
+  return true;
+}
+
+// *out = a * b * c * d (all >= 0); false on int64 overflow.
+bool Product(int64_t a, int64_t b, int64_t c, int64_t d, int64_t* out) {
+  return MulNonNeg(a, b, out) && MulNonNeg(*out, c, out) &&
+         MulNonNeg(*out, d, out);
+}
+
+// Sizes derived from a geometry (all checked for overflow).
+struct Sizes {
+  int64_t x;        // batch * in_h * in_w * in_c
+  int64_t y;        // batch * out_h * out_w * out_c
+  int64_t pixels;   // batch * out_h * out_w
+  int64_t taps;     // k_h * k_w
+  int64_t kernel;   // k_h * k_w * m * out_c
+  int64_t scatter;  // batch * out_h * out_w * m * out_c
+  bool index32;     // all of the above < 2^31
+};
+
+const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
+  if (g.batch < 0 || g.in_h < 0 || g.in_w < 0 || g.in_c < 0 || g.out_h < 0 ||
+      g.out_w < 0 || g.out_c < 0 || g.m < 0 || g.k_h < 0 || g.k_w < 0) {
+    return "tsc_channel_sparse: negative dimension";
+  }
+  if (g.stride_h < 1 || g.stride_w < 1 || g.dil_h < 1 || g.dil_w < 1) {
+    return "tsc_channel_sparse: strides and dilations must be >= 1";
+  }
+  if (g.out_c > 0 && g.m > g.in_c) {
+    return "tsc_channel_sparse: m must be <= in_c";
+  }
+  if (!Product(g.batch, g.in_h, g.in_w, g.in_c, &s->x) ||
+      !Product(g.batch, g.out_h, g.out_w, 1, &s->pixels) ||
+      !Product(s->pixels, g.out_c, 1, 1, &s->y) ||
+      !Product(g.k_h, g.k_w, 1, 1, &s->taps) ||
+      !Product(s->taps, g.m, g.out_c, 1, &s->kernel) ||
+      !Product(s->y, g.m, 1, 1, &s->scatter)) {
+    return "tsc_channel_sparse: tensor too large";
+  }
+  // Every input coordinate oh * stride_h - pad_top + i * dil_h (and the
+  // same for w) must fit comfortably in int64.
+  const int64_t pads[2] = {g.pad_top, g.pad_left};
+  const int64_t outs[2] = {g.out_h, g.out_w};
+  const int64_t strides[2] = {g.stride_h, g.stride_w};
+  const int64_t ks[2] = {g.k_h, g.k_w};
+  const int64_t dils[2] = {g.dil_h, g.dil_w};
+  for (int a = 0; a < 2; ++a) {
+    int64_t reach_o = 0;
+    int64_t reach_k = 0;
+    if (pads[a] <= -kCoordLimit || pads[a] >= kCoordLimit ||
+        !MulNonNeg(outs[a] > 0 ? outs[a] - 1 : 0, strides[a], &reach_o) ||
+        !MulNonNeg(ks[a] > 0 ? ks[a] - 1 : 0, dils[a], &reach_k) ||
+        reach_o >= kCoordLimit || reach_k >= kCoordLimit) {
+      return "tsc_channel_sparse: coordinates too large";
+    }
+  }
+  s->index32 = s->x < kIndex32Limit && s->y < kIndex32Limit &&
+               s->kernel < kIndex32Limit && s->scatter < kIndex32Limit;
+  return nullptr;
+}
+
+int ElementBytes(FloatFormat format) {
+  switch (format) {
+    case FloatFormat::kHalf:
+    case FloatFormat::kBFloat16:
+      return 2;
+    case FloatFormat::kFloat:
+      return 4;
+    case FloatFormat::kDouble:
+      return 8;
+  }
+  return 0;
+}
+
+// ---- forward ----
+
+template <typename T>
+const char* ForwardTyped(const void* x, const void* kernel,
+                         const int32_t* conn, void* y,
+                         const ChannelSparseGeometry& g, const Sizes& s,
+                         cudaStream_t stream) {
+  const unsigned grid = GridFor(s.y, kThreads);
+  if (s.index32) {
+    ConvForwardKernel<T, uint32_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
+        static_cast<T*>(y), g);
+  } else {
+    ConvForwardKernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
+        static_cast<T*>(y), g);
+  }
+  return LastError();
+}
+
+// ---- backprop input ----
+
+template <typename T>
+const char* BackpropInputTyped(const void* dy, const void* kernel,
+                               const int32_t* conn, void* dx, float* workspace,
+                               const ChannelSparseGeometry& g, const Sizes& s,
+                               cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  // half / bfloat16 accumulate in the float workspace, the others in dx.
+  constexpr bool kViaWorkspace = sizeof(T) == 2;
+  Acc* dst;
+  if constexpr (kViaWorkspace) {
+    dst = workspace;
+  } else {
+    dst = static_cast<Acc*>(dx);
+  }
+  if (const char* err = MemsetZero(dst, s.x * int64_t{sizeof(Acc)}, stream)) {
+    return err;
+  }
+  const unsigned grid = GridFor(s.scatter, kThreads);
+  if (s.index32) {
+    ConvBackpropInputKernel<T, uint32_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(kernel), conn, dst,
+        g);
+  } else {
+    ConvBackpropInputKernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(kernel), conn, dst,
+        g);
+  }
+  if (const char* err = LastError()) return err;
+  if constexpr (kViaWorkspace) {
+    CastFromFloatKernel<T><<<GridFor(s.x, kThreads), kThreads, 0, stream>>>(
+        workspace, static_cast<T*>(dx), s.x);
+    return LastError();
+  }
+  return nullptr;
+}
+
+// ---- backprop kernel ----
+
+template <typename T, typename Index, int B, int kTaps>
+const char* BackpropKernelConfig(const void* x, const void* dy,
+                                 const int32_t* conn, void* dkernel,
+                                 const ChannelSparseGeometry& g, int log2w,
+                                 int64_t tasks, cudaStream_t stream) {
+  const int64_t tap_chunks = (g.k_h * g.k_w + kTaps - 1) / kTaps;
+  const unsigned grid = static_cast<unsigned>(
+      tasks < kMaxGridBlocks ? tasks : kMaxGridBlocks);
+  ConvBackpropKernelKernel<T, Index, B, kTaps><<<grid, B, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), conn,
+      static_cast<T*>(dkernel), g, log2w, tap_chunks);
+  return LastError();
+}
+
+template <typename T, typename Index>
+const char* BackpropKernelIndexed(const void* x, const void* dy,
+                                  const int32_t* conn, void* dkernel,
+                                  const ChannelSparseGeometry& g,
+                                  const Sizes& s, cudaStream_t stream) {
+  // W = lanes per row: the smallest power of two >= out_c, at most 32.
+  int log2w = 0;
+  while (log2w < 5 && (int64_t{1} << log2w) < g.out_c) ++log2w;
+  const int64_t w = int64_t{1} << log2w;
+  const int64_t base_tasks = ((g.out_c + w - 1) / w) * g.m;
+  // Threads per task that can have work: one row per pixel.
+  const int64_t useful = s.pixels < kIndex32Limit / w ? s.pixels * w
+                                                      : kIndex32Limit;
+  int taps_per_task = s.taps == 1 ? 1 : (s.taps <= 4 ? 4 : 9);
+  int64_t tasks = base_tasks * ((s.taps + taps_per_task - 1) / taps_per_task);
+  // Few tasks: split the taps (more blocks), then use bigger blocks.
+  if (taps_per_task > 1 && tasks * kThreads < kTargetThreads &&
+      useful > kThreads) {
+    taps_per_task = 1;
+    tasks = base_tasks * s.taps;
+  }
+  const bool big = tasks * kThreads < kTargetThreads && useful > 2 * kThreads;
+  if (big) {
+    return BackpropKernelConfig<T, Index, 1024, 1>(x, dy, conn, dkernel, g,
+                                                   log2w, base_tasks * s.taps,
+                                                   stream);
+  }
+  switch (taps_per_task) {
+    case 1:
+      return BackpropKernelConfig<T, Index, kThreads, 1>(
+          x, dy, conn, dkernel, g, log2w, tasks, stream);
+    case 4:
+      return BackpropKernelConfig<T, Index, kThreads, 4>(
+          x, dy, conn, dkernel, g, log2w, tasks, stream);
+    default:
+      return BackpropKernelConfig<T, Index, kThreads, 9>(
+          x, dy, conn, dkernel, g, log2w, tasks, stream);
+  }
+}
+
+template <typename T>
+const char* BackpropKernelTyped(const void* x, const void* dy,
+                                const int32_t* conn, void* dkernel,
+                                const ChannelSparseGeometry& g, const Sizes& s,
+                                cudaStream_t stream) {
+  return s.index32 ? BackpropKernelIndexed<T, uint32_t>(x, dy, conn, dkernel,
+                                                        g, s, stream)
+                   : BackpropKernelIndexed<T, int64_t>(x, dy, conn, dkernel,
+                                                       g, s, stream);
+}
+
+}  // namespace
+
+const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
+                                         const void* kernel,
+                                         const int32_t* connections, void* y,
+                                         const ChannelSparseGeometry& g,
+                                         void* stream) {
+  const int bytes = ElementBytes(format);
+  if (bytes == 0) return "tsc_channel_sparse: unknown float format";
+  Sizes s;
+  if (const char* err = CheckGeometry(g, &s)) return err;
+  if (s.y == 0) return nullptr;  // nothing to write
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (s.x == 0 || s.kernel == 0) {
+    // No input, no taps or m == 0: y is all zeros.
+    return MemsetZero(y, s.y * bytes, st);
+  }
+  switch (format) {
+    case FloatFormat::kHalf:
+      return ForwardTyped<__half>(x, kernel, connections, y, g, s, st);
+    case FloatFormat::kBFloat16:
+      return ForwardTyped<__nv_bfloat16>(x, kernel, connections, y, g, s, st);
+    case FloatFormat::kFloat:
+      return ForwardTyped<float>(x, kernel, connections, y, g, s, st);
+    case FloatFormat::kDouble:
+      return ForwardTyped<double>(x, kernel, connections, y, g, s, st);
+  }
+  return "tsc_channel_sparse: unknown float format";
+}
+
+const char* LaunchChannelSparseConv2DBackpropInputGpu(
+    FloatFormat format, const void* dy, const void* kernel,
+    const int32_t* connections, void* dx, float* workspace,
+    const ChannelSparseGeometry& g, void* stream) {
+  const int bytes = ElementBytes(format);
+  if (bytes == 0) return "tsc_channel_sparse: unknown float format";
+  Sizes s;
+  if (const char* err = CheckGeometry(g, &s)) return err;
+  if (s.x == 0) return nullptr;  // nothing to write
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (s.y == 0 || s.kernel == 0) {
+    // No output gradient, no taps or m == 0: dx is all zeros.
+    return MemsetZero(dx, s.x * bytes, st);
+  }
+  if (bytes == 2 && workspace == nullptr) {
+    return "tsc_channel_sparse: half/bfloat16 backprop input needs a float "
+           "workspace";
+  }
+  switch (format) {
+    case FloatFormat::kHalf:
+      return BackpropInputTyped<__half>(dy, kernel, connections, dx, workspace,
+                                        g, s, st);
+    case FloatFormat::kBFloat16:
+      return BackpropInputTyped<__nv_bfloat16>(dy, kernel, connections, dx,
+                                               workspace, g, s, st);
+    case FloatFormat::kFloat:
+      return BackpropInputTyped<float>(dy, kernel, connections, dx, workspace,
+                                       g, s, st);
+    case FloatFormat::kDouble:
+      return BackpropInputTyped<double>(dy, kernel, connections, dx, workspace,
+                                        g, s, st);
+  }
+  return "tsc_channel_sparse: unknown float format";
+}
+
+const char* LaunchChannelSparseConv2DBackpropKernelGpu(
+    FloatFormat format, const void* x, const void* dy,
+    const int32_t* connections, void* dkernel, const ChannelSparseGeometry& g,
+    void* stream) {
+  const int bytes = ElementBytes(format);
+  if (bytes == 0) return "tsc_channel_sparse: unknown float format";
+  Sizes s;
+  if (const char* err = CheckGeometry(g, &s)) return err;
+  if (s.kernel == 0) return nullptr;  // nothing to write
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (s.pixels == 0 || s.x == 0) {
+    // No output pixels or no input: dkernel is all zeros.
+    return MemsetZero(dkernel, s.kernel * bytes, st);
+  }
+  switch (format) {
+    case FloatFormat::kHalf:
+      return BackpropKernelTyped<__half>(x, dy, connections, dkernel, g, s, st);
+    case FloatFormat::kBFloat16:
+      return BackpropKernelTyped<__nv_bfloat16>(x, dy, connections, dkernel, g,
+                                                s, st);
+    case FloatFormat::kFloat:
+      return BackpropKernelTyped<float>(x, dy, connections, dkernel, g, s, st);
+    case FloatFormat::kDouble:
+      return BackpropKernelTyped<double>(x, dy, connections, dkernel, g, s, st);
+  }
+  return "tsc_channel_sparse: unknown float format";
+}
+
+}  // namespace tf_sparseconv
+
+namespace {
+
+tf_sparseconv::ChannelSparseGeometry UnpackGeometry(const int64_t* v) {
+  tf_sparseconv::ChannelSparseGeometry g;
+  g.batch = v[0];
+  g.in_h = v[1];
+  g.in_w = v[2];
+  g.in_c = v[3];
+  g.out_h = v[4];
+  g.out_w = v[5];
+  g.out_c = v[6];
+  g.m = v[7];
+  g.k_h = v[8];
+  g.k_w = v[9];
+  g.stride_h = v[10];
+  g.stride_w = v[11];
+  g.dil_h = v[12];
+  g.dil_w = v[13];
+  g.pad_top = v[14];
+  g.pad_left = v[15];
+  return g;
+}
+
+constexpr const char* kNullGeometry = "tsc_channel_sparse: geometry is null";
+
+}  // namespace
+
+extern "C" {
+
+const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
+                                          const void* kernel,
+                                          const int32_t* connections, void* y,
+                                          const int64_t* geometry,
+                                          void* stream) {
+  if (geometry == nullptr) return kNullGeometry;
+  return tf_sparseconv::LaunchChannelSparseConv2DGpu(
+      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
+      y, UnpackGeometry(geometry), stream);
+}
+
+const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
+    int format, const void* dy, const void* kernel, const int32_t* connections,
+    void* dx, float* workspace, const int64_t* geometry, void* stream) {
+  if (geometry == nullptr) return kNullGeometry;
+  return tf_sparseconv::LaunchChannelSparseConv2DBackpropInputGpu(
+      static_cast<tf_sparseconv::FloatFormat>(format), dy, kernel, connections,
+      dx, workspace, UnpackGeometry(geometry), stream);
+}
+
+const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
+    int format, const void* x, const void* dy, const int32_t* connections,
+    void* dkernel, const int64_t* geometry, void* stream) {
+  if (geometry == nullptr) return kNullGeometry;
+  return tf_sparseconv::LaunchChannelSparseConv2DBackpropKernelGpu(
+      static_cast<tf_sparseconv::FloatFormat>(format), x, dy, connections,
+      dkernel, UnpackGeometry(geometry), stream);
+}
+
+}  // extern "C"

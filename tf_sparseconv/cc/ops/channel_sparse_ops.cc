@@ -1,0 +1,131 @@
+// Op registrations of the channel-sparse (channel-group) convolution:
+// each output channel reads only its own list of `m` input channels
+// (Changpinyo et al., "The Power of Sparsity in Convolutional Neural
+// Networks"). Conv1D is expressed in Python as the in_h = k_h = 1 case.
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tf_sparseconv {
+
+using ::tensorflow::Status;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+// Output length along one spatial axis (unknown while the input length is).
+Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k,
+                 int64_t stride, int64_t dilation, bool same,
+                 DimensionHandle* out) {
+  if (!c->ValueKnown(in)) {
+    *out = c->UnknownDim();
+    return ::tensorflow::OkStatus();
+  }
+  const int64_t n = c->Value(in);
+  const int64_t span = (k - 1) * dilation + 1;
+  const int64_t len = same ? (n + stride - 1) / stride
+                           : (n >= span ? (n - span) / stride + 1 : 0);
+  *out = c->MakeDim(len);
+  return ::tensorflow::OkStatus();
+}
+
+Status ForwardShape(InferenceContext* c) {
+  ShapeHandle x, kernel, connections;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &kernel));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &connections));
+  std::vector<int32_t> strides, dilations;
+  std::string padding;
+  TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
+  TF_RETURN_IF_ERROR(c->GetAttr("dilations", &dilations));
+  TF_RETURN_IF_ERROR(c->GetAttr("padding", &padding));
+  if (strides.size() != 2 || dilations.size() != 2) {
+    return ::tensorflow::errors::InvalidArgument(
+        "strides and dilations must have 2 entries (height, width)");
+  }
+  DimensionHandle out_c, m;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, 3), c->Dim(connections, 0), &out_c));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, 2), c->Dim(connections, 1), &m));
+  DimensionHandle out_h = c->UnknownDim(), out_w = c->UnknownDim();
+  DimensionHandle kh = c->Dim(kernel, 0), kw = c->Dim(kernel, 1);
+  if (c->ValueKnown(kh)) {
+    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), c->Value(kh), strides[0],
+                                 dilations[0], padding == "SAME", &out_h));
+  }
+  if (c->ValueKnown(kw)) {
+    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), c->Value(kw), strides[1],
+                                 dilations[1], padding == "SAME", &out_w));
+  }
+  c->set_output(0, c->MakeShape({c->Dim(x, 0), out_h, out_w, out_c}));
+  return ::tensorflow::OkStatus();
+}
+
+Status ShapeFromSizesInput(InferenceContext* c) {
+  ShapeHandle shape;
+  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &shape));
+  TF_RETURN_IF_ERROR(c->WithRank(shape, 4, &shape));
+  c->set_output(0, shape);
+  return ::tensorflow::OkStatus();
+}
+
+Status KernelGradShape(InferenceContext* c) {
+  ShapeHandle shape;
+  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(1, &shape));
+  TF_RETURN_IF_ERROR(c->WithRank(shape, 4, &shape));
+  c->set_output(0, shape);
+  return ::tensorflow::OkStatus();
+}
+
+}  // namespace
+
+#define TSC_CONV_ATTRS                              \
+  Attr("T: {half, bfloat16, float, double}")        \
+      .Attr("strides: list(int) = [1, 1]")          \
+      .Attr("padding: {'SAME', 'VALID'} = 'SAME'")  \
+      .Attr("dilations: list(int) = [1, 1]")
+
+REGISTER_OP("TfSparseConv>ChannelSparseConv2D")
+    .Input("x: T")
+    .Input("kernel: T")
+    .Input("connections: int32")
+    .Output("y: T")
+    .TSC_CONV_ATTRS
+    .SetShapeFn(ForwardShape)
+    .Doc(R"doc(
+Channel-sparse 2-D convolution: output channel o reads only the input
+channels connections[o, :] (m distinct values in [0, Cin)).
+
+x: [B, H, W, Cin].
+kernel: [kh, kw, m, Cout]; kernel[:, :, e, o] connects input channel
+  connections[o, e] to output channel o.
+connections: int32 [Cout, m].
+y: equals conv2d(x, dense) with dense[:, :, connections[o, e], o] =
+  kernel[:, :, e, o] and zeros elsewhere; the cost scales with m, not Cin.
+strides, dilations: [height, width].
+)doc");
+
+REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropInput")
+    .Input("input_sizes: int32")
+    .Input("kernel: T")
+    .Input("connections: int32")
+    .Input("grad: T")
+    .Output("x_grad: T")
+    .TSC_CONV_ATTRS
+    .SetShapeFn(ShapeFromSizesInput)
+    .Doc("Gradient of ChannelSparseConv2D with respect to x.");
+
+REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
+    .Input("x: T")
+    .Input("kernel_sizes: int32")
+    .Input("connections: int32")
+    .Input("grad: T")
+    .Output("kernel_grad: T")
+    .TSC_CONV_ATTRS
+    .SetShapeFn(KernelGradShape)
+    .Doc("Gradient of ChannelSparseConv2D with respect to kernel.");
+
+#undef TSC_CONV_ATTRS
+
+}  // namespace tf_sparseconv

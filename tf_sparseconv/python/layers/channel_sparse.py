@@ -1,0 +1,278 @@
+"""Keras layers for channel-sparse (channel-group) convolution."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import activations, constraints, initializers, regularizers
+
+from tf_sparseconv.python.layers._base import check_backend, check_exactly_one, check_fraction
+from tf_sparseconv.python.ops import channel_sparse_ops
+
+
+def _tuple(value, rank: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * rank
+    try:
+        result = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an int or a tuple of {rank} ints, got {value!r}") from None
+    if len(result) != rank or min(result) < 1:
+        raise ValueError(f"`{name}` must be a positive int or a tuple of {rank} positive ints, got {value!r}")
+    return result
+
+
+class _ChannelSparseConv(keras.layers.Layer):
+    """Shared implementation of ChannelSparseConv1D/2D (channels-last)."""
+
+    rank: int
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        density: float | None = None,
+        fan_in: int | None = None,
+        connections=None,
+        connection_seed: int = 0,
+        strides=1,
+        padding: str = "same",
+        dilation_rate=1,
+        use_bias: bool = True,
+        activation=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        check_backend(type(self).__name__)
+        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
+        check_exactly_one(density=density, fan_in=fan_in, connections=connections)
+        self.filters = filters
+        self.kernel_size = _tuple(kernel_size, self.rank, "kernel_size")
+        self.strides = _tuple(strides, self.rank, "strides")
+        self.dilation_rate = _tuple(dilation_rate, self.rank, "dilation_rate")
+        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
+            raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding.lower()
+        self.density = None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        if fan_in is not None and (not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 1):
+            raise ValueError(f"`fan_in` must be a positive int, got {fan_in!r}")
+        self.fan_in = fan_in
+        self.connections = None
+        if connections is not None:
+            array = np.asarray(connections)
+            if array.ndim != 2 or array.shape[0] != filters or not np.issubdtype(array.dtype, np.integer):
+                raise ValueError(
+                    f"`connections` must be an int array of shape [filters={filters}, m], got shape "
+                    f"{array.shape} and dtype {array.dtype}"
+                )
+            for o, row in enumerate(array):
+                if len(np.unique(row)) != len(row):
+                    raise ValueError(f"`connections` row {o} lists an input channel twice: {row.tolist()}")
+            if array.min() < 0:
+                raise ValueError("`connections` must be non-negative")
+            self.connections = array.astype(np.int32)
+        self.connection_seed = int(connection_seed)
+        self.use_bias = use_bias
+        self.activation = activations.get(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
+        self.supports_jit = False
+
+    @property
+    def fan_in_channels(self) -> int | None:
+        """m: the input channels each output channel reads (known once built)."""
+        return None if self.connections is None else int(self.connections.shape[1])
+
+    def build(self, input_shape):
+        in_channels = input_shape[-1]
+        if in_channels is None:
+            raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {input_shape}")
+        if self.connections is None:
+            self.connections = channel_sparse_ops.random_connections(
+                in_channels, self.filters, density=self.density, fan_in=self.fan_in, seed=self.connection_seed
+            )
+        elif self.connections.max() >= in_channels or self.connections.shape[1] > in_channels:
+            raise ValueError(
+                f"`connections` refer to input channel {int(self.connections.max())} but the input has "
+                f"{in_channels} channels"
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={-1: in_channels})
+        # Shape [*kernel_size, m, filters]: Keras' initialisers then see the real
+        # fan-in (prod(kernel_size) * m), not prod(kernel_size) * in_channels.
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.kernel_size, self.fan_in_channels, self.filters),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+            if self.use_bias
+            else None
+        )
+        self.built = True
+
+    def _convolve(self, inputs, kernel, connections):
+        raise NotImplementedError
+
+    def call(self, inputs):
+        kernel = tf.cast(self.kernel, inputs.dtype)
+        outputs = self._convolve(inputs, kernel, tf.constant(self.connections))
+        if self.bias is not None:
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
+        return self.activation(outputs) if self.activation is not None else outputs
+
+    def compute_output_shape(self, input_shape):
+        spatial = []
+        for n, k, s, d in zip(input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate):
+            if n is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(-(-n // s))
+            else:
+                span = (k - 1) * d + 1
+                spatial.append((n - span) // s + 1 if n >= span else 0)
+        return (input_shape[0], *spatial, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "density": self.density if self.connections is None else None,
+                "fan_in": self.fan_in if self.connections is None else None,
+                # Once built, the exact connection lists (they define the model).
+                "connections": None if self.connections is None else self.connections.tolist(),
+                "connection_seed": self.connection_seed,
+                "strides": self.strides,
+                "padding": self.padding,
+                "dilation_rate": self.dilation_rate,
+                "use_bias": self.use_bias,
+                "activation": activations.serialize(self.activation),
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class ChannelSparseConv2D(_ChannelSparseConv):
+    """2-D convolution in which each output channel reads only `m` input channels.
+
+    Args:
+      filters: output channels.
+      kernel_size: int or (kh, kw).
+      density: fraction of input channels each output channel reads
+        (`m = max(1, round(density * in_channels))`), or
+      fan_in: `m` directly, or
+      connections: explicit int `[filters, m]` connection lists.
+      connection_seed: seed of the random connection lists (density/fan_in).
+      strides, padding ("same"/"valid"), dilation_rate, use_bias, activation,
+      initializers, regularizers, constraints: as for `keras.layers.Conv2D`.
+
+    The connection lists are drawn at build time and stored in the config, so
+    save/load and `from_config` restore them exactly. The cost scales with `m`.
+    """
+
+    rank = 2
+
+    def _convolve(self, inputs, kernel, connections):
+        return channel_sparse_ops.channel_sparse_conv2d(
+            inputs, kernel, connections, self.strides, self.padding.upper(), self.dilation_rate
+        )
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class ChannelSparseConv1D(_ChannelSparseConv):
+    """1-D form of `ChannelSparseConv2D` over `[B, L, C]` (kernel `[k, m, filters]`)."""
+
+    rank = 1
+
+    def _convolve(self, inputs, kernel, connections):
+        return channel_sparse_ops.channel_sparse_conv1d(
+            inputs, kernel, connections, self.strides[0], self.padding.upper(), self.dilation_rate[0]
+        )
+
+
+def channel_sparse_from_conv(conv_layer: keras.layers.Layer, connections) -> _ChannelSparseConv:
+    """A built ChannelSparseConv2D/1D with the weights of a dense Conv2D/Conv1D.
+
+    `connections[o]` lists the input channels output channel `o` keeps; the sparse
+    kernel takes `kernel[..., connections[o, j], o]` from the dense one (weights of
+    dropped connections are discarded, so the outputs are identical when they were
+    zero). The activation, bias, padding, strides and dilation are carried over.
+    """
+    if isinstance(conv_layer, keras.layers.Conv2D):
+        cls = ChannelSparseConv2D
+    elif isinstance(conv_layer, keras.layers.Conv1D):
+        cls = ChannelSparseConv1D
+    else:
+        raise ValueError(f"`conv_layer` must be a keras Conv2D or Conv1D, got {type(conv_layer).__name__}")
+    if not conv_layer.built:
+        raise ValueError("`conv_layer` must be built (it provides the weights)")
+    if conv_layer.groups != 1 or conv_layer.data_format != "channels_last":
+        raise ValueError("only channels_last convolutions with groups=1 can be converted")
+    if conv_layer.padding not in ("same", "valid"):
+        raise ValueError(f"padding {conv_layer.padding!r} cannot be converted (use 'same' or 'valid')")
+    dense = np.asarray(keras.ops.convert_to_numpy(conv_layer.kernel))
+    connections = np.asarray(connections, dtype=np.int32)
+    if connections.ndim != 2 or connections.shape[0] != conv_layer.filters:
+        raise ValueError(f"`connections` must be [filters={conv_layer.filters}, m], got {connections.shape}")
+    if connections.min() < 0 or connections.max() >= dense.shape[-2]:
+        raise ValueError(f"`connections` must be in [0, {dense.shape[-2]})")
+    config = conv_layer.get_config()
+    layer = cls(
+        filters=conv_layer.filters,
+        kernel_size=conv_layer.kernel_size,
+        connections=connections,
+        strides=conv_layer.strides,
+        padding=conv_layer.padding,
+        dilation_rate=conv_layer.dilation_rate,
+        use_bias=conv_layer.use_bias,
+        activation=config["activation"],
+        kernel_initializer=config["kernel_initializer"],
+        bias_initializer=config["bias_initializer"],
+        kernel_regularizer=config["kernel_regularizer"],
+        bias_regularizer=config["bias_regularizer"],
+        activity_regularizer=config["activity_regularizer"],
+        kernel_constraint=config["kernel_constraint"],
+        bias_constraint=config["bias_constraint"],
+        name=conv_layer.name,
+        dtype=conv_layer.dtype_policy,
+    )
+    layer.build((None, *([None] * (cls.rank)), dense.shape[-2]))
+    out = np.arange(conv_layer.filters)
+    sparse = dense[..., connections, out[:, None]]  # [*k, filters, m]
+    sparse = np.moveaxis(sparse, -2, -1)  # [*k, m, filters]
+    layer.kernel.assign(sparse)
+    if conv_layer.use_bias:
+        layer.bias.assign(keras.ops.convert_to_numpy(conv_layer.bias))
+    return layer

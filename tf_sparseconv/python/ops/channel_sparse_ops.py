@@ -1,0 +1,243 @@
+"""Channel-sparse (channel-group) convolution (Changpinyo et al. 2017).
+
+Each output channel `o` reads only the `m` input channels listed in
+`connections[o]`, so a layer with fan-in `m` costs `m / Cin` of the dense
+convolution. The connection lists are arbitrary (uniform `groups` are a special
+case) and fixed: they are part of the layer's configuration.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from tf_sparseconv.python.ops._common import choice, float_tensor
+from tf_sparseconv.python.ops._loader import load_library
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"`{name}` must be a positive int or a pair of positive ints, got {value!r}")
+    return pair
+
+
+def _padding(padding) -> str:
+    if not isinstance(padding, str):
+        raise ValueError(f"`padding` must be 'SAME' or 'VALID', got {padding!r}")
+    return choice(padding.upper(), "padding", ("SAME", "VALID"))
+
+
+def _check_operands(x, kernel, connections, x_rank: int, conv: str):
+    x = float_tensor(x, "x")
+    kernel = float_tensor(kernel, "kernel")
+    if kernel.dtype != x.dtype:
+        raise ValueError(f"`kernel` dtype {kernel.dtype.name} must match `x` dtype {x.dtype.name}")
+    connections = tf.convert_to_tensor(connections)
+    if not connections.dtype.is_integer:
+        raise ValueError(f"`connections` must be an int32 tensor, got {connections.dtype.name}")
+    connections = tf.cast(connections, tf.int32)
+    if x.shape.rank is not None and x.shape.rank != x_rank:
+        layout = "[B, H, W, Cin]" if x_rank == 4 else "[B, L, Cin]"
+        raise ValueError(f"{conv}: `x` must be {layout}, got shape {x.shape}")
+    if kernel.shape.rank is not None and kernel.shape.rank != x_rank:
+        layout = "[kh, kw, m, Cout]" if x_rank == 4 else "[k, m, Cout]"
+        raise ValueError(f"{conv}: `kernel` must be {layout}, got shape {kernel.shape}")
+    if connections.shape.rank is not None and connections.shape.rank != 2:
+        raise ValueError(f"{conv}: `connections` must be [Cout, m], got shape {connections.shape}")
+    m, cout = kernel.shape[-2], kernel.shape[-1]
+    if connections.shape.rank == 2 and None not in (m, cout, *connections.shape):
+        if tuple(connections.shape) != (cout, m):
+            raise ValueError(
+                f"{conv}: `connections` shape {tuple(connections.shape)} must be [Cout, m] = "
+                f"{(cout, m)} for kernel shape {tuple(kernel.shape)}"
+            )
+    cin = x.shape[-1]
+    if cin is not None and m is not None and m > cin:
+        raise ValueError(f"{conv}: fan-in m = {m} is larger than the {cin} input channels of `x`")
+    return x, kernel, connections
+
+
+def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
+    """Channel-sparse 2-D convolution.
+
+    Args:
+      x: `[B, H, W, Cin]` float tensor.
+      kernel: `[kh, kw, m, Cout]`; `kernel[:, :, j, o]` connects input channel
+        `connections[o, j]` to output channel `o`.
+      connections: int32 `[Cout, m]`, distinct input channels per row.
+      strides, dilations: int or (height, width).
+      padding: "SAME" or "VALID".
+      name: optional name scope.
+
+    Returns:
+      `[B, OH, OW, Cout]`: `tf.nn.conv2d(x, dense, strides, padding, dilations)`
+      for the dense kernel with `dense[:, :, connections[o, j], o] = kernel[:, :, j, o]`
+      and zeros elsewhere, at a cost proportional to `m`.
+    """
+    with tf.name_scope(name or "channel_sparse_conv2d"):
+        x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
+        strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
+        padding = _padding(padding)
+        library = load_library()
+        if library is None:
+            return channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
+        return library.tf_sparse_conv_channel_sparse_conv2d(
+            x, kernel, connections, strides=list(strides), padding=padding, dilations=list(dilations)
+        )
+
+
+def channel_sparse_conv1d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
+    """Channel-sparse 1-D convolution over `[B, L, Cin]` with kernel `[k, m, Cout]`.
+
+    Same semantics as `channel_sparse_conv2d` (it is its `H = kh = 1` case).
+    """
+    with tf.name_scope(name or "channel_sparse_conv1d"):
+        x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
+        stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")
+        y = channel_sparse_conv2d(
+            x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation)
+        )
+        return y[:, 0]
+
+
+def _single(value, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"`{name}` must be an int or a 1-tuple, got {value!r}")
+        value = value[0]
+    return _pair(value, name)[0]
+
+
+def random_connections(in_channels: int, out_channels: int, density=None, fan_in=None, seed: int = 0):
+    """Random connection lists: int32 `[out_channels, m]`, rows sorted.
+
+    `m = fan_in`, or `max(1, round(density * in_channels))`. Each row lists `m`
+    distinct input channels; every input channel feeds at least one output
+    channel when `m * out_channels >= in_channels`; reproducible from `seed`.
+    """
+    for value, arg in ((in_channels, "in_channels"), (out_channels, "out_channels")):
+        if not isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive int, got {value!r}")
+    if (density is None) == (fan_in is None):
+        raise ValueError("Pass exactly one of `density` or `fan_in`")
+    if density is not None:
+        if not 0 < float(density) <= 1:
+            raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+        m = max(1, round(float(density) * in_channels))
+    else:
+        if not isinstance(fan_in, (numbers.Integral, np.integer)) or not 1 <= fan_in <= in_channels:
+            raise ValueError(f"`fan_in` must be an int in [1, {in_channels}], got {fan_in!r}")
+        m = int(fan_in)
+    rng = np.random.default_rng(seed)
+    # A stream of whole permutations covers every input channel before any repeats.
+    stream = np.concatenate([rng.permutation(in_channels) for _ in range(-(-m * out_channels // in_channels))])
+    rows = stream[: m * out_channels].reshape(out_channels, m).copy()
+    for row in rows:  # a row that straddles two permutations may repeat a channel
+        values, first = np.unique(row, return_index=True)
+        if len(values) < m:
+            duplicate = np.setdiff1d(np.arange(m), first)
+            unused = np.setdiff1d(np.arange(in_channels), values)
+            row[duplicate] = rng.choice(unused, size=len(duplicate), replace=False)
+    return np.sort(rows, axis=1).astype(np.int32)
+
+
+# --- gradients --------------------------------------------------------------------
+
+
+def _attrs(op):
+    return {name: op.get_attr(name) for name in ("strides", "padding", "dilations")}
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2D")
+def _channel_sparse_conv2d_grad(op, grad):
+    x, kernel, connections = op.inputs
+    library = load_library()
+    attrs = _attrs(op)
+    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
+    )
+    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
+        x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
+    )
+    return dx, dkernel, None
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropInput")
+def _backprop_input_grad(op, grad):
+    # dx = A^T(dy; kernel): linear in dy and in kernel.
+    _, kernel, connections, dy = op.inputs
+    library = load_library()
+    attrs = _attrs(op)
+    ddy = library.tf_sparse_conv_channel_sparse_conv2d(grad, kernel, connections, **attrs)
+    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
+        grad, tf.shape(kernel, out_type=tf.int32), connections, dy, **attrs
+    )
+    return None, dkernel, None, ddy
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropKernel")
+def _backprop_kernel_grad(op, grad):
+    x, _, connections, dy = op.inputs
+    library = load_library()
+    attrs = _attrs(op)
+    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), grad, connections, dy, **attrs
+    )
+    ddy = library.tf_sparse_conv_channel_sparse_conv2d(x, grad, connections, **attrs)
+    return dx, None, None, ddy
+
+
+# --- pure-TensorFlow references -------------------------------------------------------
+
+
+def dense_kernel(kernel, connections, in_channels):
+    """The dense `[kh, kw, Cin, Cout]` kernel equivalent to a channel-sparse one."""
+    selection = tf.one_hot(connections, in_channels, dtype=kernel.dtype)  # [Cout, m, Cin]
+    return tf.einsum("...eo,oec->...co", kernel, selection)
+
+
+def _same_padding(n, k, stride, dilation):
+    span = (k - 1) * dilation + 1
+    out = (n + stride - 1) // stride
+    total = tf.maximum((out - 1) * stride + span - n, 0)
+    return total // 2, total - total // 2
+
+
+def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="SAME", dilations=1):
+    """Pure-TF `channel_sparse_conv2d`: the dense-kernel convolution (stock ops only)."""
+    x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
+    (sh, sw), (dh, dw) = _pair(strides, "strides"), _pair(dilations, "dilations")
+    padding = _padding(padding)
+    shape = tf.shape(x)
+    batch, h, w, cin = shape[0], shape[1], shape[2], shape[3]
+    kh, kw, cout = tf.shape(kernel)[0], tf.shape(kernel)[1], tf.shape(kernel)[3]
+    dense = dense_kernel(kernel, connections, x.shape[-1] if x.shape[-1] is not None else cin)
+    if padding == "SAME":
+        (pt, pb), (pl, pr) = _same_padding(h, kh, sh, dh), _same_padding(w, kw, sw, dw)
+        x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+    # Stride-1 dilated VALID convolution, then subsampling: exact for any
+    # stride/dilation combination (tf.nn.conv2d rejects strides > 1 with
+    # dilations > 1, and its CPU gradient rejects dilations > 1;
+    # tf.nn.convolution dilates through space_to_batch, which differentiates).
+    y = tf.nn.convolution(x, dense, strides=1, padding="VALID", dilations=[dh, dw])
+    y = y[:, ::sh, ::sw]
+    # Empty batches: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
+    out_h = tf.shape(y)[1] if padding == "VALID" else (h + sh - 1) // sh
+    out_w = tf.shape(y)[2] if padding == "VALID" else (w + sw - 1) // sw
+    return tf.reshape(y, [batch, out_h, out_w, cout])
+
+
+def channel_sparse_conv1d_reference(x, kernel, connections, strides=1, padding="SAME", dilations=1):
+    """Pure-TF `channel_sparse_conv1d`."""
+    x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
+    stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")
+    y = channel_sparse_conv2d_reference(x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation))
+    return y[:, 0]
