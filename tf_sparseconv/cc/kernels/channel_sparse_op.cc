@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -69,21 +71,31 @@ template <typename A>
 struct Vec {
   static constexpr int kLanes = 32 / sizeof(A);
   typedef A type __attribute__((vector_size(32), may_alias));
+  typedef A unaligned __attribute__((vector_size(32), aligned(sizeof(A)), may_alias));
 };
 
-// out[r][0:kTile] = sum_{e in row r} sum_t w[t][e] * col[t][src[e]][:] for
-// r in [0, rows); col is [taps][channels][kTile], 32-byte aligned. Taps are
-// the outer loop so that the column data of one tap (channels * kTile
-// values) stays in L1 while every result channel reads it; the 64-wide
+// Where the operand columns of one tile are: the kTile values of tap t and
+// channel c start at base[t] + c * stride (contiguous; any alignment).
+template <typename A>
+struct Columns {
+  std::vector<const A*> base;
+  int64_t stride = 0;
+};
+
+// out[r][0:kTile] = sum_{e in row r} sum_t w[t][e] * column(t, src[e]) for
+// r in [0, rows). Taps are the outer loop so that the column data of one
+// tap stays in L1 while every result channel reads it; the 64-wide
 // accumulator of a result channel lives in registers for its whole row.
 template <typename A>
-void SparseRowsTile(const A* col, int64_t taps, int64_t channels,
-                    const int64_t* row_ptr, const int32_t* src, const A* w,
-                    int64_t entries, int64_t rows, A* out) {
+void SparseRowsTile(const Columns<A>& cols, const int64_t* row_ptr,
+                    const int32_t* src, const A* w, int64_t entries,
+                    int64_t rows, A* out) {
   using V = typename Vec<A>::type;
+  using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
+  const int64_t taps = static_cast<int64_t>(cols.base.size());
   for (int64_t t = 0; t < taps; ++t) {
-    const A* ct = col + t * channels * kTile;
+    const A* ct = cols.base[t];
     const A* wt = w + t * entries;
     for (int64_t r = 0; r < rows; ++r) {
       V* o = reinterpret_cast<V*>(out + r * kTile);
@@ -91,7 +103,7 @@ void SparseRowsTile(const A* col, int64_t taps, int64_t channels,
       for (int v = 0; v < kVecs; ++v) acc[v] = t == 0 ? V{} : o[v];
       for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
         const V we = V{} + wt[e];
-        const V* c = reinterpret_cast<const V*>(ct + static_cast<int64_t>(src[e]) * kTile);
+        const VU* c = reinterpret_cast<const VU*>(ct + static_cast<int64_t>(src[e]) * cols.stride);
         for (int v = 0; v < kVecs; ++v) acc[v] += we * c[v];
       }
       for (int v = 0; v < kVecs; ++v) o[v] = acc[v];
@@ -120,70 +132,204 @@ void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
   workers->ParallelFor(total, cost_per_unit, fn);
 }
 
-// Transposes the rows[p] (p < kTile; nullptr = zeros) of `channels` values
-// into col[c][p], 8 channels at a time so reads and writes both stay in few
-// cache lines.
+// The correlation that the three ops reduce to: result position (rh, rw)
+// reads, through tap (i, j), the source position
+//   ((rh*a_h + off_h + i*di_h) / div_h, (rw*a_w + off_w + j*di_w) / div_w)
+// when both divisions are exact and land inside the source grid (else 0).
+// Forward / kernel gradient: the source is x around output positions (a =
+// stride, off = -pad, di = dilation, div = 1). Input gradient: the source is
+// dy around input positions (a = 1, off = pad, di = -dilation, div = stride).
+struct Correlation {
+  int64_t res_h, res_w, src_h, src_w, channels, k_h, k_w;
+  int64_t a_h, a_w, off_h, off_w, di_h, di_w, div_h, div_w;
+
+  static Correlation Forward(const ChannelSparseGeometry& g) {
+    return {g.out_h, g.out_w, g.in_h, g.in_w, g.in_c, g.k_h, g.k_w,
+            g.stride_h, g.stride_w, -g.pad_top, -g.pad_left, g.dil_h, g.dil_w, 1, 1};
+  }
+  static Correlation Transposed(const ChannelSparseGeometry& g) {
+    return {g.in_h, g.in_w, g.out_h, g.out_w, g.out_c, g.k_h, g.k_w,
+            1, 1, g.pad_top, g.pad_left, -g.dil_h, -g.dil_w, g.stride_h, g.stride_w};
+  }
+  // Source index along one axis, or -1.
+  static int64_t Source(int64_t r, int64_t a, int64_t off, int64_t di, int64_t div,
+                        int64_t k, int64_t n) {
+    const int64_t num = r * a + off + k * di;
+    if (num < 0 || num % div != 0 || num / div >= n) return -1;
+    return num / div;
+  }
+};
+
+// Provides the operand columns of each work unit (kTile consecutive result
+// positions of one sample; result positions are flattened rh * res_w + rw).
+//  * Row mode (a_w == div_w == 1, i.e. stride 1 along the width, and rows of
+//    at least kTile / 2 positions): a unit is a run of kTile positions of one
+//    result row. The source rows it needs are transposed once into
+//    [channel][column] buffers (cached across the consecutive units of a
+//    shard), and the column of tap (i, j) is a pointer into source row i,
+//    shifted by j: no per-tap copy at all.
+//  * Gather mode (otherwise): the columns are gathered per tap and position
+//    into a [tap][channel][kTile] buffer (an im2col).
 template <typename T, typename A>
-void TransposeRows(const T* const* rows, int64_t channels, A* col) {
-  constexpr int64_t kBlock = 8;
-  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-    const int64_t cw = std::min(kBlock, channels - c0);
-    for (int64_t p = 0; p < kTile; ++p) {
-      A* dst = col + c0 * kTile + p;
-      const T* s = rows[p];
-      if (s == nullptr) {
-        for (int64_t c = 0; c < cw; ++c) dst[c * kTile] = A(0);
+class ColumnSource {
+ public:
+  ColumnSource(const T* src, const Correlation& c, int64_t batch)
+      : src_(src), c_(c), batch_(batch), taps_(c.k_h * c.k_w) {
+    row_mode_ = c.a_w == 1 && c.div_w == 1 && c.res_w >= kTile / 2;
+    if (row_mode_) {
+      tiles_per_row_ = (c.res_w + kTile - 1) / kTile;
+      const int64_t lo = c.off_w + std::min<int64_t>(0, (c.k_w - 1) * c.di_w);
+      const int64_t hi = c.off_w + std::max<int64_t>(0, (c.k_w - 1) * c.di_w);
+      shift_ = std::max<int64_t>(0, -lo);
+      row_len_ = (tiles_per_row_ * kTile + hi + shift_ + 7) / 8 * 8;
+    }
+  }
+
+  int64_t units() const {
+    return row_mode_ ? batch_ * c_.res_h * tiles_per_row_
+                     : batch_ * ((c_.res_h * c_.res_w + kTile - 1) / kTile);
+  }
+  int64_t positions() const { return c_.res_h * c_.res_w; }
+
+  // Per-shard state: scratch buffers and the row cache.
+  class Shard {
+   public:
+    explicit Shard(const ColumnSource& s) : s_(s) {
+      cols_.base.resize(s.taps_);
+      if (s.row_mode_) {
+        const int64_t slots = s.c_.k_h + 1;
+        rows_.resize(slots, Scratch<A>(s.row_len_ * s.c_.channels));
+        tags_.assign(slots, {-1, -2});
+        stamp_.assign(slots, 0);
       } else {
-        for (int64_t c = 0; c < cw; ++c) dst[c * kTile] = static_cast<A>(s[c0 + c]);
+        gathered_ = std::make_unique<Scratch<A>>(s.taps_ * s.c_.channels * kTile);
       }
     }
-  }
-}
 
-// Gathers x around output positions [p0, p0 + kTile) of sample b into
-// col[t][c][p] (zeros outside the image and past the last position).
-template <typename T, typename A>
-void GatherInputColumns(const T* x, const ChannelSparseGeometry& g, int64_t b,
-                        int64_t p0, A* col) {
-  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
-  const T* rows[kTile];
-  for (int64_t t = 0; t < taps; ++t) {
-    for (int64_t p = 0; p < kTile; ++p) {
-      const int64_t pos = p0 + p;
-      const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
-      const int64_t ih = oh * g.stride_h - g.pad_top + (t / g.k_w) * g.dil_h;
-      const int64_t iw = ow * g.stride_w - g.pad_left + (t % g.k_w) * g.dil_w;
-      const bool valid = pos < positions && ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-      rows[p] = valid ? x + ((b * g.in_h + ih) * g.in_w + iw) * g.in_c : nullptr;
+    // Columns of `unit`; sets its sample, first flat result position and
+    // number of valid positions (<= kTile).
+    const Columns<A>& Prepare(int64_t unit, int64_t* b, int64_t* p0, int64_t* count) {
+      const Correlation& c = s_.c_;
+      if (s_.row_mode_) {
+        const int64_t per_sample = c.res_h * s_.tiles_per_row_;
+        *b = unit / per_sample;
+        const int64_t rh = unit % per_sample / s_.tiles_per_row_;
+        const int64_t rw0 = unit % s_.tiles_per_row_ * kTile;
+        *p0 = rh * c.res_w + rw0;
+        *count = std::min(kTile, c.res_w - rw0);
+        cols_.stride = s_.row_len_;
+        for (int64_t i = 0; i < c.k_h; ++i) {
+          const int64_t sh = Correlation::Source(rh, c.a_h, c.off_h, c.di_h, c.div_h, i, c.src_h);
+          const A* row = Row(*b, sh);
+          for (int64_t j = 0; j < c.k_w; ++j) {
+            cols_.base[i * c.k_w + j] = row + rw0 + c.off_w + j * c.di_w + s_.shift_;
+          }
+        }
+      } else {
+        const int64_t tiles = (s_.positions() + kTile - 1) / kTile;
+        *b = unit / tiles;
+        *p0 = unit % tiles * kTile;
+        *count = std::min(kTile, s_.positions() - *p0);
+        Gather(*b, *p0);
+      }
+      return cols_;
     }
-    TransposeRows(rows, g.in_c, col + t * g.in_c * kTile);
-  }
-}
 
-// Gathers dy at the output positions that read input positions
-// [q0, q0 + kTile) of sample b through each tap: col[t][o][q] (zeros where
-// no output position reads it).
-template <typename T, typename A>
-void GatherGradColumns(const T* dy, const ChannelSparseGeometry& g, int64_t b,
-                       int64_t q0, A* col) {
-  const int64_t taps = g.k_h * g.k_w, positions = g.in_h * g.in_w;
-  const T* rows[kTile];
-  for (int64_t t = 0; t < taps; ++t) {
-    for (int64_t q = 0; q < kTile; ++q) {
-      const int64_t pos = q0 + q;
-      const int64_t ih = pos / g.in_w, iw = pos % g.in_w;
-      const int64_t nh = ih + g.pad_top - (t / g.k_w) * g.dil_h;
-      const int64_t nw = iw + g.pad_left - (t % g.k_w) * g.dil_w;
-      const bool valid = pos < positions && nh >= 0 && nw >= 0 &&
-                         nh % g.stride_h == 0 && nw % g.stride_w == 0 &&
-                         nh / g.stride_h < g.out_h && nw / g.stride_w < g.out_w;
-      rows[q] = valid ? dy + ((b * g.out_h + nh / g.stride_h) * g.out_w +
-                              nw / g.stride_w) * g.out_c
-                      : nullptr;
+   private:
+    // The source row (b, sh) transposed to [channel][row_len_] (column
+    // index = source column + shift_; zeros outside the source), from the
+    // cache when a recent unit used it. sh = -1: a zero row.
+    const A* Row(int64_t b, int64_t sh) {
+      const Correlation& c = s_.c_;
+      const std::pair<int64_t, int64_t> tag{sh < 0 ? -1 : b, sh};
+      ++clock_;
+      int64_t victim = 0;
+      for (size_t k = 0; k < tags_.size(); ++k) {
+        if (tags_[k] == tag) {
+          stamp_[k] = clock_;
+          return rows_[k].get();
+        }
+        if (stamp_[k] < stamp_[victim]) victim = k;
+      }
+      tags_[victim] = tag;
+      stamp_[victim] = clock_;
+      A* dst = rows_[victim].get();
+      const int64_t len = s_.row_len_, ch = c.channels;
+      if (sh < 0) {
+        std::fill(dst, dst + len * ch, A(0));
+        return dst;
+      }
+      const T* src = s_.src_ + (b * c.src_h + sh) * c.src_w * ch;
+      const int64_t first = s_.shift_;  // row column of source column 0
+      const int64_t last = std::min(len, first + c.src_w);
+      for (int64_t cc = 0; cc < ch; ++cc) {
+        A* d = dst + cc * len;
+        std::fill(d, d + first, A(0));
+        std::fill(d + last, d + len, A(0));
+      }
+      // Blocked transpose [column][channel] -> [channel][column].
+      constexpr int64_t kBlock = 8;
+      for (int64_t c0 = 0; c0 < ch; c0 += kBlock) {
+        const int64_t cw = std::min(kBlock, ch - c0);
+        for (int64_t v = first; v < last; ++v) {
+          const T* s = src + (v - first) * ch + c0;
+          A* d = dst + c0 * len + v;
+          for (int64_t cc = 0; cc < cw; ++cc) d[cc * len] = static_cast<A>(s[cc]);
+        }
+      }
+      return dst;
     }
-    TransposeRows(rows, g.out_c, col + t * g.out_c * kTile);
-  }
-}
+
+    void Gather(int64_t b, int64_t p0) {
+      const Correlation& c = s_.c_;
+      const int64_t ch = c.channels;
+      A* col = gathered_->get();
+      const T* rows[kTile];
+      for (int64_t t = 0; t < s_.taps_; ++t) {
+        const int64_t i = t / c.k_w, j = t % c.k_w;
+        for (int64_t p = 0; p < kTile; ++p) {
+          const int64_t pos = p0 + p;
+          const int64_t rh = pos / c.res_w, rw = pos % c.res_w;
+          const int64_t sh = pos < s_.positions()
+              ? Correlation::Source(rh, c.a_h, c.off_h, c.di_h, c.div_h, i, c.src_h) : -1;
+          const int64_t sw = Correlation::Source(rw, c.a_w, c.off_w, c.di_w, c.div_w, j, c.src_w);
+          rows[p] = sh >= 0 && sw >= 0 ? s_.src_ + ((b * c.src_h + sh) * c.src_w + sw) * ch : nullptr;
+        }
+        A* dst_t = col + t * ch * kTile;
+        constexpr int64_t kBlock = 8;
+        for (int64_t c0 = 0; c0 < ch; c0 += kBlock) {
+          const int64_t cw = std::min(kBlock, ch - c0);
+          for (int64_t p = 0; p < kTile; ++p) {
+            A* d = dst_t + c0 * kTile + p;
+            const T* s = rows[p];
+            if (s == nullptr) {
+              for (int64_t cc = 0; cc < cw; ++cc) d[cc * kTile] = A(0);
+            } else {
+              for (int64_t cc = 0; cc < cw; ++cc) d[cc * kTile] = static_cast<A>(s[c0 + cc]);
+            }
+          }
+        }
+        cols_.base[t] = dst_t;
+      }
+      cols_.stride = kTile;
+    }
+
+    const ColumnSource& s_;
+    Columns<A> cols_;
+    std::vector<Scratch<A>> rows_;
+    std::vector<std::pair<int64_t, int64_t>> tags_;
+    std::vector<int64_t> stamp_;
+    int64_t clock_ = 0;
+    std::unique_ptr<Scratch<A>> gathered_;
+  };
+
+ private:
+  const T* src_;
+  Correlation c_;
+  int64_t batch_, taps_;
+  bool row_mode_ = false;
+  int64_t tiles_per_row_ = 0, shift_ = 0, row_len_ = 0;
+};
 
 // Writes out[r][p] (p < count) to y[(base + p) * rows + r].
 template <typename T, typename A>
@@ -252,22 +398,22 @@ template <typename T>
 void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
                 const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
-  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
-  const int64_t tiles = (positions + kTile - 1) / kTile;
   const Rows<T, A> rows = ForwardRows<T, A>(kernel, conn, g);
-  const int64_t cost = kTile * taps * (g.m * g.out_c + g.in_c);
+  const ColumnSource<T, A> source(x, Correlation::Forward(g), g.batch);
+  const int64_t positions = source.positions();
+  const int64_t cost = kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c);
   auto work = [&](int64_t begin, int64_t end) {
-    Scratch<A> col(g.in_c * taps * kTile), out(g.out_c * kTile);
+    typename ColumnSource<T, A>::Shard shard(source);
+    Scratch<A> out(g.out_c * kTile);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / tiles, p0 = (unit % tiles) * kTile;
-      GatherInputColumns(x, g, b, p0, col.get());
-      SparseRowsTile(col.get(), taps, g.in_c, rows.row_ptr.data(), rows.src.data(),
-                     rows.w.data(), g.out_c * g.m, g.out_c, out.get());
-      ScatterTile(out.get(), g.out_c, std::min(kTile, positions - p0),
-                  y + (b * positions + p0) * g.out_c);
+      int64_t b, p0, count;
+      const Columns<A>& cols = shard.Prepare(unit, &b, &p0, &count);
+      SparseRowsTile(cols, rows.row_ptr.data(), rows.src.data(), rows.w.data(),
+                     g.out_c * g.m, g.out_c, out.get());
+      ScatterTile(out.get(), g.out_c, count, y + (b * positions + p0) * g.out_c);
     }
   };
-  ParallelFor(ctx, g.batch * tiles, cost, work);
+  ParallelFor(ctx, source.units(), cost, work);
 }
 
 template <typename T>
@@ -275,22 +421,22 @@ void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
                       const int32_t* conn, T* dx,
                       const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
-  const int64_t taps = g.k_h * g.k_w, positions = g.in_h * g.in_w;
-  const int64_t tiles = (positions + kTile - 1) / kTile;
   const Rows<T, A> rows = TransposedRows<T, A>(kernel, conn, g);
-  const int64_t cost = kTile * taps * (g.m * g.out_c + g.out_c);
+  const ColumnSource<T, A> source(dy, Correlation::Transposed(g), g.batch);
+  const int64_t positions = source.positions();
+  const int64_t cost = kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c);
   auto work = [&](int64_t begin, int64_t end) {
-    Scratch<A> col(g.out_c * taps * kTile), out(g.in_c * kTile);
+    typename ColumnSource<T, A>::Shard shard(source);
+    Scratch<A> out(g.in_c * kTile);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / tiles, q0 = (unit % tiles) * kTile;
-      GatherGradColumns(dy, g, b, q0, col.get());
-      SparseRowsTile(col.get(), taps, g.out_c, rows.row_ptr.data(), rows.src.data(),
-                     rows.w.data(), g.out_c * g.m, g.in_c, out.get());
-      ScatterTile(out.get(), g.in_c, std::min(kTile, positions - q0),
-                  dx + (b * positions + q0) * g.in_c);
+      int64_t b, q0, count;
+      const Columns<A>& cols = shard.Prepare(unit, &b, &q0, &count);
+      SparseRowsTile(cols, rows.row_ptr.data(), rows.src.data(), rows.w.data(),
+                     g.out_c * g.m, g.in_c, out.get());
+      ScatterTile(out.get(), g.in_c, count, dx + (b * positions + q0) * g.in_c);
     }
   };
-  ParallelFor(ctx, g.batch * tiles, cost, work);
+  ParallelFor(ctx, source.units(), cost, work);
 }
 
 template <typename T>
@@ -299,26 +445,28 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
                        const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
   using V = typename Vec<A>::type;
+  using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
-  const int64_t taps = g.k_h * g.k_w, positions = g.out_h * g.out_w;
+  const int64_t taps = g.k_h * g.k_w;
   const int64_t m = g.m, cout = g.out_c;
-  const int64_t tiles = (positions + kTile - 1) / kTile;
-  const int64_t units = g.batch * tiles;
+  const ColumnSource<T, A> source(x, Correlation::Forward(g), g.batch);
+  const int64_t positions = source.positions();
+  const int64_t units = source.units();
   const int64_t weights = cout * m * taps;
-  // A fixed number of blocks of consecutive tiles, each summing into its own
+  // A fixed number of blocks of consecutive units, each summing into its own
   // partial gradient, reduced in block order: deterministic whatever the
   // thread pool does.
   const int64_t blocks = std::min<int64_t>(units, 32);
   std::vector<A> partial(blocks * weights, A(0));
   auto work = [&](int64_t begin, int64_t end) {
-    Scratch<A> col(g.in_c * taps * kTile), dyt(cout * kTile);
+    typename ColumnSource<T, A>::Shard shard(source);
+    Scratch<A> dyt(cout * kTile);
     for (int64_t block = begin; block < end; ++block) {
       A* dw = partial.data() + block * weights;  // [o][e][t]
       for (int64_t unit = units * block / blocks;
            unit < units * (block + 1) / blocks; ++unit) {
-        const int64_t b = unit / tiles, p0 = (unit % tiles) * kTile;
-        const int64_t count = std::min(kTile, positions - p0);
-        GatherInputColumns(x, g, b, p0, col.get());
+        int64_t b, p0, count;
+        const Columns<A>& cols = shard.Prepare(unit, &b, &p0, &count);
         A* d = dyt.get();
         const T* dys = dy + (b * positions + p0) * cout;
         for (int64_t p = 0; p < kTile; ++p) {
@@ -329,9 +477,9 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
         for (int64_t o = 0; o < cout; ++o) {
           const V* dv = reinterpret_cast<const V*>(d + o * kTile);
           for (int64_t e = 0; e < m; ++e) {
-            const A* c = col.get() + static_cast<int64_t>(conn[o * m + e]) * kTile;
+            const int64_t offset = static_cast<int64_t>(conn[o * m + e]) * cols.stride;
             for (int64_t t = 0; t < taps; ++t) {
-              const V* cv = reinterpret_cast<const V*>(c + t * g.in_c * kTile);
+              const VU* cv = reinterpret_cast<const VU*>(cols.base[t] + offset);
               V acc = V{};
               for (int v = 0; v < kVecs; ++v) acc += cv[v] * dv[v];
               A sum = 0;
@@ -343,8 +491,9 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
       }
     }
   };
-  ParallelFor(ctx, blocks, (units / std::max<int64_t>(blocks, 1) + 1) * kTile *
-                               taps * (m * cout + g.in_c), work);
+  ParallelFor(ctx, blocks,
+              (units / std::max<int64_t>(blocks, 1) + 1) * kTile * taps * (m * cout + g.in_c),
+              work);
   for (int64_t t = 0; t < taps; ++t) {
     for (int64_t e = 0; e < m; ++e) {
       for (int64_t o = 0; o < cout; ++o) {

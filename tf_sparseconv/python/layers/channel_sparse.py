@@ -62,7 +62,9 @@ class _ChannelSparseConv(keras.layers.Layer):
         if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
             raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
         self.padding = padding.lower()
-        self.density = None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        self.density = (
+            None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+        )
         if fan_in is not None and (not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 1):
             raise ValueError(f"`fan_in` must be a positive int, got {fan_in!r}")
         self.fan_in = fan_in
@@ -100,7 +102,9 @@ class _ChannelSparseConv(keras.layers.Layer):
     def build(self, input_shape):
         in_channels = input_shape[-1]
         if in_channels is None:
-            raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {input_shape}")
+            raise ValueError(
+                f"{type(self).__name__} needs a known number of input channels, got {input_shape}"
+            )
         if self.connections is None:
             self.connections = channel_sparse_ops.random_connections(
                 in_channels, self.filters, density=self.density, fan_in=self.fan_in, seed=self.connection_seed

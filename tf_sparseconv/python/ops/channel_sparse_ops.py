@@ -102,9 +102,7 @@ def channel_sparse_conv1d(x, kernel, connections, strides=1, padding="SAME", dil
     with tf.name_scope(name or "channel_sparse_conv1d"):
         x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
         stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")
-        y = channel_sparse_conv2d(
-            x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation)
-        )
+        y = channel_sparse_conv2d(x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation))
         return y[:, 0]
 
 
@@ -138,7 +136,9 @@ def random_connections(in_channels: int, out_channels: int, density=None, fan_in
         m = int(fan_in)
     rng = np.random.default_rng(seed)
     # A stream of whole permutations covers every input channel before any repeats.
-    stream = np.concatenate([rng.permutation(in_channels) for _ in range(-(-m * out_channels // in_channels))])
+    stream = np.concatenate(
+        [rng.permutation(in_channels) for _ in range(-(-m * out_channels // in_channels))]
+    )
     rows = stream[: m * out_channels].reshape(out_channels, m).copy()
     for row in rows:  # a row that straddles two permutations may repeat a channel
         values, first = np.unique(row, return_index=True)
@@ -220,18 +220,22 @@ def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="
     batch, h, w, cin = shape[0], shape[1], shape[2], shape[3]
     kh, kw, cout = tf.shape(kernel)[0], tf.shape(kernel)[1], tf.shape(kernel)[3]
     dense = dense_kernel(kernel, connections, x.shape[-1] if x.shape[-1] is not None else cin)
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     if padding == "SAME":
         (pt, pb), (pl, pr) = _same_padding(h, kh, sh, dh), _same_padding(w, kw, sw, dw)
-        x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        out_h, out_w = (h + sh - 1) // sh, (w + sw - 1) // sw
+    else:  # pad the end only so that an image smaller than the kernel still convolves
+        (pt, pb), (pl, pr) = (0, tf.maximum(span_h - h, 0)), (0, tf.maximum(span_w - w, 0))
+        out_h = tf.maximum((h - span_h) // sh + 1, 0)
+        out_w = tf.maximum((w - span_w) // sw + 1, 0)
+    x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
     # Stride-1 dilated VALID convolution, then subsampling: exact for any
     # stride/dilation combination (tf.nn.conv2d rejects strides > 1 with
     # dilations > 1, and its CPU gradient rejects dilations > 1;
     # tf.nn.convolution dilates through space_to_batch, which differentiates).
     y = tf.nn.convolution(x, dense, strides=1, padding="VALID", dilations=[dh, dw])
-    y = y[:, ::sh, ::sw]
+    y = y[:, ::sh, ::sw][:, :out_h, :out_w]
     # Empty batches: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
-    out_h = tf.shape(y)[1] if padding == "VALID" else (h + sh - 1) // sh
-    out_w = tf.shape(y)[2] if padding == "VALID" else (w + sw - 1) // sw
     return tf.reshape(y, [batch, out_h, out_w, cout])
 
 
@@ -239,5 +243,7 @@ def channel_sparse_conv1d_reference(x, kernel, connections, strides=1, padding="
     """Pure-TF `channel_sparse_conv1d`."""
     x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
     stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")
-    y = channel_sparse_conv2d_reference(x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation))
+    y = channel_sparse_conv2d_reference(
+        x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation)
+    )
     return y[:, 0]
