@@ -21,6 +21,7 @@ class Row:
     stock_name: str
     target: float | None = None  # required speed-up (stock / ours), if any
     floor_ms: float | None = None  # a copy with the same memory traffic (lower bound)
+    note: str = ""
 
     @property
     def speedup(self) -> float:
@@ -78,13 +79,13 @@ def forward(fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable[[tf.Tensor], tf.Te
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| family | case | ours (ms) | stock TF (ms) | stock TF implementation | speed-up | target "
-        "| copy floor (ms) |",
-        "|---|---|---:|---:|---|---:|---|---:|",
+        "| copy floor (ms) | note |",
+        "|---|---|---:|---:|---|---:|---|---:|---|",
     ]
     for r in rows:
         target = f"≥ {r.target:g}× ({r.verdict})" if r.target else ""
         lines.append(
             f"| {r.family} | {r.case} | {r.ours_ms:.2f} | {r.stock_ms:.2f} | {r.stock_name} | "
-            f"{r.speedup:.2f}× | {target} | {'' if r.floor_ms is None else f'{r.floor_ms:.2f}'} |"
+            f"{r.speedup:.2f}× | {target} | {'' if r.floor_ms is None else f'{r.floor_ms:.2f}'} | {r.note} |"
         )
     return "\n".join(lines)

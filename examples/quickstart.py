@@ -1,10 +1,13 @@
 """tf_sparseconv quickstart: a small sparse CNN on scikit-learn's digits.
 
 Trains a CNN whose hidden activations are sparsified with k-winners-take-all
-(`tsc.layers.KWinners`), reports its test accuracy next to the same network
-without k-WTA, measures the activation sparsity the k-WTA layers produce,
-exports a SavedModel and reloads it in a fresh Python process (which only
-imports tf_sparseconv to register the ops) to predict the test set again.
+(`tsc.layers.KWinners`) and whose second convolution is channel-sparse (each
+output channel reads a quarter of the input channels:
+`tsc.layers.ChannelSparseConv2D`), reports its test accuracy and parameter
+count next to the same network with dense layers, measures the activation
+sparsity the k-WTA layers produce, exports a SavedModel and reloads it in a
+fresh Python process (which only imports tf_sparseconv to register the ops) to
+predict the test set again.
 
 Run: bash tools/quickstart.sh   (or: .venv/bin/python examples/quickstart.py)
 The data ship with scikit-learn: nothing is downloaded.
@@ -37,7 +40,7 @@ def load_data(seed: int):
 
 
 def build_model(sparse: bool) -> keras.Model:
-    """Conv(32) -> [k-WTA 8/32] -> Conv(64) -> [k-WTA 12/64] -> pool -> Dense(10)."""
+    """Conv(32) -> [k-WTA 8/32] -> [channel-sparse] Conv(64) -> [k-WTA 12/64] -> pool -> Dense(10)."""
 
     def kwta(name: str, k: int):
         return tsc.layers.KWinners(k=k, name=name) if sparse else keras.layers.Identity(name=name)
@@ -45,7 +48,11 @@ def build_model(sparse: bool) -> keras.Model:
     inputs = keras.Input((8, 8, 1), name="image")
     h = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
     h = kwta("kwta1", 8)(h)
-    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(h)
+    if sparse:  # each output channel reads 8 of the 32 input channels
+        conv2 = tsc.layers.ChannelSparseConv2D(64, 3, density=0.25, activation="relu", name="conv2")
+    else:
+        conv2 = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")
+    h = conv2(h)
     h = kwta("kwta2", 12)(h)
     h = keras.layers.MaxPooling2D(2, name="pool")(h)
     h = keras.layers.Flatten(name="flatten")(h)
@@ -99,7 +106,11 @@ def main() -> None:
         model = build_model(sparse)
         accuracy, seconds = train(model, data, args.epochs, args.seed)
         results[model.name] = (model, accuracy, seconds)
-        print(f"{model.name:>10}: test accuracy {accuracy:.4f}  ({args.epochs} epochs, {seconds:.1f} s)")
+        conv2_params = model.get_layer("conv2").count_params()
+        print(
+            f"{model.name:>10}: test accuracy {accuracy:.4f}  ({args.epochs} epochs, {seconds:.1f} s; "
+            f"{model.count_params()} parameters, conv2 {conv2_params})"
+        )
 
     model = results["sparse_cnn"][0]
     print("\nactivation sparsity (fraction of zeros) on the test set:")
