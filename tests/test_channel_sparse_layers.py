@@ -31,12 +31,22 @@ def test_layer_matches_op_and_connections_round_trip(tmp_path):
     assert config["connections"] == layer.connections.tolist() and config["density"] is None
 
 
-def test_fan_in_aware_initialisation():
-    layer = tsc.layers.ChannelSparseConv2D(256, 3, fan_in=8, kernel_initializer="he_normal")
+@pytest.mark.parametrize(
+    ("initializer", "expected_std"),
+    [
+        # he_normal: sqrt(2 / fan_in) with the real fan-in 3*3*8 (not 3*3*256).
+        ("he_normal", np.sqrt(2 / 72)),
+        # glorot: sqrt(2 / (fan_in + fan_out)) with the real fan-out 3*3*8*256/256 = 72,
+        # not the kernel shape's 3*3*256.
+        ("glorot_uniform", np.sqrt(2 / (72 + 72))),
+    ],
+)
+def test_fan_aware_initialisation(initializer, expected_std):
+    layer = tsc.layers.ChannelSparseConv2D(256, 3, fan_in=8, kernel_initializer=initializer)
     layer.build((None, 16, 16, 256))
-    # he_normal: std = sqrt(2 / fan_in) with the real fan-in 3*3*8, not 3*3*256.
     std = float(np.std(layer.kernel.numpy()))
-    assert abs(std - np.sqrt(2 / 72)) / np.sqrt(2 / 72) < 0.15
+    assert abs(std - expected_std) / expected_std < 0.1
+    assert layer.get_config()["kernel_initializer"]["class_name"] == initializer.title().replace("_", "")
 
 
 @pytest.mark.slow

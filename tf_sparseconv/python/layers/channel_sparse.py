@@ -115,12 +115,10 @@ class _ChannelSparseConv(keras.layers.Layer):
                 f"{in_channels} channels"
             )
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={-1: in_channels})
-        # Shape [*kernel_size, m, filters]: Keras' initialisers then see the real
-        # fan-in (prod(kernel_size) * m), not prod(kernel_size) * in_channels.
         self.kernel = self.add_weight(
             name="kernel",
             shape=(*self.kernel_size, self.fan_in_channels, self.filters),
-            initializer=self.kernel_initializer,
+            initializer=self._fan_aware_initializer(in_channels),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -136,6 +134,34 @@ class _ChannelSparseConv(keras.layers.Layer):
             else None
         )
         self.built = True
+
+    def _fan_aware_initializer(self, in_channels: int):
+        """The kernel initialiser, scaled for the layer's real fans.
+
+        The kernel has shape [*kernel_size, m, filters], so Keras' variance-scaling
+        initialisers already see the real fan-in (prod(kernel_size) * m) but take
+        prod(kernel_size) * filters as the fan-out, where the real one is
+        prod(kernel_size) * m * filters / in_channels (each input channel feeds
+        m * filters / in_channels outputs). Glorot/"fan_avg" and "fan_out" scalings
+        are corrected for that; other initialisers are used as they are.
+        """
+        init = self.kernel_initializer
+        if not isinstance(init, keras.initializers.VarianceScaling) or init.mode == "fan_in":
+            return init
+        taps = int(np.prod(self.kernel_size))
+        fan_in = taps * self.fan_in_channels
+        shape_fan_out = taps * self.filters
+        real_fan_out = taps * self.fan_in_channels * self.filters / in_channels
+        if init.mode == "fan_out":
+            factor = shape_fan_out / real_fan_out
+        else:
+            factor = (fan_in + shape_fan_out) / (fan_in + real_fan_out)
+        return keras.initializers.VarianceScaling(
+            scale=init.scale * factor,
+            mode=init.mode,
+            distribution=init.distribution,
+            seed=getattr(init, "seed", None),
+        )
 
     def _convolve(self, inputs, kernel, connections):
         raise NotImplementedError
