@@ -745,11 +745,9 @@ class ChannelSparseConv2DOp : public ChannelSparseBase {
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
+    // Empty operands (m = 0, no input positions) are handled by the
+    // kernels, which then write zeros.
     if (y->NumElements() == 0) return;
-    if (g.m == 0) {
-      y->flat<T>().setZero();
-      return;
-    }
     ChannelSparseFunctor<Device, T>::Forward(
         ctx, x.flat<T>().data(), kernel.flat<T>().data(),
         connections.flat<int32_t>().data(), y->flat<T>().data(), g);
@@ -772,19 +770,9 @@ class ChannelSparseConv2DBackpropInputOp : public ChannelSparseBase {
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape, &dx));
     if (dx->NumElements() == 0) return;
-    if (grad.NumElements() == 0 || g.m == 0) {
-      ZeroOutput<Device>(ctx, dx);
-      return;
-    }
     ChannelSparseFunctor<Device, T>::BackpropInput(
         ctx, grad.flat<T>().data(), kernel.flat<T>().data(),
         connections.flat<int32_t>().data(), dx->flat<T>().data(), g);
-  }
-
- private:
-  template <typename D>
-  static void ZeroOutput(OpKernelContext* ctx, Tensor* t) {
-    t->flat<T>().device(ctx->eigen_device<D>()) = t->flat<T>().constant(T(0));
   }
 };
 
@@ -804,45 +792,56 @@ class ChannelSparseConv2DBackpropKernelOp : public ChannelSparseBase {
     Tensor* dkernel = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel_shape, &dkernel));
     if (dkernel->NumElements() == 0) return;
-    if (grad.NumElements() == 0) {
-      dkernel->flat<T>().device(ctx->eigen_device<Device>()) =
-          dkernel->flat<T>().constant(T(0));
-      return;
-    }
     ChannelSparseFunctor<Device, T>::BackpropKernel(
         ctx, x.flat<T>().data(), grad.flat<T>().data(),
         connections.flat<int32_t>().data(), dkernel->flat<T>().data(), g);
   }
 };
 
-#define TSC_REGISTER_CHANNEL_SPARSE(DEVICE, DEVICE_TYPE, T, HOST_CONNECTIONS)   \
+// On the CPU the connections are read (and validated) in host memory; on the
+// GPU they stay on the device and the kernels skip out-of-range entries.
+#define TSC_REGISTER_CPU(T)                                                   \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2D")            \
-                              .Device(DEVICE)                                 \
-                              .HostMemory("connections")                      \
+                              .Device(::tensorflow::DEVICE_CPU)               \
                               .TypeConstraint<T>("T"),                        \
-                          ChannelSparseConv2DOp<DEVICE_TYPE, T>);             \
+                          ChannelSparseConv2DOp<CPUDevice, T>);               \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropInput") \
-                              .Device(DEVICE)                                 \
-                              .HostMemory("input_sizes")                      \
-                              .HostMemory("connections")                      \
+                              .Device(::tensorflow::DEVICE_CPU)               \
                               .TypeConstraint<T>("T"),                        \
-                          ChannelSparseConv2DBackpropInputOp<DEVICE_TYPE, T>); \
+                          ChannelSparseConv2DBackpropInputOp<CPUDevice, T>);  \
   REGISTER_KERNEL_BUILDER(                                                    \
       Name("TfSparseConv>ChannelSparseConv2DBackpropKernel")                  \
-          .Device(DEVICE)                                                     \
-          .HostMemory("kernel_sizes")                                         \
-          .HostMemory("connections")                                          \
+          .Device(::tensorflow::DEVICE_CPU)                                   \
           .TypeConstraint<T>("T"),                                            \
-      ChannelSparseConv2DBackpropKernelOp<DEVICE_TYPE, T>);
-
-#define TSC_REGISTER_CPU(T) \
-  TSC_REGISTER_CHANNEL_SPARSE(::tensorflow::DEVICE_CPU, CPUDevice, T, true)
+      ChannelSparseConv2DBackpropKernelOp<CPUDevice, T>);
 TSC_REGISTER_CPU(Eigen::half);
 TSC_REGISTER_CPU(Eigen::bfloat16);
 TSC_REGISTER_CPU(float);
 TSC_REGISTER_CPU(double);
 #undef TSC_REGISTER_CPU
 
-#undef TSC_REGISTER_CHANNEL_SPARSE
+#if TF_SPARSECONV_CUDA
+#define TSC_REGISTER_GPU(T)                                                   \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2D")            \
+                              .Device(::tensorflow::DEVICE_GPU)               \
+                              .TypeConstraint<T>("T"),                        \
+                          ChannelSparseConv2DOp<GPUDevice, T>);               \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropInput") \
+                              .Device(::tensorflow::DEVICE_GPU)               \
+                              .HostMemory("input_sizes")                      \
+                              .TypeConstraint<T>("T"),                        \
+                          ChannelSparseConv2DBackpropInputOp<GPUDevice, T>);  \
+  REGISTER_KERNEL_BUILDER(                                                    \
+      Name("TfSparseConv>ChannelSparseConv2DBackpropKernel")                  \
+          .Device(::tensorflow::DEVICE_GPU)                                   \
+          .HostMemory("kernel_sizes")                                         \
+          .TypeConstraint<T>("T"),                                            \
+      ChannelSparseConv2DBackpropKernelOp<GPUDevice, T>);
+TSC_REGISTER_GPU(Eigen::half);
+TSC_REGISTER_GPU(Eigen::bfloat16);
+TSC_REGISTER_GPU(float);
+TSC_REGISTER_GPU(double);
+#undef TSC_REGISTER_GPU
+#endif  // TF_SPARSECONV_CUDA
 
 }  // namespace tf_sparseconv
