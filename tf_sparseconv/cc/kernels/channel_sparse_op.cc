@@ -22,6 +22,9 @@
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -124,6 +127,61 @@ class Scratch {
  private:
   std::vector<A> data_;
 };
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols:
+// a blocked transpose (with converting copy) in 8 x 8 blocks; float blocks use
+// AVX shuffles when the build targets AVX.
+template <typename S, typename D>
+void Transpose(const S* src, int64_t src_stride, int64_t rows, int64_t cols, D* dst,
+               int64_t dst_stride) {
+  constexpr int64_t kB = 8;
+  int64_t r0 = 0;
+#if defined(__AVX__)
+  if constexpr (std::is_same<S, float>::value && std::is_same<D, float>::value) {
+    for (; r0 + kB <= rows; r0 += kB) {
+      int64_t c0 = 0;
+      for (; c0 + kB <= cols; c0 += kB) {
+        const float* s = src + r0 * src_stride + c0;
+        __m256 v0 = _mm256_loadu_ps(s + 0 * src_stride), v1 = _mm256_loadu_ps(s + 1 * src_stride);
+        __m256 v2 = _mm256_loadu_ps(s + 2 * src_stride), v3 = _mm256_loadu_ps(s + 3 * src_stride);
+        __m256 v4 = _mm256_loadu_ps(s + 4 * src_stride), v5 = _mm256_loadu_ps(s + 5 * src_stride);
+        __m256 v6 = _mm256_loadu_ps(s + 6 * src_stride), v7 = _mm256_loadu_ps(s + 7 * src_stride);
+        const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1);
+        const __m256 t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
+        const __m256 t4 = _mm256_unpacklo_ps(v4, v5), t5 = _mm256_unpackhi_ps(v4, v5);
+        const __m256 t6 = _mm256_unpacklo_ps(v6, v7), t7 = _mm256_unpackhi_ps(v6, v7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* d = dst + c0 * dst_stride + r0;
+        _mm256_storeu_ps(d + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(d + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(d + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(d + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(d + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(d + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(d + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(d + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+      for (int64_t r = r0; r < r0 + kB; ++r) {
+        for (int64_t c = c0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+      }
+    }
+  }
+#endif
+  for (int64_t rb = r0; rb < rows; rb += kB) {
+    const int64_t re = std::min(rows, rb + kB);
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t ce = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < ce; ++c) {
+        for (int64_t r = rb; r < re; ++r) {
+          dst[c * dst_stride + r] = static_cast<D>(src[r * src_stride + c]);
+        }
+      }
+    }
+  }
+}
 
 void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
                  const std::function<void(int64_t, int64_t)>& fn) {
@@ -267,16 +325,8 @@ class ColumnSource {
         std::fill(d, d + first, A(0));
         std::fill(d + last, d + len, A(0));
       }
-      // Blocked transpose [column][channel] -> [channel][column].
-      constexpr int64_t kBlock = 8;
-      for (int64_t c0 = 0; c0 < ch; c0 += kBlock) {
-        const int64_t cw = std::min(kBlock, ch - c0);
-        for (int64_t v = first; v < last; ++v) {
-          const T* s = src + (v - first) * ch + c0;
-          A* d = dst + c0 * len + v;
-          for (int64_t cc = 0; cc < cw; ++cc) d[cc * len] = static_cast<A>(s[cc]);
-        }
-      }
+      // [column][channel] -> [channel][column].
+      Transpose(src, ch, last - first, ch, dst + first, len);
       return dst;
     }
 
@@ -331,13 +381,10 @@ class ColumnSource {
   int64_t tiles_per_row_ = 0, shift_ = 0, row_len_ = 0;
 };
 
-// Writes out[r][p] (p < count) to y[(base + p) * rows + r].
+// Writes out[r][p] (p < count) to y[p * rows + r].
 template <typename T, typename A>
 void ScatterTile(const A* out, int64_t rows, int64_t count, T* y) {
-  for (int64_t p = 0; p < count; ++p) {
-    T* dst = y + p * rows;
-    for (int64_t r = 0; r < rows; ++r) dst[r] = static_cast<T>(out[r * kTile + p]);
-  }
+  Transpose(out, kTile, rows, count, y, rows);
 }
 
 // The connection lists as CSR rows, weights [entry][tap]:
@@ -469,11 +516,8 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
         const Columns<A>& cols = shard.Prepare(unit, &b, &p0, &count);
         A* d = dyt.get();
         const T* dys = dy + (b * positions + p0) * cout;
-        for (int64_t p = 0; p < kTile; ++p) {
-          for (int64_t o = 0; o < cout; ++o) {
-            d[o * kTile + p] = p < count ? static_cast<A>(dys[p * cout + o]) : A(0);
-          }
-        }
+        Transpose(dys, cout, count, cout, d, kTile);
+        for (int64_t o = 0; o < cout; ++o) std::fill(d + o * kTile + count, d + (o + 1) * kTile, A(0));
         for (int64_t o = 0; o < cout; ++o) {
           const V* dv = reinterpret_cast<const V*>(d + o * kTile);
           for (int64_t e = 0; e < m; ++e) {
