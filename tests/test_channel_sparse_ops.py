@@ -180,6 +180,27 @@ def test_inside_tf_function_with_unknown_shapes(rng):
     )
 
 
+def test_dense_dispatch_for_high_fan_in(rng, monkeypatch):
+    from tf_sparseconv.python.ops import channel_sparse_ops
+
+    x, kernel, connections, strides, padding, dilations = make_case(
+        rng, (2, 9, 12, 6, 5, 5, 3, 3, (2, 1), (1, 1), "SAME")
+    )
+    expected = np_conv2d(x, kernel, connections, strides, padding, dilations)
+    results = []
+    for threshold in (0.5, 1.0):  # m / Cin = 5/6: dense dispatch, then the sparse kernel
+        monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", threshold)
+        xt, kt = tf.constant(x), tf.constant(kernel)
+        with tf.GradientTape() as tape:
+            tape.watch([xt, kt])
+            y = tsc.ops.channel_sparse_conv2d(xt, kt, connections, strides, padding)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+        results.append(tape.gradient(y, [xt, kt]))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert tsc.ops.channel_sparse_conv2d(tf.zeros((0, 4, 4, 6)), kernel, connections).shape == (0, 4, 4, 5)
+
+
 def test_random_connections():
     c = tsc.ops.random_connections(10, 7, density=0.3, seed=3)
     assert c.shape == (7, 3) and c.dtype == np.int32

@@ -65,6 +65,32 @@ def _check_operands(x, kernel, connections, x_rank: int, conv: str):
     return x, kernel, connections
 
 
+# Above this fan-in fraction m / Cin (and with dilation 1, which TF's CPU
+# convolution gradients require), the convolution runs as a dense
+# tf.nn.conv2d on the equivalent dense kernel: measured on a 2-core AVX2 CPU,
+# the channel-sparse kernel breaks even with oneDNN's dense convolution at
+# about m / Cin = 0.5 (benchmarks/RESULTS.md).
+DENSE_DISPATCH_DENSITY = 0.5
+
+
+def _use_dense(x, kernel, padding, dilations) -> bool:
+    cin, m = x.shape[-1], kernel.shape[-2]
+    if cin is None or m is None or m <= DENSE_DISPATCH_DENSITY * cin or dilations != (1, 1):
+        return False
+    if padding == "VALID":  # tf.nn.conv2d rejects images smaller than the kernel
+        spatial, window = x.shape[1:3], kernel.shape[:2]
+        return None not in (*spatial, *window) and all(n >= k for n, k in zip(spatial, window))
+    return True
+
+
+def _dense_conv2d(x, kernel, connections, strides, padding):
+    dense = dense_kernel(kernel, connections, x.shape[-1])
+    y = tf.nn.conv2d(x, dense, strides=list(strides), padding=padding)
+    # Empty batches: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
+    shape = tf.shape(y)
+    return tf.reshape(y, [tf.shape(x)[0], shape[1], shape[2], tf.shape(kernel)[3]])
+
+
 def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
     """Channel-sparse 2-D convolution.
 
@@ -80,12 +106,16 @@ def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dil
     Returns:
       `[B, OH, OW, Cout]`: `tf.nn.conv2d(x, dense, strides, padding, dilations)`
       for the dense kernel with `dense[:, :, connections[o, j], o] = kernel[:, :, j, o]`
-      and zeros elsewhere, at a cost proportional to `m`.
+      and zeros elsewhere, at a cost proportional to `m` (when
+      `m > DENSE_DISPATCH_DENSITY * Cin` and dilations are 1, the dense
+      convolution is faster and is used instead).
     """
     with tf.name_scope(name or "channel_sparse_conv2d"):
         x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
         strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
         padding = _padding(padding)
+        if _use_dense(x, kernel, padding, dilations):
+            return _dense_conv2d(x, kernel, connections, strides, padding)
         library = load_library()
         if library is None:
             return channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
