@@ -502,14 +502,15 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
   const int64_t weights = cout * m * taps;
   // A fixed number of blocks of consecutive units, each summing into its own
   // partial gradient, reduced in block order: deterministic whatever the
-  // thread pool does.
-  const int64_t blocks = std::min<int64_t>(units, 32);
-  std::vector<A> partial(blocks * weights, A(0));
+  // thread pool does. The partial sums are kept as vectors (one lane per
+  // position residue) and reduced across lanes only once, at the end.
+  const int64_t blocks = std::min<int64_t>(units, 8);
+  std::vector<V> partial(blocks * weights, V{});
   auto work = [&](int64_t begin, int64_t end) {
     typename ColumnSource<T, A>::Shard shard(source);
     Scratch<A> dyt(cout * kTile);
     for (int64_t block = begin; block < end; ++block) {
-      A* dw = partial.data() + block * weights;  // [o][e][t]
+      V* dw = partial.data() + block * weights;  // [o][e][t]
       for (int64_t unit = units * block / blocks;
            unit < units * (block + 1) / blocks; ++unit) {
         int64_t b, p0, count;
@@ -519,16 +520,16 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
         Transpose(dys, cout, count, cout, d, kTile);
         for (int64_t o = 0; o < cout; ++o) std::fill(d + o * kTile + count, d + (o + 1) * kTile, A(0));
         for (int64_t o = 0; o < cout; ++o) {
-          const V* dv = reinterpret_cast<const V*>(d + o * kTile);
+          V dv[kVecs];
+          for (int v = 0; v < kVecs; ++v) dv[v] = reinterpret_cast<const V*>(d + o * kTile)[v];
           for (int64_t e = 0; e < m; ++e) {
             const int64_t offset = static_cast<int64_t>(conn[o * m + e]) * cols.stride;
+            V* dwe = dw + (o * m + e) * taps;
             for (int64_t t = 0; t < taps; ++t) {
               const VU* cv = reinterpret_cast<const VU*>(cols.base[t] + offset);
-              V acc = V{};
+              V acc = dwe[t];
               for (int v = 0; v < kVecs; ++v) acc += cv[v] * dv[v];
-              A sum = 0;
-              for (int l = 0; l < Vec<A>::kLanes; ++l) sum += acc[l];
-              dw[(o * m + e) * taps + t] += sum;
+              dwe[t] = acc;
             }
           }
         }
@@ -541,11 +542,13 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
   for (int64_t t = 0; t < taps; ++t) {
     for (int64_t e = 0; e < m; ++e) {
       for (int64_t o = 0; o < cout; ++o) {
-        A sum = 0;
+        V sum = V{};
         for (int64_t block = 0; block < blocks; ++block) {
           sum += partial[block * weights + (o * m + e) * taps + t];
         }
-        dkernel[(t * m + e) * cout + o] = static_cast<T>(sum);
+        A total = 0;
+        for (int l = 0; l < Vec<A>::kLanes; ++l) total += sum[l];
+        dkernel[(t * m + e) * cout + o] = static_cast<T>(total);
       }
     }
   }
