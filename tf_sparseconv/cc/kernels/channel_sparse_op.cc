@@ -37,11 +37,10 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/lib/core/threadpool.h"
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/kernel_util.h"
 
 #if TF_SPARSECONV_CUDA
 #include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
-#include "xla/stream_executor/stream.h"
 #endif
 
 namespace tf_sparseconv {
@@ -181,13 +180,6 @@ void Transpose(const S* src, int64_t src_stride, int64_t rows, int64_t cols, D* 
       }
     }
   }
-}
-
-void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
-                 const std::function<void(int64_t, int64_t)>& fn) {
-  if (total <= 0) return;
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  workers->ParallelFor(total, cost_per_unit, fn);
 }
 
 // The correlation that the three ops reduce to: result position (rh, rw)
@@ -441,26 +433,36 @@ Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
   return rows;
 }
 
-template <typename T>
-void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
-                const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
-  using A = typename AccType<T>::type;
-  const Rows<T, A> rows = ForwardRows<T, A>(kernel, conn, g);
-  const ColumnSource<T, A> source(x, Correlation::Forward(g), g.batch);
+// result[b, position, r] for every result channel r of `rows`, from the
+// columns of `source`: the forward op (source x, rows = the connection
+// lists) and the input gradient (source dy, rows = the transposed lists).
+template <typename T, typename A>
+void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
+                       const Rows<T, A>& rows, int64_t result_channels,
+                       int64_t entries, int64_t cost, T* result) {
   const int64_t positions = source.positions();
-  const int64_t cost = kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c);
   auto work = [&](int64_t begin, int64_t end) {
     typename ColumnSource<T, A>::Shard shard(source);
-    Scratch<A> out(g.out_c * kTile);
+    Scratch<A> out(result_channels * kTile);
     for (int64_t unit = begin; unit < end; ++unit) {
       int64_t b, p0, count;
       const Columns<A>& cols = shard.Prepare(unit, &b, &p0, &count);
       SparseRowsTile(cols, rows.row_ptr.data(), rows.src.data(), rows.w.data(),
-                     g.out_c * g.m, g.out_c, out.get());
-      ScatterTile(out.get(), g.out_c, count, y + (b * positions + p0) * g.out_c);
+                     entries, result_channels, out.get());
+      ScatterTile(out.get(), result_channels, count,
+                  result + (b * positions + p0) * result_channels);
     }
   };
   ParallelFor(ctx, source.units(), cost, work);
+}
+
+template <typename T>
+void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
+                const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
+  using A = typename AccType<T>::type;
+  SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(x, Correlation::Forward(g), g.batch),
+                          ForwardRows<T, A>(kernel, conn, g), g.out_c, g.out_c * g.m,
+                          kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c), y);
 }
 
 template <typename T>
@@ -468,22 +470,9 @@ void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
                       const int32_t* conn, T* dx,
                       const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
-  const Rows<T, A> rows = TransposedRows<T, A>(kernel, conn, g);
-  const ColumnSource<T, A> source(dy, Correlation::Transposed(g), g.batch);
-  const int64_t positions = source.positions();
-  const int64_t cost = kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c);
-  auto work = [&](int64_t begin, int64_t end) {
-    typename ColumnSource<T, A>::Shard shard(source);
-    Scratch<A> out(g.in_c * kTile);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      int64_t b, q0, count;
-      const Columns<A>& cols = shard.Prepare(unit, &b, &q0, &count);
-      SparseRowsTile(cols, rows.row_ptr.data(), rows.src.data(), rows.w.data(),
-                     g.out_c * g.m, g.in_c, out.get());
-      ScatterTile(out.get(), g.in_c, count, dx + (b * positions + q0) * g.in_c);
-    }
-  };
-  ParallelFor(ctx, source.units(), cost, work);
+  SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch),
+                          TransposedRows<T, A>(kernel, conn, g), g.in_c, g.out_c * g.m,
+                          kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c), dx);
 }
 
 template <typename T>
@@ -719,34 +708,11 @@ struct ChannelSparseFunctor<CPUDevice, T> {
 using GPUDevice = Eigen::GpuDevice;
 
 template <typename T>
-struct GpuFormat;
-template <>
-struct GpuFormat<Eigen::half> {
-  static constexpr FloatFormat kValue = FloatFormat::kHalf;
-};
-template <>
-struct GpuFormat<Eigen::bfloat16> {
-  static constexpr FloatFormat kValue = FloatFormat::kBFloat16;
-};
-template <>
-struct GpuFormat<float> {
-  static constexpr FloatFormat kValue = FloatFormat::kFloat;
-};
-template <>
-struct GpuFormat<double> {
-  static constexpr FloatFormat kValue = FloatFormat::kDouble;
-};
-
-inline void* CsGpuStream(OpKernelContext* ctx) {
-  return ctx->op_device_context()->stream()->platform_specific_handle().stream;
-}
-
-template <typename T>
 struct ChannelSparseFunctor<GPUDevice, T> {
   static void Forward(OpKernelContext* ctx, const T* x, const T* kernel,
                       const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
-    const char* err = LaunchChannelSparseConv2DGpu(GpuFormat<T>::kValue, x, kernel,
-                                                   conn, y, g, CsGpuStream(ctx));
+    const char* err = LaunchChannelSparseConv2DGpu(DTypeTraits<T>::kFormat, x, kernel,
+                                                   conn, y, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
   static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
@@ -762,14 +728,14 @@ struct ChannelSparseFunctor<GPUDevice, T> {
       ws = workspace.flat<float>().data();
     }
     const char* err = LaunchChannelSparseConv2DBackpropInputGpu(
-        GpuFormat<T>::kValue, dy, kernel, conn, dx, ws, g, CsGpuStream(ctx));
+        DTypeTraits<T>::kFormat, dy, kernel, conn, dx, ws, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
   static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy,
                              const int32_t* conn, T* dkernel,
                              const ChannelSparseGeometry& g) {
     const char* err = LaunchChannelSparseConv2DBackpropKernelGpu(
-        GpuFormat<T>::kValue, x, dy, conn, dkernel, g, CsGpuStream(ctx));
+        DTypeTraits<T>::kFormat, x, dy, conn, dkernel, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
 };

@@ -22,11 +22,11 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/lib/core/threadpool.h"
+#include "tf_sparseconv/cc/kernels/kernel_util.h"
 #include "tf_sparseconv/cc/kernels/topk_common.h"
 
 #if TF_SPARSECONV_CUDA
 #include "tf_sparseconv/cc/kernels/topk_launcher.h"
-#include "xla/stream_executor/stream.h"
 #endif
 
 namespace tf_sparseconv {
@@ -39,45 +39,10 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 namespace errors = ::tensorflow::errors;
 
-// Storage type and format of each supported dtype.
-template <typename T>
-struct DTypeTraits;
-template <>
-struct DTypeTraits<Eigen::half> {
-  using U = uint16_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kHalf;
-  static FormatBits<U> Bits() { return HalfBits(); }
-};
-template <>
-struct DTypeTraits<Eigen::bfloat16> {
-  using U = uint16_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kBFloat16;
-  static FormatBits<U> Bits() { return BFloat16Bits(); }
-};
-template <>
-struct DTypeTraits<float> {
-  using U = uint32_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kFloat;
-  static FormatBits<U> Bits() { return FloatBits(); }
-};
-template <>
-struct DTypeTraits<double> {
-  using U = uint64_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kDouble;
-  static FormatBits<U> Bits() { return DoubleBits(); }
-};
-
 namespace {
 
 constexpr int64_t kColumnChunk = 16;  // columns of a strided axis per task
 constexpr int64_t kSortBelow = 24;    // radix select sorts this few keys
-
-void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
-                 const std::function<void(int64_t, int64_t)>& fn) {
-  if (total <= 0) return;
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  workers->ParallelFor(total, cost_per_unit, fn);
-}
 
 // Radix select: the k-th largest of keys[0, n) (1 <= k <= n), how many keys
 // are strictly larger and how many are equal to it. One 256-bin histogram
@@ -399,10 +364,6 @@ struct TopKMaskGradFunctor<CPUDevice, T> {
 
 #if TF_SPARSECONV_CUDA
 using GPUDevice = Eigen::GpuDevice;
-
-void* GpuStream(OpKernelContext* ctx) {
-  return ctx->op_device_context()->stream()->platform_specific_handle().stream;
-}
 
 template <typename T>
 struct TopKMaskFunctor<GPUDevice, T> {
