@@ -238,13 +238,28 @@ def test_bad_input():
         tsc.ops.channel_sparse_conv2d(x, k, good, padding="FULL")
     with pytest.raises(ValueError, match="fan-in m = 2 is larger"):
         tsc.ops.channel_sparse_conv2d(tf.ones((1, 5, 5, 1)), k, good)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"connections\[1, 1\] = 4 is out of range"):
+    # Constant connection lists are checked in Python, before graph building ...
+    with pytest.raises(ValueError, match=r"`connections` values must be in \[0, 4\), got 4"):
         tsc.ops.channel_sparse_conv2d(x, k, np.array([[0, 1], [1, 4], [2, 3]], np.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
+    with pytest.raises(ValueError, match="got -1"):
         tsc.ops.channel_sparse_conv2d(x, k, np.array([[0, 1], [-1, 2], [2, 3]], np.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
+    with pytest.raises(ValueError, match="row 1 lists an input channel twice"):
         tsc.ops.channel_sparse_conv2d(x, k, np.array([[0, 1], [2, 2], [2, 3]], np.int32))
     lib = load_library()
+    # ... and any connection tensor by the kernel at run time.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"connections\[1, 1\] = 4 is out of range"):
+        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [1, 4], [2, 3]], np.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
+        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [-1, 2], [2, 3]], np.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
+        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [2, 2], [2, 3]], np.int32))
+
+    @tf.function(input_signature=[tf.TensorSpec([3, 2], tf.int32)])
+    def dynamic(connections):
+        return tsc.ops.channel_sparse_conv2d(x, k, connections)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
+        dynamic(tf.constant([[0, 1], [2, 2], [2, 3]]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="grad must have the output shape"):
         lib.tf_sparse_conv_channel_sparse_conv2d_backprop_input([1, 5, 5, 4], k, good, tf.ones((1, 4, 4, 3)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="input_sizes must be"):

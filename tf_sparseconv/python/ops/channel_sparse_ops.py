@@ -62,7 +62,25 @@ def _check_operands(x, kernel, connections, x_rank: int, conv: str):
     cin = x.shape[-1]
     if cin is not None and m is not None and m > cin:
         raise ValueError(f"{conv}: fan-in m = {m} is larger than the {cin} input channels of `x`")
+    _check_connection_values(connections, cin, conv)
     return x, kernel, connections
+
+
+def _check_connection_values(connections, in_channels, conv: str) -> None:
+    """Validates constant connection lists before graph building (the CPU kernel checks
+    them again at run time; on the GPU they stay on the device, unchecked)."""
+    values = tf.get_static_value(connections)
+    if values is None or values.ndim != 2 or values.size == 0:
+        return
+    if values.min() < 0 or (in_channels is not None and values.max() >= in_channels):
+        bad = values[(values < 0) | (values >= (in_channels if in_channels is not None else np.inf))]
+        raise ValueError(
+            f"{conv}: `connections` values must be in [0, {in_channels}), got {int(bad.flat[0])}"
+        )
+    ordered = np.sort(values, axis=1)
+    repeated = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+    if len(repeated):
+        raise ValueError(f"{conv}: `connections` row {int(repeated[0])} lists an input channel twice")
 
 
 # Above this fan-in fraction m / Cin (and with dilation 1, which TF's CPU
