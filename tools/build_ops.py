@@ -47,12 +47,15 @@ def tf_flags() -> tuple[list[str], list[str], dict]:
 
 
 def find_nvcc() -> str | None:
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    for candidate in ("/usr/local/cuda/bin/nvcc",):
-        if os.path.exists(candidate):
-            return candidate
+    """Path of nvcc ($NVCC, PATH, $CUDA_HOME/$CUDA_PATH, /usr/local/cuda), or None."""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
     return None
 
 
@@ -128,19 +131,13 @@ def nvcc_arch_flags() -> list[str]:
     return flags
 
 
+def nvcc_base_flags() -> list[str]:
+    """nvcc flags for every .cu.cc, without architectures (shared with tests/gpu/build.py)."""
+    return ["-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3", "-Xcompiler", "-fPIC", f"-I{ROOT}"]
+
+
 def nvcc_command(nvcc: str) -> list[str]:
-    return [
-        nvcc,
-        "-x",
-        "cu",
-        "-std=c++17",
-        "--expt-relaxed-constexpr",
-        "-O3",
-        "-Xcompiler",
-        "-fPIC",
-        f"-I{ROOT}",
-        *nvcc_arch_flags(),
-    ]
+    return [nvcc, *nvcc_base_flags(), *nvcc_arch_flags()]
 
 
 def build(output: Path | None = None, verbose: bool = True) -> Path:

@@ -31,33 +31,17 @@ LIB_NAME = "libtsc_gpu_kernels.so"
 LIB_PATH = os.path.join(BUILD_DIR, LIB_NAME)
 DEFAULT_ARCHS = ("80", "90")
 
-COMMON_FLAGS = [
-    "-x",
-    "cu",
-    "-std=c++17",
-    "--expt-relaxed-constexpr",
-    "-O3",
-    "-Xcompiler",
-    "-fPIC",
-    "-I" + ROOT,
-]
+# The nvcc finder and flags of the package build (tools/build_ops.py imports
+# nothing but the standard library at module level: no TensorFlow needed).
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import build_ops  # noqa: E402
+
+COMMON_FLAGS = build_ops.nvcc_base_flags()
+find_nvcc = build_ops.find_nvcc
 
 
 class BuildError(RuntimeError):
     pass
-
-
-def find_nvcc():
-    """Path of nvcc, or None."""
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
-    candidates.append("/usr/local/cuda/bin/nvcc")
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 def _supported_archs(nvcc):

@@ -439,19 +439,6 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
   return nullptr;
 }
 
-int ElementBytes(FloatFormat format) {
-  switch (format) {
-    case FloatFormat::kHalf:
-    case FloatFormat::kBFloat16:
-      return 2;
-    case FloatFormat::kFloat:
-      return 4;
-    case FloatFormat::kDouble:
-      return 8;
-  }
-  return 0;
-}
-
 // ---- forward ----
 
 template <typename T>
@@ -584,7 +571,7 @@ const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
                                          const int32_t* connections, void* y,
                                          const ChannelSparseGeometry& g,
                                          void* stream) {
-  const int bytes = ElementBytes(format);
+  const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
   if (const char* err = CheckGeometry(g, &s)) return err;
@@ -611,7 +598,7 @@ const char* LaunchChannelSparseConv2DBackpropInputGpu(
     FloatFormat format, const void* dy, const void* kernel,
     const int32_t* connections, void* dx, float* workspace,
     const ChannelSparseGeometry& g, void* stream) {
-  const int bytes = ElementBytes(format);
+  const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
   if (const char* err = CheckGeometry(g, &s)) return err;
@@ -646,7 +633,7 @@ const char* LaunchChannelSparseConv2DBackpropKernelGpu(
     FloatFormat format, const void* x, const void* dy,
     const int32_t* connections, void* dkernel, const ChannelSparseGeometry& g,
     void* stream) {
-  const int bytes = ElementBytes(format);
+  const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
   if (const char* err = CheckGeometry(g, &s)) return err;

@@ -31,6 +31,20 @@ enum class ScoreMode : int { kValue = 0, kAbs = 1, kRelu = 2 };
 // The float formats, by storage width and the bit pattern of +inf.
 enum class FloatFormat : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
+// Storage width in bytes of a float format.
+TSC_HOST_DEVICE int FormatBytes(FloatFormat format) {
+  switch (format) {
+    case FloatFormat::kHalf:
+    case FloatFormat::kBFloat16:
+      return 2;
+    case FloatFormat::kFloat:
+      return 4;
+    case FloatFormat::kDouble:
+      return 8;
+  }
+  return 0;
+}
+
 template <typename U>
 struct FormatBits {
   U sign;  // the sign bit

@@ -369,25 +369,12 @@ const char* CheckGeometry(const TopKGeometry& g) {
   return nullptr;
 }
 
-int ElementBytes(FloatFormat format) {
-  switch (format) {
-    case FloatFormat::kHalf:
-    case FloatFormat::kBFloat16:
-      return 2;
-    case FloatFormat::kFloat:
-      return 4;
-    case FloatFormat::kDouble:
-      return 8;
-  }
-  return 0;
-}
-
 }  // namespace
 
 const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
                               void* y, int32_t* indices, TopKGeometry geometry,
                               void* stream) {
-  const int bytes = ElementBytes(format);
+  const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_topk: unknown float format";
   if (mode != ScoreMode::kValue && mode != ScoreMode::kAbs &&
       mode != ScoreMode::kRelu) {
