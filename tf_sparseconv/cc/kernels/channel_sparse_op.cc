@@ -4,19 +4,21 @@
 // CPU scheme. Work is split into tiles of kTile = 64 consecutive positions
 // (output positions for the forward op and the kernel gradient, input
 // positions for the input gradient) of one sample. For a tile, the operand
-// is gathered into a "column" buffer laid out [channel][tap][position] (an
-// im2col, transposed so that each (channel, tap) is one contiguous run of 64
-// positions). Every result channel r is then
+// is presented as "columns": for each (channel, tap), one contiguous run of
+// 64 positions (row mode: pointers into source rows transposed to
+// [channel][column], cached across tiles; otherwise an im2col gather).
+// Every result channel r is then
 //     out[r][:] = sum over its entries e and taps t of w[e][t] * col[src(e)][t][:]
-// computed with 64-wide vector accumulators that stay in registers: one
-// broadcast and 64/L fused multiply-adds per (entry, tap). The entries of a
-// result channel are a CSR row: for the forward op, row o lists the m input
-// channels connections[o, :]; for the input gradient, row c lists the
-// (output channel, slot) pairs that read input channel c (the transposed
-// connection list) and the column buffer holds the gradient gathered at the
-// output positions that read each input position. So the work is
-// proportional to m (the fan-in), never to Cin. The kernel gradient reuses
-// the forward column buffer: dw[o][e][t] += <col[connections[o, e]][t], dy[o]>.
+// with 64-wide vector accumulators in registers: one broadcast and 64/L
+// fused multiply-adds per (entry, tap). The entries of a result channel are
+// a CSR row: for the forward op, row o lists the m input channels
+// connections[o, :]; for the input gradient, row c lists the (output
+// channel, slot) pairs that read input channel c (the transposed connection
+// list) and the columns hold the gradient at the output positions that read
+// each input position. Entries are bucketed by blocks of source channels
+// whose columns fit in L1, and blocks are the outer loop (SparseRowsTile).
+// So the work is proportional to m (the fan-in), never to Cin. The kernel
+// gradient reuses the forward columns: dw[o][e][t] += <col[connections[o, e]][t], dy[o]>.
 // half/bfloat16 compute in float; results are bitwise deterministic (fixed
 // tiling and a fixed-order reduction of the kernel gradient's partial sums).
 #define EIGEN_USE_THREADS
@@ -25,6 +27,7 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -76,6 +79,22 @@ struct Vec {
   typedef A unaligned __attribute__((vector_size(32), aligned(sizeof(A)), may_alias));
 };
 
+// A vector with every lane a (one vbroadcast; `V{} + a` would add 0.0 first).
+template <typename A>
+inline typename Vec<A>::type Splat(const A& a) {
+#if defined(__AVX__)
+  if constexpr (std::is_same<A, float>::value) {
+    return reinterpret_cast<typename Vec<A>::type>(_mm256_broadcast_ss(&a));
+  } else {
+    return reinterpret_cast<typename Vec<A>::type>(_mm256_broadcast_sd(&a));
+  }
+#else
+  typename Vec<A>::type v;
+  for (int l = 0; l < Vec<A>::kLanes; ++l) v[l] = a;
+  return v;
+#endif
+}
+
 // Where the operand columns of one tile are: the kTile values of tap t and
 // channel c start at base[t] + c * stride (contiguous; any alignment).
 template <typename A>
@@ -84,31 +103,46 @@ struct Columns {
   int64_t stride = 0;
 };
 
-// out[r][0:kTile] = sum_{e in row r} sum_t w[t][e] * column(t, src[e]) for
-// r in [0, rows). Taps are the outer loop so that the column data of one
-// tap stays in L1 while every result channel reads it; the 64-wide
-// accumulator of a result channel lives in registers for its whole row.
+// out[r][0:kTile] = sum_{e in row r} sum_t w[e][t] * column(t, src[e]) for
+// r in [0, rows), with the entries bucketed by source-channel block:
+// ptr[kb * rows + r] .. ptr[kb * rows + r + 1] are the entries of row r whose
+// source channel lies in block kb. For each group of result rows (whose out
+// tiles stay in L1), blocks are the outer loop, so that the columns of one
+// block of source channels (sized to stay in L1 too) serve every row of the
+// group before the next block is touched: the operand loads, one per fused
+// multiply-add, hit L1. A row's 64-wide accumulator stays in registers
+// across all the block's entries and taps.
 template <typename A>
-void SparseRowsTile(const Columns<A>& cols, const int64_t* row_ptr,
-                    const int32_t* src, const A* w, int64_t entries,
-                    int64_t rows, A* out) {
+void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* src,
+                    const A* w, int64_t blocks, int64_t rows, A* out) {
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
+  constexpr int64_t kGroup = (8 << 10) / (kTile * sizeof(A));  // 8 KiB of out tiles
   const int64_t taps = static_cast<int64_t>(cols.base.size());
-  for (int64_t t = 0; t < taps; ++t) {
-    const A* ct = cols.base[t];
-    const A* wt = w + t * entries;
-    for (int64_t r = 0; r < rows; ++r) {
-      V* o = reinterpret_cast<V*>(out + r * kTile);
-      V acc[kVecs];
-      for (int v = 0; v < kVecs; ++v) acc[v] = t == 0 ? V{} : o[v];
-      for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
-        const V we = V{} + wt[e];
-        const VU* c = reinterpret_cast<const VU*>(ct + static_cast<int64_t>(src[e]) * cols.stride);
-        for (int v = 0; v < kVecs; ++v) acc[v] += we * c[v];
+  const A* const* base = cols.base.data();
+  const int64_t stride = cols.stride;
+  std::fill(out, out + rows * kTile, A(0));
+  for (int64_t r0 = 0; r0 < rows; r0 += kGroup) {
+    const int64_t r1 = std::min(rows, r0 + kGroup);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const int64_t* p = ptr + kb * rows;
+      for (int64_t r = r0; r < r1; ++r) {
+        if (p[r] == p[r + 1]) continue;
+        V* o = reinterpret_cast<V*>(out + r * kTile);
+        V acc[kVecs];
+        for (int v = 0; v < kVecs; ++v) acc[v] = o[v];
+        for (int64_t e = p[r]; e < p[r + 1]; ++e) {
+          const int64_t offset = static_cast<int64_t>(src[e]) * stride;
+          const A* we = w + e * taps;
+          for (int64_t t = 0; t < taps; ++t) {
+            const V wv = Splat(we[t]);
+            const VU* c = reinterpret_cast<const VU*>(base[t] + offset);
+            for (int v = 0; v < kVecs; ++v) acc[v] += wv * c[v];
+          }
+        }
+        for (int v = 0; v < kVecs; ++v) o[v] = acc[v];
       }
-      for (int v = 0; v < kVecs; ++v) o[v] = acc[v];
     }
   }
 }
@@ -240,6 +274,13 @@ class ColumnSource {
                      : batch_ * ((c_.res_h * c_.res_w + kTile - 1) / kTile);
   }
   int64_t positions() const { return c_.res_h * c_.res_w; }
+  int64_t channels() const { return c_.channels; }
+  int64_t taps() const { return taps_; }
+  // Bytes of one source channel's columns for one unit.
+  int64_t bytes_per_channel() const {
+    return static_cast<int64_t>(sizeof(A)) *
+           (row_mode_ ? c_.k_h * (kTile + std::abs((c_.k_w - 1) * c_.di_w)) : taps_ * kTile);
+  }
 
   // Per-shard state: scratch buffers and the row cache.
   class Shard {
@@ -382,7 +423,7 @@ void ScatterTile(const A* out, int64_t rows, int64_t count, T* y) {
 // The connection lists as CSR rows, weights [entry][tap]:
 //   forward: row o = connections[o, :], weights kernel[t, e, o];
 //   transposed: row c = the (o, e) with connections[o, e] == c, ordered by
-//   (o, e), source o, weights kernel[t, e, o]. Weights are [tap][entry].
+//   (o, e), source o, weights kernel[t, e, o]. Weights are [entry][tap].
 template <typename T, typename A>
 struct Rows {
   std::vector<int64_t> row_ptr;
@@ -402,7 +443,7 @@ Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn,
   for (int64_t t = 0; t < taps; ++t) {
     for (int64_t e = 0; e < m; ++e) {
       for (int64_t o = 0; o < cout; ++o) {
-        rows.w[t * cout * m + o * m + e] =
+        rows.w[(o * m + e) * taps + t] =
             static_cast<A>(kernel[(t * m + e) * cout + o]);
       }
     }
@@ -426,11 +467,39 @@ Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
       const int64_t slot = fill[conn[o * m + e]]++;
       rows.src[slot] = static_cast<int32_t>(o);
       for (int64_t t = 0; t < taps; ++t) {
-        rows.w[t * cout * m + slot] = static_cast<A>(kernel[(t * m + e) * cout + o]);
+        rows.w[slot * taps + t] = static_cast<A>(kernel[(t * m + e) * cout + o]);
       }
     }
   }
   return rows;
+}
+
+// `rows` with each row's entries bucketed by source-channel block (stable):
+// row_ptr becomes [block][row] (blocks * rows + 1 offsets).
+template <typename T, typename A>
+Rows<T, A> BlockRows(const Rows<T, A>& rows, int64_t result_channels, int64_t taps,
+                     int64_t block, int64_t blocks) {
+  Rows<T, A> out;
+  const int64_t entries = rows.row_ptr[result_channels];
+  out.row_ptr.assign(blocks * result_channels + 1, 0);
+  for (int64_t r = 0; r < result_channels; ++r) {
+    for (int64_t e = rows.row_ptr[r]; e < rows.row_ptr[r + 1]; ++e) {
+      ++out.row_ptr[rows.src[e] / block * result_channels + r + 1];
+    }
+  }
+  for (int64_t i = 0; i < blocks * result_channels; ++i) out.row_ptr[i + 1] += out.row_ptr[i];
+  std::vector<int64_t> fill(out.row_ptr.begin(), out.row_ptr.end() - 1);
+  out.src.resize(entries);
+  out.w.resize(entries * taps);
+  for (int64_t r = 0; r < result_channels; ++r) {
+    for (int64_t e = rows.row_ptr[r]; e < rows.row_ptr[r + 1]; ++e) {
+      const int64_t slot = fill[rows.src[e] / block * result_channels + r]++;
+      out.src[slot] = rows.src[e];
+      std::copy(rows.w.begin() + e * taps, rows.w.begin() + (e + 1) * taps,
+                out.w.begin() + slot * taps);
+    }
+  }
+  return out;
 }
 
 // result[b, position, r] for every result channel r of `rows`, from the
@@ -439,16 +508,22 @@ Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
 template <typename T, typename A>
 void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
                        const Rows<T, A>& rows, int64_t result_channels,
-                       int64_t entries, int64_t cost, T* result) {
+                       int64_t cost, T* result) {
   const int64_t positions = source.positions();
+  // Source channels per block: their columns of one tile fill about half of
+  // a 32 KiB L1 data cache.
+  const int64_t channels = source.channels();
+  const int64_t block = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, source.bytes_per_channel()));
+  const int64_t blocks = std::max<int64_t>(1, (channels + block - 1) / block);
+  const Rows<T, A> blocked = BlockRows(rows, result_channels, source.taps(), block, blocks);
   auto work = [&](int64_t begin, int64_t end) {
     typename ColumnSource<T, A>::Shard shard(source);
     Scratch<A> out(result_channels * kTile);
     for (int64_t unit = begin; unit < end; ++unit) {
       int64_t b, p0, count;
       const Columns<A>& cols = shard.Prepare(unit, &b, &p0, &count);
-      SparseRowsTile(cols, rows.row_ptr.data(), rows.src.data(), rows.w.data(),
-                     entries, result_channels, out.get());
+      SparseRowsTile(cols, blocked.row_ptr.data(), blocked.src.data(), blocked.w.data(),
+                     blocks, result_channels, out.get());
       ScatterTile(out.get(), result_channels, count,
                   result + (b * positions + p0) * result_channels);
     }
@@ -461,7 +536,7 @@ void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
                 const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(x, Correlation::Forward(g), g.batch),
-                          ForwardRows<T, A>(kernel, conn, g), g.out_c, g.out_c * g.m,
+                          ForwardRows<T, A>(kernel, conn, g), g.out_c,
                           kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c), y);
 }
 
@@ -471,7 +546,7 @@ void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
                       const ChannelSparseGeometry& g) {
   using A = typename AccType<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch),
-                          TransposedRows<T, A>(kernel, conn, g), g.in_c, g.out_c * g.m,
+                          TransposedRows<T, A>(kernel, conn, g), g.in_c,
                           kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c), dx);
 }
 
