@@ -21,10 +21,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow as tf
 
 import tf_sparseconv as tsc
-from benchmarks import bench_channel_sparse, bench_topk
+from benchmarks import bench_block_sparse, bench_channel_sparse, bench_topk
 from benchmarks.common import markdown_table
 
-FAMILIES = {"channel_sparse": bench_channel_sparse.run, "topk": bench_topk.run}
+FAMILIES = {
+    "block_sparse": bench_block_sparse.run,
+    "channel_sparse": bench_channel_sparse.run,
+    "topk": bench_topk.run,
+}
 
 
 def machine() -> str:

@@ -182,7 +182,9 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
         for msg in pool.map(lambda t: _compile(*t), tasks):
             if verbose:
                 print(f"[tf_sparseconv]   {msg}", flush=True)
-    link = [cxx, "-shared", *opt, "-o", str(output), *[str(t[2]) for t in tasks], *link_flags]
+    # -z defs: an unresolved symbol (e.g. a GPU launcher whose .cu.cc is missing) fails the
+    # build here instead of the library load at import time.
+    link = [cxx, "-shared", "-Wl,-z,defs", *opt, "-o", str(output), *[str(t[2]) for t in tasks], *link_flags]
     if use_cuda:
         link += [f"-L{cuda_library_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
     output.parent.mkdir(parents=True, exist_ok=True)

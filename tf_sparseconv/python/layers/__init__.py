@@ -1,5 +1,6 @@
 """Keras 3 layers of tf_sparseconv (TensorFlow backend)."""
 
+from tf_sparseconv.python.layers.block_sparse import BlockSparseConv2D, BlockSparseResidualBlock
 from tf_sparseconv.python.layers.channel_sparse import (
     ChannelSparseConv1D,
     ChannelSparseConv2D,
@@ -8,6 +9,8 @@ from tf_sparseconv.python.layers.channel_sparse import (
 from tf_sparseconv.python.layers.topk import KWinners, TopKAttention
 
 __all__ = [
+    "BlockSparseConv2D",
+    "BlockSparseResidualBlock",
     "ChannelSparseConv1D",
     "ChannelSparseConv2D",
     "KWinners",

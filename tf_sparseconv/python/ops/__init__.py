@@ -7,6 +7,16 @@ export.
 """
 
 from tf_sparseconv.python.ops._loader import is_library_loaded, load_library
+from tf_sparseconv.python.ops.block_sparse_ops import (
+    block_sparse_conv2d,
+    block_sparse_conv2d_reference,
+    reduce_mask,
+    reduce_mask_reference,
+    sparse_gather,
+    sparse_gather_reference,
+    sparse_scatter,
+    sparse_scatter_reference,
+)
 from tf_sparseconv.python.ops.channel_sparse_ops import (
     channel_sparse_conv1d,
     channel_sparse_conv1d_reference,
@@ -23,6 +33,14 @@ from tf_sparseconv.python.ops.topk_ops import (
 )
 
 __all__ = [
+    "block_sparse_conv2d",
+    "block_sparse_conv2d_reference",
+    "reduce_mask",
+    "reduce_mask_reference",
+    "sparse_gather",
+    "sparse_gather_reference",
+    "sparse_scatter",
+    "sparse_scatter_reference",
     "channel_sparse_conv1d",
     "channel_sparse_conv1d_reference",
     "channel_sparse_conv2d",

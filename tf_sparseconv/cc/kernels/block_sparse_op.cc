@@ -1,0 +1,576 @@
+// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernels of the block-sparse
+// primitives ReduceMask, SparseGather and SparseScatter. Semantics:
+// block_sparse_common.h.
+//
+// CPU scheme. Channels are innermost, so the part of a block row that lies
+// inside the image is one contiguous run of (columns * C) values in both
+// the image and the block: gather and scatter-write are memcpy per block
+// row, and scatter-add a vectorisable add loop. ReduceMask and gather are
+// parallel over blocks (or block rows); scatter-write over blocks, which
+// cannot overlap; scatter-add over image rows: each row adds the blocks
+// covering it in a fixed order (increasing block row bh, then index order),
+// found through a per-(b, bh) bucket list, so overlapping adds never race
+// and the result is bitwise deterministic.
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <unordered_set>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tf_sparseconv/cc/kernels/block_sparse_common.h"
+#include "tf_sparseconv/cc/kernels/kernel_util.h"
+
+#if TF_SPARSECONV_CUDA
+#include "tf_sparseconv/cc/kernels/block_sparse_launcher.h"
+#endif
+
+namespace tf_sparseconv {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+#if TF_SPARSECONV_CUDA
+using GPUDevice = Eigen::GpuDevice;
+#endif
+
+namespace {
+
+// Arithmetic type: float for the 16-bit types.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Reads a (height, width) attribute of positive (or, for offsets, any) ints.
+Status ReadPair(OpKernelConstruction* ctx, const char* name, bool positive, int64_t* h,
+                int64_t* w) {
+  std::vector<int32_t> v;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &v));
+  if (v.size() != 2) {
+    return errors::InvalidArgument(name, " must have 2 entries (height, width), got ", v.size());
+  }
+  if (positive && (v[0] < 1 || v[1] < 1)) {
+    return errors::InvalidArgument(name, " must be positive, got [", v[0], ", ", v[1], "]");
+  }
+  *h = v[0];
+  *w = v[1];
+  return ::tensorflow::OkStatus();
+}
+
+Status CheckIndicesShape(const Tensor& indices) {
+  if (indices.dims() != 2 || indices.dim_size(1) != 3) {
+    return errors::InvalidArgument("indices must be int32 [n, 3] rows (b, bh, bw), got shape ",
+                                   indices.shape().DebugString());
+  }
+  return ::tensorflow::OkStatus();
+}
+
+// Index values in range (host memory only); g.grid_* are the index limits
+// (FillForIndices).
+Status CheckIndexValues(const Tensor& indices, const BlockGeometry& g) {
+  const auto idx = indices.matrix<int32_t>();
+  const int64_t limit_h = g.grid_h, limit_w = g.grid_w;
+  for (int64_t k = 0; k < indices.dim_size(0); ++k) {
+    const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
+    if (b < 0 || b >= g.batch || bh < 0 || bh >= limit_h || bw < 0 || bw >= limit_w) {
+      return errors::InvalidArgument("indices[", k, "] = (", b, ", ", bh, ", ", bw,
+                                     ") is out of range: the batch has ", g.batch,
+                                     " images and block indices must be below ", limit_h,
+                                     " x ", limit_w, " (blocks that overlap the ", g.h, " x ",
+                                     g.w, " image)");
+    }
+  }
+  return ::tensorflow::OkStatus();
+}
+
+// Columns [x0, x1) of block column bw inside the image, and the first block
+// column they map to.
+struct Span {
+  int64_t lo, hi, first;
+};
+inline Span ClipSpan(int64_t start, int64_t size, int64_t length) {
+  const int64_t lo = std::max<int64_t>(start, 0);
+  const int64_t hi = std::min<int64_t>(start + size, length);
+  if (hi <= lo) return {0, 0, 0};  // entirely outside the image
+  return {lo, hi, lo - start};
+}
+
+// A freshly allocated large output is first touched by our zero-fill; on
+// Linux with transparent huge pages in "madvise" mode, asking for huge pages
+// turns ~500 page faults per 2 MiB into one (the faults, not the writes,
+// dominate filling a fresh 64 MiB tensor). Advisory only: errors are ignored.
+inline void AdviseHugePages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+}  // namespace
+
+// --- ReduceMask -----------------------------------------------------------------
+
+class BlockOpBase : public OpKernel {
+ public:
+  explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+ protected:
+  void Fill(int64_t batch, int64_t h, int64_t w, int64_t c, BlockGeometry* g) const {
+    g->batch = batch;
+    g->h = h;
+    g->w = w;
+    g->c = c;
+    g->size_h = size_h_;
+    g->size_w = size_w_;
+    g->stride_h = stride_h_;
+    g->stride_w = stride_w_;
+    g->offset_h = offset_h_;
+    g->offset_w = offset_w_;
+    g->grid_h = BlockGridSize(h, size_h_, stride_h_, offset_h_);
+    g->grid_w = BlockGridSize(w, size_w_, stride_w_, offset_w_);
+  }
+  // For gather/scatter: grid_* become the index limits (BlockIndexLimit), so
+  // that halo blocks past the formula's grid are addressable.
+  void FillForIndices(int64_t batch, int64_t h, int64_t w, int64_t c, BlockGeometry* g) const {
+    Fill(batch, h, w, c, g);
+    g->grid_h = BlockIndexLimit(h, size_h_, stride_h_, offset_h_);
+    g->grid_w = BlockIndexLimit(w, size_w_, stride_w_, offset_w_);
+  }
+  int64_t size_h_ = 0, size_w_ = 0, stride_h_ = 1, stride_w_ = 1, offset_h_ = 0, offset_w_ = 0;
+};
+
+template <typename Device, typename T>
+class ReduceMaskOp : public BlockOpBase {
+ public:
+  explicit ReduceMaskOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("threshold", &threshold_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("avgpool", &avgpool_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& mask = ctx->input(0);
+    OP_REQUIRES(ctx, mask.dims() == 3,
+                errors::InvalidArgument("mask must be [B, H, W], got shape ",
+                                        mask.shape().DebugString()));
+    BlockGeometry g;
+    Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, &g);
+    if constexpr (std::is_same<Device, CPUDevice>::value) {
+      ComputeCpu(ctx, mask.flat<T>().data(), g);
+    } else {
+#if TF_SPARSECONV_CUDA
+      ComputeGpu(ctx, mask.flat<T>().data(), g);
+#endif
+    }
+  }
+
+ private:
+  void ComputeCpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
+    using A = typename Acc<T>::type;
+    const int64_t blocks = g.batch * g.grid_h * g.grid_w;
+    std::vector<uint8_t> active(blocks, 0);
+    const A threshold = static_cast<A>(threshold_);
+    const A area = static_cast<A>(g.size_h * g.size_w);
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / (g.grid_h * g.grid_w);
+        const int64_t bh = k / g.grid_w % g.grid_h, bw = k % g.grid_w;
+        const Span rows = ClipSpan(g.offset_h + bh * g.stride_h, g.size_h, g.h);
+        const Span cols = ClipSpan(g.offset_w + bw * g.stride_w, g.size_w, g.w);
+        A max = -std::numeric_limits<A>::infinity(), sum = 0;
+        for (int64_t y = rows.lo; y < rows.hi; ++y) {
+          const T* row = mask + (b * g.h + y) * g.w;
+          for (int64_t x = cols.lo; x < cols.hi; ++x) {
+            const A v = static_cast<A>(row[x]);
+            max = std::max(max, v);
+            sum += v;
+          }
+        }
+        active[k] = (avgpool_ ? sum / area : max) > threshold;
+      }
+    };
+    ParallelFor(ctx, blocks, 4 * g.size_h * g.size_w + 16, work);
+    int64_t count = 0;
+    for (uint8_t a : active) count += a;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
+    int32_t* idx = out->flat<int32_t>().data();
+    for (int64_t k = 0; k < blocks; ++k) {
+      if (!active[k]) continue;
+      *idx++ = static_cast<int32_t>(k / (g.grid_h * g.grid_w));
+      *idx++ = static_cast<int32_t>(k / g.grid_w % g.grid_h);
+      *idx++ = static_cast<int32_t>(k % g.grid_w);
+    }
+  }
+
+#if TF_SPARSECONV_CUDA
+  void ComputeGpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                           TensorShape({ReduceMaskGpuWorkspaceBytes(g)}),
+                                           &workspace));
+    void* ws = workspace.flat<int8_t>().data();
+    int64_t count = 0;
+    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold_,
+                                               avgpool_, g, ws, &count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
+    err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+#endif
+
+  float threshold_ = 0;
+  bool avgpool_ = false;
+};
+
+// --- SparseGather ---------------------------------------------------------------
+
+template <typename Device, typename T>
+class SparseGatherOp : public BlockOpBase {
+ public:
+  explicit SparseGatherOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& indices = ctx->input(1);
+    OP_REQUIRES(ctx, x.dims() == 4,
+                errors::InvalidArgument("x must be [B, H, W, C], got shape ",
+                                        x.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
+    BlockGeometry g;
+    FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), &g);
+    const int64_t n = indices.dim_size(0);
+    if constexpr (std::is_same<Device, CPUDevice>::value) {
+      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
+    }
+    Tensor* blocks = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, g.size_h, g.size_w, g.c}),
+                                             &blocks));
+    if (blocks->NumElements() == 0) return;
+    const T* src = x.flat<T>().data();
+    const int32_t* idx = indices.flat<int32_t>().data();
+    T* dst = blocks->flat<T>().data();
+    if constexpr (std::is_same<Device, CPUDevice>::value) {
+      const int64_t row_len = g.size_w * g.c;
+      auto work = [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t k = r / g.size_h, i = r % g.size_h;
+          T* out = dst + r * row_len;
+          const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
+          if (y < 0 || y >= g.h) {
+            std::fill(out, out + row_len, T(0));
+            continue;
+          }
+          const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+          std::fill(out, out + cols.first * g.c, T(0));
+          const int64_t copied = (cols.hi - cols.lo) * g.c;
+          std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                      copied * sizeof(T));
+          std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
+        }
+      };
+      ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
+    } else {
+#if TF_SPARSECONV_CUDA
+      const char* err = LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g,
+                                              GpuStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+#endif
+    }
+  }
+};
+
+// --- SparseScatter --------------------------------------------------------------
+
+// SparseScatter (kZeroBase = false: base is input 2) and the internal
+// SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
+// base, which is never materialised: the output is zero-filled in place, so
+// scattering computed blocks into an otherwise empty tensor writes it once).
+template <typename Device, typename T, bool kZeroBase>
+class SparseScatterOp : public BlockOpBase {
+ public:
+  explicit SparseScatterOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("add", &add_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& blocks = ctx->input(0);
+    const Tensor& indices = ctx->input(1);
+    TensorShape base_shape;
+    if constexpr (kZeroBase) {
+      const Tensor& shape = ctx->input(2);
+      OP_REQUIRES(ctx, shape.dims() == 1 && shape.NumElements() == 4,
+                  errors::InvalidArgument("shape must be a vector of 4 ints [B, H, W, C], got shape ",
+                                          shape.shape().DebugString()));
+      const auto v = shape.vec<int32_t>();
+      for (int i = 0; i < 4; ++i) {
+        OP_REQUIRES(ctx, v(i) >= 0,
+                    errors::InvalidArgument("shape must be non-negative, got ", v(i)));
+      }
+      OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({v(0), v(1), v(2), v(3)}, &base_shape));
+    } else {
+      base_shape = ctx->input(2).shape();
+    }
+    OP_REQUIRES(ctx, blocks.dims() == 4,
+                errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
+                                        blocks.shape().DebugString()));
+    OP_REQUIRES(ctx, base_shape.dims() == 4,
+                errors::InvalidArgument("base must be [B, H, W, C], got shape ",
+                                        base_shape.DebugString()));
+    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
+    const int64_t n = indices.dim_size(0);
+    OP_REQUIRES(ctx, blocks.dim_size(0) == n,
+                errors::InvalidArgument("blocks has ", blocks.dim_size(0),
+                                        " blocks but indices has ", n, " rows"));
+    OP_REQUIRES(ctx, blocks.dim_size(3) == base_shape.dim_size(3),
+                errors::InvalidArgument("blocks has ", blocks.dim_size(3),
+                                        " channels but base has ", base_shape.dim_size(3)));
+    OP_REQUIRES(ctx, n == 0 || (blocks.dim_size(1) > 0 && blocks.dim_size(2) > 0),
+                errors::InvalidArgument("blocks must have a positive block size, got shape ",
+                                        blocks.shape().DebugString()));
+    size_h_ = std::max<int64_t>(1, blocks.dim_size(1));
+    size_w_ = std::max<int64_t>(1, blocks.dim_size(2));
+    BlockGeometry g;
+    FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
+                   base_shape.dim_size(3), &g);
+    if constexpr (std::is_same<Device, CPUDevice>::value) {
+      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
+      if (!add_) OP_REQUIRES_OK(ctx, CheckNoOverlap(indices, g));
+    }
+    Tensor* out = nullptr;
+    if (!kZeroBase && std::is_same<Device, CPUDevice>::value) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, base_shape, &out));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, base_shape, &out));
+    }
+    if (out->NumElements() == 0) return;
+    const T* blk = blocks.flat<T>().data();
+    const int32_t* idx = indices.flat<int32_t>().data();
+    T* dst = out->flat<T>().data();
+    const T* src = dst;
+    if constexpr (!kZeroBase) src = ctx->input(2).flat<T>().data();
+    if constexpr (std::is_same<Device, CPUDevice>::value) {
+      if (kZeroBase) {
+        Zero(ctx, dst, out->NumElements());
+      } else if (dst != src) {
+        Copy(ctx, src, dst, out->NumElements());
+      }
+      if (n == 0) return;
+      if (add_) {
+        AddCpu(ctx, blk, idx, n, dst, g);
+      } else {
+        WriteCpu(ctx, blk, idx, n, dst, g);
+      }
+    } else {
+#if TF_SPARSECONV_CUDA
+      if constexpr (kZeroBase) {
+        ::stream_executor::DeviceMemoryBase memory(dst, out->TotalBytes());
+        OP_REQUIRES_OK(ctx, ctx->op_device_context()->stream()->MemZero(&memory, out->TotalBytes()));
+      }
+      Tensor workspace;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                             TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}),
+                                             &workspace));
+      const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, src, dst,
+                                               add_, g, workspace.flat<int8_t>().data(),
+                                               GpuStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+#endif
+    }
+  }
+
+ private:
+  // add = false: no element may be written by two blocks.
+  static Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
+    const auto idx = indices.matrix<int32_t>();
+    const int64_t n = indices.dim_size(0);
+    // Two blocks overlap iff they are in the same image and differ by fewer
+    // than ceil(size / stride) block steps along both axes.
+    const int64_t reach_h = (g.size_h + g.stride_h - 1) / g.stride_h - 1;
+    const int64_t reach_w = (g.size_w + g.stride_w - 1) / g.stride_w - 1;
+    std::unordered_set<int64_t> seen;
+    seen.reserve(2 * n);
+    auto key = [&](int64_t b, int64_t bh, int64_t bw) {
+      return (b * g.grid_h + bh) * g.grid_w + bw;
+    };
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
+      for (int64_t dh = -reach_h; dh <= reach_h; ++dh) {
+        for (int64_t dw = -reach_w; dw <= reach_w; ++dw) {
+          const int64_t h = bh + dh, w = bw + dw;
+          if (h < 0 || h >= g.grid_h || w < 0 || w >= g.grid_w) continue;
+          if (seen.count(key(b, h, w))) {
+            return errors::InvalidArgument(
+                "indices[", k, "] = (", b, ", ", bh, ", ", bw,
+                ") overlaps an earlier block: with add=False blocks must not overlap "
+                "(block_stride ", g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x",
+                g.size_w, ", or a repeated index); use add=True to sum them");
+          }
+        }
+      }
+      seen.insert(key(b, bh, bw));
+    }
+    return ::tensorflow::OkStatus();
+  }
+
+  static void Zero(OpKernelContext* ctx, T* dst, int64_t size) {
+    AdviseHugePages(dst, size * sizeof(T));
+    constexpr int64_t kChunk = 1 << 16;
+    auto work = [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
+      std::memset(static_cast<void*>(dst + lo), 0, (hi - lo) * sizeof(T));
+    };
+    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T) / 2, work);
+  }
+
+  static void Copy(OpKernelContext* ctx, const T* src, T* dst, int64_t size) {
+    constexpr int64_t kChunk = 1 << 16;
+    auto work = [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
+      std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(T));
+    };
+    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T), work);
+  }
+
+  // Blocks do not overlap: parallel over block rows, memcpy of the in-image part.
+  static void WriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
+                       const BlockGeometry& g) {
+    const int64_t row_len = g.size_w * g.c;
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t k = r / g.size_h, i = r % g.size_h;
+        const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
+        if (y < 0 || y >= g.h) continue;
+        const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+        std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                    blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
+      }
+    };
+    ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
+  }
+
+  // Parallel over image rows; each adds the blocks covering it in a fixed
+  // order (increasing bh, then index order), in float for 16-bit types.
+  static void AddCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
+    using A = typename Acc<T>::type;
+    // Bucket the blocks by (b, bh), stably.
+    const int64_t buckets = g.batch * g.grid_h;
+    std::vector<int64_t> start(buckets + 1, 0);
+    for (int64_t k = 0; k < n; ++k) ++start[idx[3 * k] * g.grid_h + idx[3 * k + 1] + 1];
+    for (int64_t q = 0; q < buckets; ++q) start[q + 1] += start[q];
+    std::vector<int64_t> order(n), fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < n; ++k) order[fill[idx[3 * k] * g.grid_h + idx[3 * k + 1]]++] = k;
+    const int64_t row_len = g.size_w * g.c;
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(std::is_same<T, A>::value ? 0 : g.w * g.c);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.h, y = r % g.h;
+        // Block rows bh with offset + bh * stride <= y < offset + bh * stride + size.
+        const int64_t rel = y - g.offset_h;
+        int64_t bh_hi = rel >= 0 ? rel / g.stride_h : -((-rel + g.stride_h - 1) / g.stride_h);
+        const int64_t low = rel - g.size_h + 1;
+        int64_t bh_lo = low >= 0 ? (low + g.stride_h - 1) / g.stride_h : -((-low) / g.stride_h);
+        bh_lo = std::max<int64_t>(bh_lo, 0);
+        bh_hi = std::min<int64_t>(bh_hi, g.grid_h - 1);
+        bool any = false;
+        for (int64_t bh = bh_lo; bh <= bh_hi && !any; ++bh) {
+          any = start[b * g.grid_h + bh] != start[b * g.grid_h + bh + 1];
+        }
+        if (!any) continue;
+        T* out_row = dst + r * g.w * g.c;
+        A* row;
+        if constexpr (std::is_same<T, A>::value) {
+          row = out_row;
+        } else {
+          row = acc.data();
+          for (int64_t e = 0; e < g.w * g.c; ++e) row[e] = static_cast<A>(out_row[e]);
+        }
+        for (int64_t bh = bh_lo; bh <= bh_hi; ++bh) {
+          const int64_t i = rel - bh * g.stride_h;
+          for (int64_t q = start[b * g.grid_h + bh]; q < start[b * g.grid_h + bh + 1]; ++q) {
+            const int64_t k = order[q];
+            const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+            const T* s = blk + (k * g.size_h + i) * row_len + cols.first * g.c;
+            A* d = row + cols.lo * g.c;
+            const int64_t len = (cols.hi - cols.lo) * g.c;
+            for (int64_t e = 0; e < len; ++e) d[e] += static_cast<A>(s[e]);
+          }
+        }
+        if constexpr (!std::is_same<T, A>::value) {
+          for (int64_t e = 0; e < g.w * g.c; ++e) out_row[e] = static_cast<T>(row[e]);
+        }
+      }
+    };
+    const int64_t per_row = std::max<int64_t>(1, n * g.size_h / std::max<int64_t>(1, buckets));
+    ParallelFor(ctx, g.batch * g.h, per_row * row_len * 2 + g.w * g.c + 32, work);
+  }
+
+  bool add_ = false;
+};
+
+#define TSC_REGISTER(DEVICE, DEV, T)                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("TfSparseConv>ReduceMask").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
+      ReduceMaskOp<DEV, T>);                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("TfSparseConv>SparseGather").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
+      SparseGatherOp<DEV, T>);                                                            \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("TfSparseConv>SparseScatter").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
+      SparseScatterOp<DEV, T, false>);                                                    \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseScatterZeros")                         \
+                              .Device(::tensorflow::DEVICE)                               \
+                              .HostMemory("shape")                                        \
+                              .TypeConstraint<T>("T"),                                    \
+                          SparseScatterOp<DEV, T, true>);
+TSC_REGISTER(DEVICE_CPU, CPUDevice, Eigen::half);
+TSC_REGISTER(DEVICE_CPU, CPUDevice, Eigen::bfloat16);
+TSC_REGISTER(DEVICE_CPU, CPUDevice, float);
+TSC_REGISTER(DEVICE_CPU, CPUDevice, double);
+#if TF_SPARSECONV_CUDA
+TSC_REGISTER(DEVICE_GPU, GPUDevice, Eigen::half);
+TSC_REGISTER(DEVICE_GPU, GPUDevice, Eigen::bfloat16);
+TSC_REGISTER(DEVICE_GPU, GPUDevice, float);
+TSC_REGISTER(DEVICE_GPU, GPUDevice, double);
+#endif
+#undef TSC_REGISTER
+
+}  // namespace tf_sparseconv

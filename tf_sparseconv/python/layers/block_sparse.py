@@ -1,0 +1,329 @@
+"""Keras layers for block-sparse convolution driven by a computation mask (SBNet)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import activations, constraints, initializers, regularizers
+
+from tf_sparseconv.python.layers._base import check_backend
+from tf_sparseconv.python.ops import block_sparse_ops
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        result = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}") from None
+    if len(result) != 2 or min(result) < 1:
+        raise ValueError(f"`{name}` must be a positive int or a pair of positive ints, got {value!r}")
+    return result
+
+
+def _split_inputs(inputs, layer_name: str):
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+        raise ValueError(f"{layer_name} is called on [x, mask], got {inputs!r}")
+    return inputs[0], inputs[1]
+
+
+class _WeightsMixin:
+    """Keras-style initializer/regularizer/constraint arguments of the kernels and biases."""
+
+    def _init_weight_args(
+        self,
+        kernel_initializer,
+        bias_initializer,
+        kernel_regularizer,
+        bias_regularizer,
+        kernel_constraint,
+        bias_constraint,
+    ):
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+
+    def _kernel(self, name, shape):
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+
+    def _bias(self, name, size):
+        return self.add_weight(
+            name=name,
+            shape=(size,),
+            initializer=self.bias_initializer,
+            regularizer=self.bias_regularizer,
+            constraint=self.bias_constraint,
+        )
+
+    def _weight_config(self):
+        return {
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        }
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class BlockSparseConv2D(_WeightsMixin, keras.layers.Layer):
+    """2-D convolution computed only in the active blocks of a mask (SBNet).
+
+    Called on `[x, mask]` with `x` `[B, H, W, Cin]` and `mask` `[B, H, W]` or
+    `[B, H, W, 1]` at the input resolution (any float/bool dtype). The mask is
+    reduced to blocks of `block_size` (`reduce_mask` with `threshold` and
+    `avgpool`); the output is `activation(conv2d(x, kernel) + bias)` inside the
+    active output blocks (`block_size / strides` each) and exactly 0 elsewhere.
+    The work scales with the number of active blocks.
+
+    Args:
+      filters, kernel_size, strides, padding ("same"/"valid"), use_bias,
+      activation, initializers, regularizers, constraints: as for
+      `keras.layers.Conv2D`.
+      block_size: int or pair, a multiple of `strides`.
+      threshold, avgpool: see `tsc.ops.reduce_mask`.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        block_size=16,
+        threshold: float = 0.0,
+        avgpool: bool = False,
+        strides=1,
+        padding: str = "same",
+        use_bias: bool = True,
+        activation=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        check_backend(type(self).__name__)
+        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
+        self.filters = filters
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.block_size = _pair(block_size, "block_size")
+        self.strides = _pair(strides, "strides")
+        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
+            raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding.lower()
+        # Validates block_size vs strides now rather than at the first call.
+        block_sparse_ops.BlockConvGeometry(
+            self.kernel_size, self.block_size, self.strides, self.padding.upper()
+        )
+        self.threshold = float(threshold)
+        self.avgpool = bool(avgpool)
+        self.use_bias = bool(use_bias)
+        self.activation = activations.get(activation)
+        self._init_weight_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+        )
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        x_shape, _ = _split_inputs(input_shape, type(self).__name__)
+        if x_shape[-1] is None:
+            raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {x_shape}")
+        self.kernel = self._kernel("kernel", (*self.kernel_size, x_shape[-1], self.filters))
+        self.bias = self._bias("bias", self.filters) if self.use_bias else None
+        self.built = True
+
+    def call(self, inputs):
+        x, mask = _split_inputs(inputs, type(self).__name__)
+        kernel = tf.cast(self.kernel, x.dtype)
+        bias = None if self.bias is None else tf.cast(self.bias, x.dtype)
+        x, kernel, mask = block_sparse_ops._check_conv_operands(x, kernel, mask, type(self).__name__)
+        indices = block_sparse_ops.reduce_mask(
+            mask, self.block_size, self.block_size, (0, 0), self.threshold, self.avgpool
+        )
+        return block_sparse_ops.block_conv2d_on_indices(
+            x,
+            kernel,
+            indices,
+            self.block_size,
+            self.strides,
+            self.padding.upper(),
+            bias=bias,
+            activation=self.activation,
+        )
+
+    def compute_output_shape(self, input_shape):
+        x_shape, _ = _split_inputs(input_shape, type(self).__name__)
+        spatial = []
+        for n, k, s in zip(x_shape[1:3], self.kernel_size, self.strides):
+            if n is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(-(-n // s))
+            else:
+                spatial.append(max((n - k) // s + 1, 0))
+        return (x_shape[0], *spatial, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "block_size": self.block_size,
+                "threshold": self.threshold,
+                "avgpool": self.avgpool,
+                "strides": self.strides,
+                "padding": self.padding,
+                "use_bias": self.use_bias,
+                "activation": activations.serialize(self.activation),
+                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+                **self._weight_config(),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class BlockSparseResidualBlock(_WeightsMixin, keras.layers.Layer):
+    """SBNet's sparse residual block: `x + f(x)` computed only in the active blocks.
+
+    Called on `[x, mask]` (`x` `[B, H, W, C]`, mask at the same resolution).
+    The active blocks (of `block_size`, with the halo the `kernel_size`
+    convolution needs) are gathered from `x` once; the bottleneck
+    `f = conv1x1(C -> bottleneck_filters) -> activation -> conv kxk ->
+    activation -> conv1x1(-> C)` runs on the gathered blocks only; the result
+    is scatter-added into `x`. Outside the active blocks the output is `x`
+    unchanged; inside, it equals the dense residual block with SAME padding
+    (the first convolution's output is zeroed where the halo leaves the image,
+    as the dense block's zero padding would be).
+    """
+
+    def __init__(
+        self,
+        bottleneck_filters: int,
+        kernel_size=3,
+        block_size=16,
+        threshold: float = 0.0,
+        avgpool: bool = False,
+        activation="relu",
+        use_bias: bool = True,
+        kernel_initializer="he_normal",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_backend(type(self).__name__)
+        if (
+            not isinstance(bottleneck_filters, int)
+            or isinstance(bottleneck_filters, bool)
+            or bottleneck_filters < 1
+        ):
+            raise ValueError(f"`bottleneck_filters` must be a positive int, got {bottleneck_filters!r}")
+        self.bottleneck_filters = bottleneck_filters
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.block_size = _pair(block_size, "block_size")
+        self.threshold = float(threshold)
+        self.avgpool = bool(avgpool)
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self._init_weight_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+        )
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        x_shape, _ = _split_inputs(input_shape, type(self).__name__)
+        channels = x_shape[-1]
+        if channels is None:
+            raise ValueError(f"{type(self).__name__} needs a known number of channels, got {x_shape}")
+        f = self.bottleneck_filters
+        self.kernels = [
+            self._kernel("kernel_reduce", (1, 1, channels, f)),
+            self._kernel("kernel_conv", (*self.kernel_size, f, f)),
+            self._kernel("kernel_expand", (1, 1, f, channels)),
+        ]
+        self.biases = (
+            [self._bias("bias_reduce", f), self._bias("bias_conv", f), self._bias("bias_expand", channels)]
+            if self.use_bias
+            else [None, None, None]
+        )
+        self.built = True
+
+    def call(self, inputs):
+        x, mask = _split_inputs(inputs, type(self).__name__)
+        x, _, mask = block_sparse_ops._check_conv_operands(
+            x, tf.cast(self.kernels[0], x.dtype), mask, type(self).__name__
+        )
+        kh, kw = self.kernel_size
+        size = (self.block_size[0] + kh - 1, self.block_size[1] + kw - 1)
+        offset = (-((kh - 1) // 2), -((kw - 1) // 2))
+        indices = block_sparse_ops.reduce_mask(
+            mask, self.block_size, self.block_size, (0, 0), self.threshold, self.avgpool
+        )
+        blocks = block_sparse_ops.sparse_gather(x, indices, size, self.block_size, offset)
+        # Which gathered positions are inside the image (the dense block's
+        # zero padding applies to the input of the kxk convolution).
+        ones = tf.ones_like(x[..., :1])
+        inside = block_sparse_ops.sparse_gather(ones, indices, size, self.block_size, offset)
+        k1, k2, k3 = (tf.cast(k, x.dtype) for k in self.kernels)
+        b1, b2, b3 = (None if b is None else tf.cast(b, x.dtype) for b in self.biases)
+
+        def conv(h, kernel, bias, padding="VALID"):
+            h = tf.nn.conv2d(h, kernel, 1, padding)
+            return h if bias is None else tf.nn.bias_add(h, bias)
+
+        h = self.activation(conv(blocks, k1, b1)) * inside
+        h = self.activation(conv(h, k2, b2))
+        h = conv(h, k3, b3)
+        # Empty block lists: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
+        h = tf.reshape(h, [-1, self.block_size[0], self.block_size[1], tf.shape(x)[3]])
+        return block_sparse_ops.sparse_scatter(h, indices, x, self.block_size, (0, 0), add=True)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, _ = _split_inputs(input_shape, type(self).__name__)
+        return tuple(x_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "bottleneck_filters": self.bottleneck_filters,
+                "kernel_size": self.kernel_size,
+                "block_size": self.block_size,
+                "threshold": self.threshold,
+                "avgpool": self.avgpool,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                **self._weight_config(),
+            }
+        )
+        return config
