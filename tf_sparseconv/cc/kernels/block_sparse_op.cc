@@ -142,26 +142,42 @@ class BlockOpBase : public OpKernel {
   explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
  protected:
-  void Fill(int64_t batch, int64_t h, int64_t w, int64_t c, BlockGeometry* g) const {
+  // The geometry for an image [batch, h, w, c] and blocks of size_h x size_w
+  // (the block size is a per-call value for scatter, so it is passed in:
+  // Compute may run concurrently on one kernel and must not write members).
+  void Fill(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h, int64_t size_w,
+            BlockGeometry* g) const {
     g->batch = batch;
     g->h = h;
     g->w = w;
     g->c = c;
-    g->size_h = size_h_;
-    g->size_w = size_w_;
+    g->size_h = size_h;
+    g->size_w = size_w;
     g->stride_h = stride_h_;
     g->stride_w = stride_w_;
     g->offset_h = offset_h_;
     g->offset_w = offset_w_;
-    g->grid_h = BlockGridSize(h, size_h_, stride_h_, offset_h_);
-    g->grid_w = BlockGridSize(w, size_w_, stride_w_, offset_w_);
+    g->grid_h = BlockGridSize(h, size_h, stride_h_, offset_h_);
+    g->grid_w = BlockGridSize(w, size_w, stride_w_, offset_w_);
   }
   // For gather/scatter: grid_* become the index limits (BlockIndexLimit), so
   // that halo blocks past the formula's grid are addressable.
-  void FillForIndices(int64_t batch, int64_t h, int64_t w, int64_t c, BlockGeometry* g) const {
-    Fill(batch, h, w, c, g);
-    g->grid_h = BlockIndexLimit(h, size_h_, stride_h_, offset_h_);
-    g->grid_w = BlockIndexLimit(w, size_w_, stride_w_, offset_w_);
+  void FillForIndices(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h,
+                      int64_t size_w, BlockGeometry* g) const {
+    Fill(batch, h, w, c, size_h, size_w, g);
+    g->grid_h = BlockIndexLimit(h, size_h, stride_h_, offset_h_);
+    g->grid_w = BlockIndexLimit(w, size_w, stride_w_, offset_w_);
+  }
+  // Block grids whose indices fit in int32 (the index tensors' type).
+  static Status CheckGridSize(const BlockGeometry& g) {
+    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+    if (g.grid_h > kMax || g.grid_w > kMax || g.batch > kMax ||
+        (g.grid_h * g.grid_w > (int64_t{1} << 40) / std::max<int64_t>(1, g.batch))) {
+      return errors::InvalidArgument("the block grid (", g.batch, " x ", g.grid_h, " x ", g.grid_w,
+                                     ") is too large: check block_size, block_stride and "
+                                     "block_offset against the image size ", g.h, " x ", g.w);
+    }
+    return ::tensorflow::OkStatus();
   }
   int64_t size_h_ = 0, size_w_ = 0, stride_h_ = 1, stride_w_ = 1, offset_h_ = 0, offset_w_ = 0;
 };
@@ -183,7 +199,8 @@ class ReduceMaskOp : public BlockOpBase {
                 errors::InvalidArgument("mask must be [B, H, W], got shape ",
                                         mask.shape().DebugString()));
     BlockGeometry g;
-    Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, &g);
+    Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
+    OP_REQUIRES_OK(ctx, CheckGridSize(g));
     if constexpr (std::is_same<Device, CPUDevice>::value) {
       ComputeCpu(ctx, mask.flat<T>().data(), g);
     } else {
@@ -273,14 +290,16 @@ class SparseGatherOp : public BlockOpBase {
                                         x.shape().DebugString()));
     OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
     BlockGeometry g;
-    FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), &g);
+    FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
+                   &g);
     const int64_t n = indices.dim_size(0);
     if constexpr (std::is_same<Device, CPUDevice>::value) {
       OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
     }
+    TensorShape blocks_shape;
+    OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({n, g.size_h, g.size_w, g.c}, &blocks_shape));
     Tensor* blocks = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, g.size_h, g.size_w, g.c}),
-                                             &blocks));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, blocks_shape, &blocks));
     if (blocks->NumElements() == 0) return;
     const T* src = x.flat<T>().data();
     const int32_t* idx = indices.flat<int32_t>().data();
@@ -299,7 +318,7 @@ class SparseGatherOp : public BlockOpBase {
           const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
           std::fill(out, out + cols.first * g.c, T(0));
           const int64_t copied = (cols.hi - cols.lo) * g.c;
-          std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+          if (copied > 0) std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
                       copied * sizeof(T));
           std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
         }
@@ -365,11 +384,10 @@ class SparseScatterOp : public BlockOpBase {
     OP_REQUIRES(ctx, n == 0 || (blocks.dim_size(1) > 0 && blocks.dim_size(2) > 0),
                 errors::InvalidArgument("blocks must have a positive block size, got shape ",
                                         blocks.shape().DebugString()));
-    size_h_ = std::max<int64_t>(1, blocks.dim_size(1));
-    size_w_ = std::max<int64_t>(1, blocks.dim_size(2));
     BlockGeometry g;
     FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
-                   base_shape.dim_size(3), &g);
+                   base_shape.dim_size(3), std::max<int64_t>(1, blocks.dim_size(1)),
+                   std::max<int64_t>(1, blocks.dim_size(2)), &g);
     if constexpr (std::is_same<Device, CPUDevice>::value) {
       OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
       if (!add_) OP_REQUIRES_OK(ctx, CheckNoOverlap(indices, g));
@@ -432,10 +450,10 @@ class SparseScatterOp : public BlockOpBase {
     };
     for (int64_t k = 0; k < n; ++k) {
       const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
-      for (int64_t dh = -reach_h; dh <= reach_h; ++dh) {
-        for (int64_t dw = -reach_w; dw <= reach_w; ++dw) {
-          const int64_t h = bh + dh, w = bw + dw;
-          if (h < 0 || h >= g.grid_h || w < 0 || w >= g.grid_w) continue;
+      const int64_t h0 = std::max<int64_t>(0, bh - reach_h), h1 = std::min(g.grid_h - 1, bh + reach_h);
+      const int64_t w0 = std::max<int64_t>(0, bw - reach_w), w1 = std::min(g.grid_w - 1, bw + reach_w);
+      for (int64_t h = h0; h <= h1; ++h) {
+        for (int64_t w = w0; w <= w1; ++w) {
           if (seen.count(key(b, h, w))) {
             return errors::InvalidArgument(
                 "indices[", k, "] = (", b, ", ", bh, ", ", bw,
@@ -461,6 +479,7 @@ class SparseScatterOp : public BlockOpBase {
   }
 
   static void Copy(OpKernelContext* ctx, const T* src, T* dst, int64_t size) {
+    AdviseHugePages(dst, size * sizeof(T));
     constexpr int64_t kChunk = 1 << 16;
     auto work = [&](int64_t begin, int64_t end) {
       const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
@@ -479,7 +498,7 @@ class SparseScatterOp : public BlockOpBase {
         const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
         if (y < 0 || y >= g.h) continue;
         const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-        std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
+        if (cols.hi > cols.lo) std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
                     blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
       }
     };

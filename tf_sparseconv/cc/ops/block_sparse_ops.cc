@@ -17,10 +17,16 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
 
-Status PairAttr(InferenceContext* c, const char* name, std::vector<int32_t>* v) {
+// A (height, width) attribute; sizes and strides must be positive.
+Status PairAttr(InferenceContext* c, const char* name, std::vector<int32_t>* v,
+                bool positive = true) {
   TF_RETURN_IF_ERROR(c->GetAttr(name, v));
   if (v->size() != 2) {
     return ::tensorflow::errors::InvalidArgument(name, " must have 2 entries (height, width)");
+  }
+  if (positive && ((*v)[0] < 1 || (*v)[1] < 1)) {
+    return ::tensorflow::errors::InvalidArgument(name, " must be positive, got [", (*v)[0], ", ",
+                                                 (*v)[1], "]");
   }
   return ::tensorflow::OkStatus();
 }

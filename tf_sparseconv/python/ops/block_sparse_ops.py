@@ -43,7 +43,18 @@ def _indices(indices) -> tf.Tensor:
     indices = tf.convert_to_tensor(indices)
     if not indices.dtype.is_integer:
         raise ValueError(f"`indices` must be an int32 tensor [n, 3], got dtype {indices.dtype.name}")
-    indices = tf.cast(indices, tf.int32)
+    if indices.dtype != tf.int32:
+        # Wider integers must fit in int32 (a silent wrap would address another block).
+        lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+        value = tf.get_static_value(indices)
+        if value is not None:
+            if value.size and (value.min() < lo or value.max() > hi):
+                raise ValueError("`indices` values must fit in int32")
+        else:
+            fits = tf.reduce_all((indices >= lo) & (indices <= hi))
+            with tf.control_dependencies([tf.debugging.Assert(fits, ["`indices` values must fit in int32"])]):
+                indices = tf.identity(indices)
+        indices = tf.cast(indices, tf.int32)
     if indices.shape.rank is not None and (indices.shape.rank != 2 or indices.shape[1] not in (None, 3)):
         raise ValueError(f"`indices` must be [n, 3] rows (b, bh, bw), got shape {indices.shape}")
     return indices
@@ -59,7 +70,9 @@ def _mask(mask) -> tf.Tensor:
         if mask.shape[-1] not in (None, 1):
             raise ValueError(f"`mask` must be [B, H, W] or [B, H, W, 1], got shape {mask.shape}")
         mask = tf.squeeze(mask, -1)
-    elif rank is not None and rank != 3:
+    elif rank is None:  # [B, H, W] or [B, H, W, 1], known at run time only
+        mask = tf.reshape(mask, tf.shape(mask)[:3])
+    elif rank != 3:
         raise ValueError(f"`mask` must be [B, H, W] or [B, H, W, 1], got shape {mask.shape}")
     return mask
 
@@ -215,6 +228,8 @@ class BlockConvGeometry:
 
 
 def _same_pad_before(length, k: int, s: int):
+    if s == 1:  # independent of the length
+        return max(k - 1, 0) // 2
     out = -(-length // s)
     total = (out - 1) * s + k - length
     if isinstance(total, (numbers.Integral, np.integer)):
@@ -248,6 +263,12 @@ def _check_conv_operands(x, kernel, mask, conv: str):
             raise ValueError(
                 f"{conv}: `mask` {label} {b} must match `x` {label} {a} (mask {mask.shape}, x {x.shape})"
             )
+    if not (x.shape[:3].is_fully_defined() and mask.shape.is_fully_defined()):
+        same = tf.debugging.assert_equal(
+            tf.shape(x)[:3], tf.shape(mask), message=f"{conv}: `mask` must be [B, H, W] of `x` [B, H, W, Cin]"
+        )
+        with tf.control_dependencies([same]):
+            mask = tf.identity(mask)
     return x, kernel, mask
 
 
