@@ -25,6 +25,12 @@ from tf_sparseconv.python.ops.channel_sparse_ops import (
     dense_kernel,
     random_connections,
 )
+from tf_sparseconv.python.ops.coord_sparse_ops import (
+    from_dense,
+    sparse_conv_rulebook,
+    sparse_conv_rulebook_reference,
+    to_dense,
+)
 from tf_sparseconv.python.ops.topk_ops import (
     kwinners,
     kwinners_reference,
@@ -46,6 +52,10 @@ __all__ = [
     "channel_sparse_conv2d",
     "channel_sparse_conv2d_reference",
     "dense_kernel",
+    "from_dense",
+    "sparse_conv_rulebook",
+    "sparse_conv_rulebook_reference",
+    "to_dense",
     "random_connections",
     "is_library_loaded",
     "kwinners",

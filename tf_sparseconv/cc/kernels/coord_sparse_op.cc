@@ -1,0 +1,321 @@
+// CPU kernel of SparseConvRulebook, the (input site, output site) pairs of a
+// "SAME"-padded convolution on a sparse map, per kernel offset. Geometry and
+// hashing: coord_sparse_common.h.
+//
+// CPU scheme.
+//  1. One pass over coords validates every site and inserts its packed key
+//     into an open-addressing hash table (serial: O(N), and the first
+//     duplicate found is reported deterministically).
+//  2. Output sites: submanifold = the input sites; otherwise every input site
+//     proposes, per offset, the output position that reads it (parallel over
+//     fixed blocks of input rows, each block sorted and deduplicated), then
+//     the proposals are merged, sorted and deduplicated: sorted packed keys
+//     are (b, spatial...) order.
+//  3. The rulebook is built from the output side: output site j reads, per
+//     offset, at most one input position, looked up in the hash table.
+//     Fixed blocks of output rows find and count their pairs per offset
+//     (parallel), a prefix sum in (offset, block) order places every block's
+//     run, and a second parallel pass copies them there. Offsets come out grouped and sorted
+//     by output row, and the result does not depend on the thread count.
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
+#include "tf_sparseconv/cc/kernels/kernel_util.h"
+
+namespace tf_sparseconv {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
+
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// Packed keys stay below this bound (kEmptyKey and sums stay representable).
+constexpr int64_t kKeyLimit = int64_t{1} << 62;
+// Sites per work block: fixed, so the output never depends on the thread count.
+constexpr int64_t kBlockRows = 512;
+
+struct FoundPair {
+  int32_t in_row, out_row, offset;
+};
+
+Status ReadAxisAttr(OpKernelConstruction* ctx, const char* name, std::vector<int64_t>* out) {
+  std::vector<int32_t> v;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &v));
+  if (v.empty() || v.size() > static_cast<size_t>(kMaxCoordDims)) {
+    return errors::InvalidArgument(
+        name, " must have 1, 2 or 3 entries (one per spatial axis), got ", v.size());
+  }
+  out->clear();
+  for (int32_t x : v) {
+    if (x < 1) return errors::InvalidArgument(name, " must be positive, got ", x);
+    out->push_back(x);
+  }
+  return ::tensorflow::OkStatus();
+}
+
+// Number of sites of a grid with `batch` samples of the given shape, or -1
+// when it reaches kKeyLimit.
+int64_t GridVolume(int64_t batch, int dims, const int64_t* shape) {
+  int64_t volume = std::max<int64_t>(batch, 1);
+  for (int a = 0; a < dims; ++a) {
+    if (volume > (kKeyLimit - 1) / shape[a]) return -1;
+    volume *= shape[a];
+  }
+  return volume;
+}
+
+}  // namespace
+
+class SparseConvRulebookOp : public OpKernel {
+ public:
+  explicit SparseConvRulebookOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "kernel_size", &kernel_));
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "strides", &strides_));
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "dilations", &dilations_));
+    OP_REQUIRES(ctx, strides_.size() == kernel_.size() && dilations_.size() == kernel_.size(),
+                errors::InvalidArgument(
+                    "kernel_size, strides and dilations must have the same length, got ",
+                    kernel_.size(), ", ", strides_.size(), " and ", dilations_.size()));
+    int64_t num_offsets = 1;
+    for (int64_t k : kernel_) num_offsets = std::min(num_offsets * k, kInt32Max);
+    OP_REQUIRES(ctx, num_offsets < kInt32Max,
+                errors::InvalidArgument("kernel_size has too many offsets (prod(kernel_size) must "
+                                        "be below 2^31 - 1)"));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("submanifold", &submanifold_));
+    if (submanifold_) {
+      for (int64_t s : strides_) {
+        OP_REQUIRES(ctx, s == 1,
+                    errors::InvalidArgument(
+                        "strides must be all 1 for a submanifold convolution, got stride ", s));
+      }
+    }
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& coords_t = ctx->input(0);
+    const Tensor& shape_t = ctx->input(1);
+    const int dims = static_cast<int>(kernel_.size());
+    OP_REQUIRES(ctx, shape_t.dims() == 1 && shape_t.dim_size(0) >= 1 && shape_t.dim_size(0) <= 3,
+                errors::InvalidArgument("spatial_shape must be a vector of D = 1, 2 or 3 ints, "
+                                        "got shape ",
+                                        shape_t.shape().DebugString()));
+    OP_REQUIRES(ctx, shape_t.dim_size(0) == dims,
+                errors::InvalidArgument("spatial_shape has ", shape_t.dim_size(0),
+                                        " entries but kernel_size, strides and dilations have ",
+                                        dims, " (one per spatial axis)"));
+    OP_REQUIRES(ctx, coords_t.dims() == 2 && coords_t.dim_size(1) == dims + 1,
+                errors::InvalidArgument("coords must be int32 [N, 1 + D] = [N, ", dims + 1,
+                                        "] rows (batch, spatial...), got shape ",
+                                        coords_t.shape().DebugString()));
+    OP_REQUIRES(ctx, coords_t.dim_size(0) <= kInt32Max,
+                errors::InvalidArgument("coords has more than 2^31 - 1 rows: ",
+                                        coords_t.shape().DebugString()));
+
+    ConvGeometry g{};
+    g.dims = dims;
+    const auto shape_v = shape_t.vec<int32_t>();
+    for (int a = 0; a < dims; ++a) {
+      OP_REQUIRES(ctx, shape_v(a) >= 1,
+                  errors::InvalidArgument("spatial_shape must be positive, got ", shape_v(a),
+                                          " at axis ", a));
+      g.in_shape[a] = shape_v(a);
+      g.kernel[a] = kernel_[a];
+      g.stride[a] = strides_[a];
+      g.dilation[a] = dilations_[a];
+    }
+    FinishGeometry(&g);
+
+    const int64_t n = coords_t.dim_size(0);
+    const int64_t width = dims + 1;
+    const int32_t* coords = coords_t.flat<int32_t>().data();
+
+    // 1. Validate the sites; find the batch size.
+    int64_t batch = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t* row = coords + i * width;
+      OP_REQUIRES(ctx, row[0] >= 0,
+                  errors::InvalidArgument("coords[", i, ", 0] = ", row[0],
+                                          " is a negative batch index"));
+      batch = std::max<int64_t>(batch, int64_t{row[0]} + 1);
+      for (int a = 0; a < dims; ++a) {
+        OP_REQUIRES(ctx, row[1 + a] >= 0 && row[1 + a] < g.in_shape[a],
+                    errors::InvalidArgument("coords[", i, ", ", 1 + a, "] = ", row[1 + a],
+                                            " is outside [0, ", g.in_shape[a],
+                                            ") (spatial_shape[", a, "])"));
+      }
+    }
+    OP_REQUIRES(ctx, GridVolume(batch, dims, g.in_shape) >= 0,
+                errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
+                                        "index with 62-bit keys"));
+
+    // Hash of input sites (serial; reports the first duplicate).
+    const int64_t capacity = HashCapacity(n);
+    std::vector<HashSlot> table(capacity, HashSlot{kEmptyKey, -1, 0});
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t* row = coords + i * width;
+      int64_t x[kMaxCoordDims];
+      for (int a = 0; a < dims; ++a) x[a] = row[1 + a];
+      const int64_t key = PackSite(dims, g.in_shape, row[0], x);
+      const int32_t dup = HashInsert(table.data(), capacity, key, static_cast<int32_t>(i));
+      OP_REQUIRES(ctx, dup < 0,
+                  errors::InvalidArgument("coords has duplicate sites: rows ", dup, " and ", i,
+                                          " are the same site; sites must be unique"));
+    }
+
+    // 2. Output sites.
+    Tensor* out_coords_t = nullptr;
+    if (submanifold_) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, coords_t.shape(), &out_coords_t));
+      if (n > 0) {
+        std::memcpy(out_coords_t->flat<int32_t>().data(), coords,
+                    sizeof(int32_t) * static_cast<size_t>(n * width));
+      }
+    } else {
+      std::vector<int64_t> out_keys;
+      OutputSites(ctx, g, coords, n, &out_keys);
+      const int64_t m = static_cast<int64_t>(out_keys.size());
+      OP_REQUIRES(ctx, m <= kInt32Max,
+                  errors::InvalidArgument("the convolution has more than 2^31 - 1 output sites"));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({m, width}), &out_coords_t));
+      int32_t* out = out_coords_t->flat<int32_t>().data();
+      for (int64_t j = 0; j < m; ++j) {
+        int64_t site[1 + kMaxCoordDims];
+        UnpackSite(dims, g.out_shape, out_keys[j], site);
+        for (int64_t c = 0; c < width; ++c) out[j * width + c] = static_cast<int32_t>(site[c]);
+      }
+    }
+
+    // 3. The rulebook, from the output side.
+    const int64_t m = out_coords_t->dim_size(0);
+    const int32_t* out_coords = out_coords_t->flat<int32_t>().data();
+    const int64_t num_offsets = g.num_offsets;
+    const int64_t num_blocks = (m + kBlockRows - 1) / kBlockRows;
+    const HashSlot* slots = table.data();
+    std::vector<int64_t> offset_taps(num_offsets * kMaxCoordDims);
+    for (int64_t k = 0; k < num_offsets; ++k) OffsetTaps(g, k, &offset_taps[k * kMaxCoordDims]);
+    // Pass 1, parallel over fixed blocks of output rows: every block finds
+    // its pairs in (out_row, offset) order and counts them per offset.
+    std::vector<std::vector<FoundPair>> found(num_blocks);
+    std::vector<int64_t> counts(num_blocks * num_offsets, 0);
+    ParallelFor(ctx, num_blocks, kBlockRows * num_offsets * 60, [&](int64_t b0, int64_t b1) {
+      int64_t o[kMaxCoordDims], p[kMaxCoordDims];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        int64_t* count = counts.data() + blk * num_offsets;
+        std::vector<FoundPair>& mine = found[blk];
+        const int64_t end = std::min(m, (blk + 1) * kBlockRows);
+        for (int64_t j = blk * kBlockRows; j < end; ++j) {
+          const int32_t* row = out_coords + j * width;
+          for (int a = 0; a < dims; ++a) o[a] = row[1 + a];
+          for (int64_t k = 0; k < num_offsets; ++k) {
+            if (!InputPosition(g, o, &offset_taps[k * kMaxCoordDims], p)) continue;
+            const int32_t i = HashFind(slots, capacity, PackSite(dims, g.in_shape, row[0], p));
+            if (i < 0) continue;
+            mine.push_back(FoundPair{i, static_cast<int32_t>(j), static_cast<int32_t>(k)});
+            ++count[k];
+          }
+        }
+      }
+    });
+    // Start of every (offset, block) run: offset-major, then block order.
+    Tensor* pair_ptr_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({num_offsets + 1}), &pair_ptr_t));
+    auto pair_ptr = pair_ptr_t->vec<int32_t>();
+    int64_t total = 0;
+    for (int64_t k = 0; k < num_offsets; ++k) {
+      pair_ptr(k) = static_cast<int32_t>(std::min(total, kInt32Max));
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t c = counts[blk * num_offsets + k];
+        counts[blk * num_offsets + k] = total;
+        total += c;
+      }
+    }
+    OP_REQUIRES(ctx, total <= kInt32Max,
+                errors::InvalidArgument("the rulebook has ", total,
+                                        " pairs, more than 2^31 - 1"));
+    pair_ptr(num_offsets) = static_cast<int32_t>(total);
+    Tensor* pairs_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({total, 2}), &pairs_t));
+    int32_t* pairs = pairs_t->flat<int32_t>().data();
+    // Pass 2: every block writes its runs (in out_row order within an offset).
+    ParallelFor(ctx, num_blocks, kBlockRows * num_offsets * 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        int64_t* next = counts.data() + blk * num_offsets;
+        for (const FoundPair& f : found[blk]) {
+          const int64_t at = next[f.offset]++;
+          pairs[2 * at] = f.in_row;
+          pairs[2 * at + 1] = f.out_row;
+        }
+        std::vector<FoundPair>().swap(found[blk]);
+      }
+    });
+
+    Tensor* out_shape_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({dims}), &out_shape_t));
+    for (int a = 0; a < dims; ++a) {
+      out_shape_t->vec<int32_t>()(a) = static_cast<int32_t>(g.out_shape[a]);
+    }
+  }
+
+ private:
+  // Sorted, unique packed keys (output grid) of every output position that
+  // reads at least one of the n input sites.
+  static void OutputSites(OpKernelContext* ctx, const ConvGeometry& g, const int32_t* coords,
+                          int64_t n, std::vector<int64_t>* out_keys) {
+    const int dims = g.dims;
+    const int64_t width = dims + 1;
+    const int64_t num_offsets = g.num_offsets;
+    const int64_t num_blocks = (n + kBlockRows - 1) / kBlockRows;
+    std::vector<std::vector<int64_t>> proposals(num_blocks);
+    ParallelFor(ctx, num_blocks, kBlockRows * num_offsets * 80, [&](int64_t b0, int64_t b1) {
+      int64_t taps[kMaxCoordDims], o[kMaxCoordDims], p[kMaxCoordDims];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        std::vector<int64_t>& mine = proposals[blk];
+        const int64_t end = std::min(n, (blk + 1) * kBlockRows);
+        for (int64_t i = blk * kBlockRows; i < end; ++i) {
+          const int32_t* row = coords + i * width;
+          for (int a = 0; a < dims; ++a) p[a] = row[1 + a];
+          for (int64_t k = 0; k < num_offsets; ++k) {
+            OffsetTaps(g, k, taps);
+            if (OutputPosition(g, p, taps, o)) {
+              mine.push_back(PackSite(dims, g.out_shape, row[0], o));
+            }
+          }
+        }
+        std::sort(mine.begin(), mine.end());
+        mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
+      }
+    });
+    size_t total = 0;
+    for (const auto& v : proposals) total += v.size();
+    out_keys->clear();
+    out_keys->reserve(total);
+    for (auto& v : proposals) {
+      out_keys->insert(out_keys->end(), v.begin(), v.end());
+      std::vector<int64_t>().swap(v);
+    }
+    std::sort(out_keys->begin(), out_keys->end());
+    out_keys->erase(std::unique(out_keys->begin(), out_keys->end()), out_keys->end());
+  }
+
+  std::vector<int64_t> kernel_, strides_, dilations_;
+  bool submanifold_ = true;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook").Device(::tensorflow::DEVICE_CPU),
+                        SparseConvRulebookOp);
+
+}  // namespace tf_sparseconv
