@@ -61,6 +61,7 @@
 
 #include "tf_sparseconv/cc/kernels/block_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/block_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/topk_common.h"
 
 namespace tf_sparseconv {
@@ -85,44 +86,7 @@ constexpr int64_t kAlign = 256;         // workspace sub-buffers
 // Element types
 // ---------------------------------------------------------------------------
 
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(__half v) {
-    return __half2float(v);
-  }
-  static __device__ __forceinline__ __half Store(float v) {
-    return __float2half_rn(v);
-  }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 Store(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
-
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(float v) { return v; }
-  static __device__ __forceinline__ float Store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double Load(double v) { return v; }
-  static __device__ __forceinline__ double Store(double v) { return v; }
-};
+using gpu::Elem;  // gpu_elem.cu.h
 
 __device__ __forceinline__ float NegInf(float) { return -__int_as_float(0x7f800000); }
 __device__ __forceinline__ double NegInf(double) {

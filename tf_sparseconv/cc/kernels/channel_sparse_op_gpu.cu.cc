@@ -40,6 +40,7 @@
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/topk_common.h"
 
 namespace tf_sparseconv {
@@ -57,44 +58,7 @@ constexpr int64_t kTargetThreads = int64_t{1} << 17;
 // Element types
 // ---------------------------------------------------------------------------
 
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(__half v) {
-    return __half2float(v);
-  }
-  static __device__ __forceinline__ __half Store(float v) {
-    return __float2half_rn(v);
-  }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 Store(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
-
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float Load(float v) { return v; }
-  static __device__ __forceinline__ float Store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double Load(double v) { return v; }
-  static __device__ __forceinline__ double Store(double v) { return v; }
-};
+using gpu::Elem;  // gpu_elem.cu.h
 
 // ---------------------------------------------------------------------------
 // Device helpers
