@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from keras import constraints, initializers, regularizers
 
 
 def check_backend(layer_name: str) -> None:
@@ -43,3 +44,64 @@ def check_exactly_one(**kwargs) -> None:
     if len(given) != 1:
         names = " or ".join(f"`{k}`" for k in kwargs)
         raise ValueError(f"Pass exactly one of {names}; got {given or 'none'}")
+
+
+def int_tuple(value, rank: int, name: str) -> tuple[int, ...]:
+    """A positive int, or `rank` of them, as a tuple (Keras-style kernel_size/strides)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * rank
+    try:
+        result = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an int or a tuple of {rank} ints, got {value!r}") from None
+    if len(result) != rank or min(result) < 1:
+        raise ValueError(f"`{name}` must be a positive int or a tuple of {rank} positive ints, got {value!r}")
+    return result
+
+
+class ConvWeightsMixin:
+    """Keras-style initializer/regularizer/constraint arguments of the kernels and biases."""
+
+    def _init_weight_args(
+        self,
+        kernel_initializer,
+        bias_initializer,
+        kernel_regularizer,
+        bias_regularizer,
+        kernel_constraint,
+        bias_constraint,
+    ):
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+
+    def _kernel(self, name, shape, initializer=None):
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=initializer or self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+
+    def _bias(self, name, size):
+        return self.add_weight(
+            name=name,
+            shape=(size,),
+            initializer=self.bias_initializer,
+            regularizer=self.bias_regularizer,
+            constraint=self.bias_constraint,
+        )
+
+    def _weight_config(self):
+        return {
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        }

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import activations, constraints, initializers, regularizers
+from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import check_backend
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple
 from tf_sparseconv.python.ops import block_sparse_ops
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        result = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}") from None
-    if len(result) != 2 or min(result) < 1:
-        raise ValueError(f"`{name}` must be a positive int or a pair of positive ints, got {value!r}")
-    return result
 
 
 def _split_inputs(inputs, layer_name: str):
@@ -28,56 +16,8 @@ def _split_inputs(inputs, layer_name: str):
     return inputs[0], inputs[1]
 
 
-class _WeightsMixin:
-    """Keras-style initializer/regularizer/constraint arguments of the kernels and biases."""
-
-    def _init_weight_args(
-        self,
-        kernel_initializer,
-        bias_initializer,
-        kernel_regularizer,
-        bias_regularizer,
-        kernel_constraint,
-        bias_constraint,
-    ):
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
-
-    def _kernel(self, name, shape):
-        return self.add_weight(
-            name=name,
-            shape=shape,
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-
-    def _bias(self, name, size):
-        return self.add_weight(
-            name=name,
-            shape=(size,),
-            initializer=self.bias_initializer,
-            regularizer=self.bias_regularizer,
-            constraint=self.bias_constraint,
-        )
-
-    def _weight_config(self):
-        return {
-            "kernel_initializer": initializers.serialize(self.kernel_initializer),
-            "bias_initializer": initializers.serialize(self.bias_initializer),
-            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": constraints.serialize(self.kernel_constraint),
-            "bias_constraint": constraints.serialize(self.bias_constraint),
-        }
-
-
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
-class BlockSparseConv2D(_WeightsMixin, keras.layers.Layer):
+class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
     """2-D convolution computed only in the active blocks of a mask (SBNet).
 
     Called on `[x, mask]` with `x` `[B, H, W, Cin]` and `mask` `[B, H, W]` or
@@ -120,9 +60,9 @@ class BlockSparseConv2D(_WeightsMixin, keras.layers.Layer):
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"`filters` must be a positive int, got {filters!r}")
         self.filters = filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.block_size = _pair(block_size, "block_size")
-        self.strides = _pair(strides, "strides")
+        self.kernel_size = int_tuple(kernel_size, 2, "kernel_size")
+        self.block_size = int_tuple(block_size, 2, "block_size")
+        self.strides = int_tuple(strides, 2, "strides")
         if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
             raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
         self.padding = padding.lower()
@@ -204,7 +144,7 @@ class BlockSparseConv2D(_WeightsMixin, keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
-class BlockSparseResidualBlock(_WeightsMixin, keras.layers.Layer):
+class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
     """SBNet's sparse residual block: `x + f(x)` computed only in the active blocks.
 
     Called on `[x, mask]` (`x` `[B, H, W, C]`, mask at the same resolution).
@@ -244,8 +184,8 @@ class BlockSparseResidualBlock(_WeightsMixin, keras.layers.Layer):
         ):
             raise ValueError(f"`bottleneck_filters` must be a positive int, got {bottleneck_filters!r}")
         self.bottleneck_filters = bottleneck_filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.block_size = _pair(block_size, "block_size")
+        self.kernel_size = int_tuple(kernel_size, 2, "kernel_size")
+        self.block_size = int_tuple(block_size, 2, "block_size")
         self.threshold = float(threshold)
         self.avgpool = bool(avgpool)
         self.activation = activations.get(activation)

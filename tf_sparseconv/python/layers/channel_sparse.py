@@ -5,25 +5,19 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import activations, constraints, initializers, regularizers
+from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import check_backend, check_exactly_one, check_fraction
+from tf_sparseconv.python.layers._base import (
+    ConvWeightsMixin,
+    check_backend,
+    check_exactly_one,
+    check_fraction,
+    int_tuple,
+)
 from tf_sparseconv.python.ops import channel_sparse_ops
 
 
-def _tuple(value, rank: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * rank
-    try:
-        result = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or a tuple of {rank} ints, got {value!r}") from None
-    if len(result) != rank or min(result) < 1:
-        raise ValueError(f"`{name}` must be a positive int or a tuple of {rank} positive ints, got {value!r}")
-    return result
-
-
-class _ChannelSparseConv(keras.layers.Layer):
+class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
     """Shared implementation of ChannelSparseConv1D/2D (channels-last)."""
 
     rank: int
@@ -56,9 +50,9 @@ class _ChannelSparseConv(keras.layers.Layer):
             raise ValueError(f"`filters` must be a positive int, got {filters!r}")
         check_exactly_one(density=density, fan_in=fan_in, connections=connections)
         self.filters = filters
-        self.kernel_size = _tuple(kernel_size, self.rank, "kernel_size")
-        self.strides = _tuple(strides, self.rank, "strides")
-        self.dilation_rate = _tuple(dilation_rate, self.rank, "dilation_rate")
+        self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
+        self.strides = int_tuple(strides, self.rank, "strides")
+        self.dilation_rate = int_tuple(dilation_rate, self.rank, "dilation_rate")
         if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
             raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
         self.padding = padding.lower()
@@ -85,12 +79,14 @@ class _ChannelSparseConv(keras.layers.Layer):
         self.connection_seed = int(connection_seed)
         self.use_bias = use_bias
         self.activation = activations.get(activation)
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+        self._init_weight_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+        )
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
         self.supports_jit = False
 
@@ -115,24 +111,12 @@ class _ChannelSparseConv(keras.layers.Layer):
                 f"{in_channels} channels"
             )
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={-1: in_channels})
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(*self.kernel_size, self.fan_in_channels, self.filters),
+        self.kernel = self._kernel(
+            "kernel",
+            (*self.kernel_size, self.fan_in_channels, self.filters),
             initializer=self._fan_aware_initializer(in_channels),
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
         )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.filters,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-            if self.use_bias
-            else None
-        )
+        self.bias = self._bias("bias", self.filters) if self.use_bias else None
         self.built = True
 
     def _fan_aware_initializer(self, in_channels: int):
@@ -201,13 +185,8 @@ class _ChannelSparseConv(keras.layers.Layer):
                 "dilation_rate": self.dilation_rate,
                 "use_bias": self.use_bias,
                 "activation": activations.serialize(self.activation),
-                "kernel_initializer": initializers.serialize(self.kernel_initializer),
-                "bias_initializer": initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
-                "kernel_constraint": constraints.serialize(self.kernel_constraint),
-                "bias_constraint": constraints.serialize(self.bias_constraint),
+                **self._weight_config(),
             }
         )
         return config

@@ -51,3 +51,26 @@ def choice(value, name: str, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"`{name}` must be one of {options}, got {value!r}")
     return value
+
+
+def int_tuple(value, rank: int, name: str, minimum: int | None = 1) -> tuple[int, ...]:
+    """An int, or `rank` ints, as a tuple of Python ints (sizes, strides, dilations, offsets).
+
+    Bools and non-integral values are rejected, every entry must fit in int32 (op attributes
+    are int32) and be `>= minimum` (no lower bound when `minimum` is None).
+    """
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+        value = (value,) * rank
+    try:
+        entries = tuple(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an int or {rank} ints, got {value!r}") from None
+    exact = all(isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool) for v in entries)
+    if len(entries) != rank or not exact:
+        raise ValueError(f"`{name}` must be an int or {rank} ints, got {value!r}")
+    limit = np.iinfo(np.int32)
+    low = limit.min if minimum is None else minimum
+    if min(entries) < low or max(entries) > limit.max:
+        bound = f">= {minimum}" if minimum is not None else "in int32 range"
+        raise ValueError(f"`{name}` entries must be {bound}, got {value!r}")
+    return tuple(int(v) for v in entries)

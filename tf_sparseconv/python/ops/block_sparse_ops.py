@@ -20,23 +20,12 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import choice, float_tensor
+from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import load_library
 
 
 def _pair(value, name: str, minimum: int | None = 1) -> tuple[int, int]:
-    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
-        value = (int(value), int(value))
-    try:
-        pair = tuple(int(v) for v in value)
-        exact = all(int(v) == v and not isinstance(v, bool) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or not exact:
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
-    if minimum is not None and min(pair) < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair
+    return int_tuple(value, 2, name, minimum)
 
 
 def _indices(indices) -> tf.Tensor:

@@ -13,20 +13,12 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import choice, float_tensor
+from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import load_library
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
-        value = (int(value), int(value))
-    try:
-        pair = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"`{name}` must be a positive int or a pair of positive ints, got {value!r}")
-    return pair
+    return int_tuple(value, 2, name)
 
 
 def _padding(padding) -> str:

@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import float_tensor
+from tf_sparseconv.python.ops._common import float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import load_library
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -51,17 +51,7 @@ def _spatial_shape(spatial_shape) -> tuple[tf.Tensor, int]:
 
 
 def _per_axis(value, dims: int, name: str) -> tuple[int, ...]:
-    if _is_int(value):
-        value = (int(value),) * dims
-    try:
-        out = tuple(value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or {dims} ints, got {value!r}") from None
-    if len(out) != dims or not all(_is_int(v) for v in out):
-        raise ValueError(f"`{name}` must be an int or {dims} ints (one per spatial axis), got {value!r}")
-    if min(out) < 1 or max(out) > _INT32_MAX:
-        raise ValueError(f"`{name}` must be positive, got {value!r}")
-    return tuple(int(v) for v in out)
+    return int_tuple(value, dims, name)
 
 
 def _coords(coords, dims: int | None) -> tf.Tensor:
