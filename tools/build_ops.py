@@ -112,6 +112,18 @@ def _compile(cmd: list[str], src: Path, obj: Path) -> str:
     return f"compiled {src.relative_to(ROOT)}"
 
 
+def native_has_avx512fp16(cxx: str | None = None) -> bool:
+    """True when `-march=native` enables AVX512-FP16 for this compiler and CPU."""
+    cxx = cxx or os.environ.get("CXX", "g++")
+    proc = subprocess.run(
+        [cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    return "__AVX512FP16__" in proc.stdout
+
+
 def cxx_sources() -> list[Path]:
     return sorted(p for p in CC_DIR.rglob("*.cc") if not p.name.endswith(".cu.cc"))
 
@@ -153,7 +165,11 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
         "-Wno-interference-size",
         "-Wno-unknown-warning-option",
     ]
-    opt.append("-march=native" if _env("TF_SPARSECONV_NATIVE", "1") == "1" else "-march=x86-64-v2")
+    # TensorFlow's bundled Eigen does not compile with AVX512-FP16 enabled (its
+    # PacketMathFP16.h specialisations break), so -march=native on a CPU that
+    # has it (Sapphire Rapids and later) turns that extension off again.
+    native = ["-march=native", "-mno-avx512fp16"] if native_has_avx512fp16(cxx) else ["-march=native"]
+    opt += native if _env("TF_SPARSECONV_NATIVE", "1") == "1" else ["-march=x86-64-v2"]
     asan = _env("TF_SPARSECONV_ASAN", "0") == "1"
     if asan:
         opt += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
