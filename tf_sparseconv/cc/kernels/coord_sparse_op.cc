@@ -48,6 +48,20 @@ constexpr int64_t kKeyLimit = int64_t{1} << 62;
 // Sites per work block: fixed, so the output never depends on the thread count.
 constexpr int64_t kBlockRows = 512;
 
+// Largest dense site index (int32 entries) the rulebook builds instead of a
+// hash table: 128 MiB.
+constexpr int64_t kMaxDenseIndex = int64_t{1} << 25;
+
+// Row of a packed site key: a dense grid of rows (-1: no site) or a hash table.
+struct SiteIndex {
+  const HashSlot* slots;
+  int64_t capacity;
+  const int32_t* grid;
+  int32_t Find(int64_t key) const {
+    return grid != nullptr ? grid[key] : HashFind(slots, capacity, key);
+  }
+};
+
 struct FoundPair {
   int32_t in_row, out_row, offset;
 };
@@ -162,19 +176,32 @@ class SparseConvRulebookOp : public OpKernel {
                 errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
                                         "index with 62-bit keys"));
 
-    // Hash of input sites (serial; reports the first duplicate).
-    const int64_t capacity = HashCapacity(n);
+    // Index of the input sites (serial; reports the first duplicate): a dense
+    // grid of rows when the grid is small next to the lookups it will serve
+    // (one load per lookup, neighbours adjacent in memory), else a hash table.
+    const int64_t volume = GridVolume(batch, dims, g.in_shape);
+    const bool use_grid =
+        volume <= kMaxDenseIndex && volume <= 16 * std::max<int64_t>(n, 1) * g.num_offsets;
+    const int64_t capacity = use_grid ? 0 : HashCapacity(n);
     std::vector<HashSlot> table(capacity, HashSlot{kEmptyKey, -1, 0});
+    std::vector<int32_t> grid(use_grid ? volume : 0, -1);
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* row = coords + i * width;
       int64_t x[kMaxCoordDims];
       for (int a = 0; a < dims; ++a) x[a] = row[1 + a];
       const int64_t key = PackSite(dims, g.in_shape, row[0], x);
-      const int32_t dup = HashInsert(table.data(), capacity, key, static_cast<int32_t>(i));
+      int32_t dup = -1;
+      if (use_grid) {
+        dup = grid[key];
+        grid[key] = static_cast<int32_t>(i);
+      } else {
+        dup = HashInsert(table.data(), capacity, key, static_cast<int32_t>(i));
+      }
       OP_REQUIRES(ctx, dup < 0,
                   errors::InvalidArgument("coords has duplicate sites: rows ", dup, " and ", i,
                                           " are the same site; sites must be unique"));
     }
+    const SiteIndex index{table.data(), capacity, use_grid ? grid.data() : nullptr};
 
     // 2. Output sites.
     Tensor* out_coords_t = nullptr;
@@ -204,7 +231,6 @@ class SparseConvRulebookOp : public OpKernel {
     const int32_t* out_coords = out_coords_t->flat<int32_t>().data();
     const int64_t num_offsets = g.num_offsets;
     const int64_t num_blocks = (m + kBlockRows - 1) / kBlockRows;
-    const HashSlot* slots = table.data();
     std::vector<int64_t> offset_taps(num_offsets * kMaxCoordDims);
     for (int64_t k = 0; k < num_offsets; ++k) OffsetTaps(g, k, &offset_taps[k * kMaxCoordDims]);
     // Pass 1, parallel over fixed blocks of output rows: every block finds
@@ -222,7 +248,7 @@ class SparseConvRulebookOp : public OpKernel {
           for (int a = 0; a < dims; ++a) o[a] = row[1 + a];
           for (int64_t k = 0; k < num_offsets; ++k) {
             if (!InputPosition(g, o, &offset_taps[k * kMaxCoordDims], p)) continue;
-            const int32_t i = HashFind(slots, capacity, PackSite(dims, g.in_shape, row[0], p));
+            const int32_t i = index.Find(PackSite(dims, g.in_shape, row[0], p));
             if (i < 0) continue;
             mine.push_back(FoundPair{i, static_cast<int32_t>(j), static_cast<int32_t>(k)});
             ++count[k];

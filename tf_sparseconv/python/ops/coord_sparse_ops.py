@@ -1,4 +1,4 @@
-"""Coordinate (site-sparse) maps and the rulebook of sparse convolution.
+"""Coordinate (site-sparse) convolution (Hackel et al. 2018; submanifold: Graham et al.).
 
 A sparse map is `features` `[N, C]` plus `coords` int32 `[N, 1 + D]` (batch
 index, then D spatial indices, D = 1, 2 or 3) inside a known `spatial_shape`
@@ -11,16 +11,26 @@ site `out_row`, sorted by `out_row`. Output position `o` reads input position
 `o * s - pad_before + t * d` through tap `t`, with output grid
 `ceil(L / s)` and `pad_before = max((out - 1) * s + (k - 1) * d + 1 - L, 0) // 2`
 per axis: exactly `tf.nn.convolution(..., padding="SAME")`.
+
+The convolution gathers, per kernel offset, the input rows of its pairs,
+multiplies them by that offset's `[Cin, Cout]` kernel slice (one GEMM) and
+adds the products into the output rows (`sparse_conv_features`), so its cost
+scales with the pairs that exist, not with the dense volume. A rulebook can be
+computed once and reused by every layer at the same resolution, and the
+rulebook of a downsampling convolution, transposed, gives the inverse
+(upsampling) convolution of a U-Net (`sparse_conv_transpose`). `topk_sites` is
+the attention step that bounds the number of active sites.
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
 from tf_sparseconv.python.ops._loader import load_library
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -267,3 +277,349 @@ def to_dense(features, coords, spatial_shape, batch_size):
 
 
 tf.no_gradient("TfSparseConv>SparseConvRulebook")
+tf.no_gradient("TfSparseConv>SparseConvRulebookTranspose")
+tf.no_gradient("TfSparseConv>TopKSites")
+
+
+# --- the convolution ---------------------------------------------------------------
+
+
+class Rulebook(NamedTuple):
+    """A convolution's rulebook (see `sparse_conv_rulebook`), reusable across layers."""
+
+    out_coords: tf.Tensor
+    pair_ptr: tf.Tensor
+    pairs: tf.Tensor
+    out_spatial_shape: tf.Tensor
+
+
+def _features_operands(features, kernel, what: str):
+    features = float_tensor(features, "features")
+    kernel = float_tensor(kernel, "kernel")
+    if kernel.dtype != features.dtype:
+        raise ValueError(
+            f"{what}: `kernel` dtype {kernel.dtype.name} must match `features` dtype {features.dtype.name}"
+        )
+    if features.shape.rank is not None and features.shape.rank != 2:
+        raise ValueError(f"{what}: `features` must be [N, Cin], got shape {features.shape}")
+    return features, kernel
+
+
+def _flat_kernel(kernel, dims: int, cin, what: str):
+    """`[k_1..k_D, Cin, Cout]` -> (`[K, Cin, Cout]`, kernel_size)."""
+    if kernel.shape.rank is None or kernel.shape.rank != dims + 2:
+        raise ValueError(
+            f"{what}: `kernel` must be [k_1, ..., k_{dims}, Cin, Cout] for D = {dims} spatial axes, "
+            f"got shape {kernel.shape}"
+        )
+    size = tuple(kernel.shape[:dims])
+    if None in size or min(size) < 1:
+        raise ValueError(f"{what}: `kernel` needs a static, positive spatial size, got shape {kernel.shape}")
+    if cin is not None and kernel.shape[-2] is not None and kernel.shape[-2] != cin:
+        raise ValueError(
+            f"{what}: `kernel` has {kernel.shape[-2]} input channels but `features` has {cin} "
+            f"(kernel shape {kernel.shape})"
+        )
+    k = int(np.prod(size))
+    return tf.reshape(kernel, [k, tf.shape(kernel)[-2], tf.shape(kernel)[-1]]), size
+
+
+def _is_symmetric(kernel_size, dilations, submanifold: bool) -> bool:
+    """True when the submanifold rulebook is its own transpose with offsets reversed."""
+    return submanifold and all((k - 1) * d % 2 == 0 for k, d in zip(kernel_size, dilations))
+
+
+def _features_op(features, kernel, pair_ptr, pairs, num_out, symmetric=False):
+    library = load_library()
+    if library is None:
+        return sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out)
+    return library.tf_sparse_conv_sparse_conv_features(
+        features, kernel, pair_ptr, pairs, num_out, symmetric=symmetric
+    )
+
+
+def _num_rows(value, name: str) -> tf.Tensor:
+    if _is_int(value):
+        if not 0 <= value <= _INT32_MAX:
+            raise ValueError(f"`{name}` must be in [0, 2^31 - 1], got {value!r}")
+    elif isinstance(value, numbers.Number):
+        raise ValueError(f"`{name}` must be an int, got {value!r}")
+    t = tf.convert_to_tensor(value)
+    if not t.dtype.is_integer or (t.shape.rank is not None and t.shape.rank != 0):
+        raise ValueError(f"`{name}` must be an integer scalar, got {t.dtype.name} of shape {t.shape}")
+    return tf.cast(t, tf.int32)
+
+
+def _rulebook_tensors(pair_ptr, pairs):
+    pair_ptr = tf.convert_to_tensor(pair_ptr)
+    pairs = tf.convert_to_tensor(pairs)
+    if not pair_ptr.dtype.is_integer or not pairs.dtype.is_integer:
+        raise ValueError("`pair_ptr` and `pairs` must be int32 tensors")
+    if pairs.shape.rank is not None and (pairs.shape.rank != 2 or pairs.shape[1] not in (None, 2)):
+        raise ValueError(f"`pairs` must be int32 [P, 2], got shape {pairs.shape}")
+    return tf.cast(pair_ptr, tf.int32), tf.cast(pairs, tf.int32)
+
+
+def sparse_conv_features(features, kernel, pair_ptr, pairs, num_out, name: str | None = None):
+    """Gather -> GEMM per kernel offset -> scatter-add along a rulebook.
+
+    `out[dst] = sum_k sum_{(src, dst) in offset k} features[src] @ kernel[k]`.
+
+    Args:
+      features: `[N, Cin]`.
+      kernel: `[K, Cin, Cout]` (the spatial kernel dims flattened row-major).
+      pair_ptr, pairs: a rulebook (`sparse_conv_rulebook`, or
+        `sparse_conv_rulebook_transpose`): int32 `[K + 1]` and `[P, 2]` rows
+        `(src, dst)`, dst non-decreasing within an offset.
+      num_out: number of output rows.
+
+    Returns:
+      `[num_out, Cout]`; rows without pairs are 0.
+    """
+    features, kernel = _features_operands(features, kernel, "sparse_conv_features")
+    if kernel.shape.rank is not None and kernel.shape.rank != 3:
+        raise ValueError(f"sparse_conv_features: `kernel` must be [K, Cin, Cout], got shape {kernel.shape}")
+    pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
+    with tf.name_scope(name or "sparse_conv_features"):
+        return _features_op(features, kernel, pair_ptr, pairs, _num_rows(num_out, "num_out"))
+
+
+def sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src):
+    """The transposed rulebook: pairs `(src, dst)` -> `(dst, src)`, sorted by the new dst.
+
+    `pair_ptr` is unchanged. `num_src` is the number of rows `src` indexes.
+    """
+    pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
+    num_src = _num_rows(num_src, "num_src")
+    library = load_library()
+    if library is None:
+        return sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src)
+    return library.tf_sparse_conv_sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src)
+
+
+def sparse_conv(
+    features,
+    coords,
+    kernel,
+    spatial_shape,
+    strides=1,
+    dilations=1,
+    submanifold: bool = True,
+    rulebook: Rulebook | None = None,
+    name: str | None = None,
+):
+    """Sparse convolution of the map `(features, coords)` (padding "SAME").
+
+    Args:
+      features: `[N, Cin]` float.
+      coords: int32 `[N, 1 + D]` unique sites.
+      kernel: `[k_1, ..., k_D, Cin, Cout]`.
+      spatial_shape: D ints (or an int32 tensor of static length D).
+      strides, dilations: an int or D ints.
+      submanifold: `True` (strides 1): the output sites are the input sites
+        (no fill-in); `False`: every output position whose receptive field
+        holds an input site, sorted.
+      rulebook: a `Rulebook` computed earlier for the same coords and geometry
+        (e.g. by the previous layer at this resolution); computed when None.
+
+    Returns:
+      `(out_features [M, Cout], out_coords [M, 1 + D], out_spatial_shape [D])`,
+      equal to `tf.nn.convolution(to_dense(...), kernel, strides, "SAME",
+      dilations)` at the output sites.
+    """
+    with tf.name_scope(name or "sparse_conv"):
+        features, kernel = _features_operands(features, kernel, "sparse_conv")
+        shape, dims = _spatial_shape(spatial_shape)
+        flat, kernel_size = _flat_kernel(kernel, dims, features.shape[-1], "sparse_conv")
+        stride = _per_axis(strides, dims, "strides")
+        dilation = _per_axis(dilations, dims, "dilations")
+        coords = _coords(coords, dims)
+        if rulebook is None:
+            rulebook = Rulebook(
+                *sparse_conv_rulebook(coords, shape, kernel_size, stride, dilation, submanifold)
+            )
+        num_out = tf.shape(rulebook.out_coords)[0]
+        symmetric = _is_symmetric(kernel_size, dilation, bool(submanifold))
+        out = _features_op(features, flat, rulebook.pair_ptr, rulebook.pairs, num_out, symmetric)
+        return out, rulebook.out_coords, rulebook.out_spatial_shape
+
+
+def sparse_conv_transpose(features, kernel, rulebook: Rulebook, coords, name: str | None = None):
+    """Inverse (transposed) sparse convolution: back to the sites of a downsampling conv's input.
+
+    `rulebook` is the rulebook of a (typically strided, non-submanifold)
+    convolution from the sites `coords` (`N` rows) to `rulebook.out_coords`
+    (`M` rows). `features` `[M, Cin]` live on those output sites; the result
+    `[N, Cout]` lives on `coords`:
+    `out[i] = sum_k sum_{(i, j) in offset k} features[j] @ kernel[k]`, with
+    `kernel` `[k_1, ..., k_D, Cin, Cout]`. With `kernel[k] = W[k]^T` this is
+    the transpose (adjoint) of the convolution with `W`; it restores the
+    fine sites exactly, as in the decoder of a sparse U-Net.
+    """
+    with tf.name_scope(name or "sparse_conv_transpose"):
+        features, kernel = _features_operands(features, kernel, "sparse_conv_transpose")
+        dims = rulebook.out_coords.shape[-1] - 1 if rulebook.out_coords.shape[-1] is not None else None
+        if dims is None:
+            dims = kernel.shape.rank - 2
+        flat, _ = _flat_kernel(kernel, dims, features.shape[-1], "sparse_conv_transpose")
+        coords = _coords(coords, dims)
+        num_out = tf.shape(coords)[0]
+        transposed = sparse_conv_rulebook_transpose(rulebook.pair_ptr, rulebook.pairs, num_out)
+        return _features_op(features, flat, rulebook.pair_ptr, transposed, num_out)
+
+
+_SCORES = ("l2", "abs_max")
+
+
+def topk_sites(features, coords, k, score: str = "l2", name: str | None = None):
+    """Attention step of a sparse map: per batch sample keep the `k` highest-scoring sites.
+
+    Args:
+      features: `[N, C]`; coords: int32 `[N, 1 + D]` (the batch is column 0).
+      k: int >= 1 (or an int32 scalar tensor).
+      score: `"l2"` (L2 norm of the feature row) or `"abs_max"` (max |value|).
+
+    Returns:
+      `(features, coords)` of the kept sites in their original order; ties go
+      to the lower row, NaN scores rank highest. Gradients flow to the kept rows.
+    """
+    choice(score, "score", _SCORES)
+    with tf.name_scope(name or "topk_sites"):
+        features = float_tensor(features, "features")
+        if features.shape.rank is not None and features.shape.rank != 2:
+            raise ValueError(f"topk_sites: `features` must be [N, C], got shape {features.shape}")
+        coords = _coords(coords, None)
+        k = positive_count(k, "k")
+        library = load_library()
+        if library is None:
+            rows = topk_sites_rows_reference(features, coords, k, score)
+        else:
+            rows = library.tf_sparse_conv_top_k_sites(features, coords, k, score=score)
+        return tf.gather(features, rows), tf.gather(coords, rows)
+
+
+# --- gradients ----------------------------------------------------------------------
+
+
+@tf.RegisterGradient("TfSparseConv>SparseConvFeatures")
+def _sparse_conv_features_grad(op, grad):
+    features, kernel, pair_ptr, pairs, num_out = op.inputs
+    n = tf.shape(features)[0]
+    library = load_library()
+    kernel_t = tf.transpose(kernel, [0, 2, 1])
+    if op.get_attr("symmetric"):
+        # Offset k's pairs, swapped, are offset K-1-k's: same rulebook, kernel reversed.
+        d_features = library.tf_sparse_conv_sparse_conv_features(
+            grad, tf.reverse(kernel_t, [0]), pair_ptr, pairs, n, symmetric=True
+        )
+    else:
+        transposed = library.tf_sparse_conv_sparse_conv_rulebook_transpose(pair_ptr, pairs, n)
+        d_features = library.tf_sparse_conv_sparse_conv_features(grad, kernel_t, pair_ptr, transposed, n)
+    d_kernel = library.tf_sparse_conv_sparse_conv_kernel_grad(features, grad, pair_ptr, pairs)
+    return d_features, d_kernel, None, None, None
+
+
+@tf.RegisterGradient("TfSparseConv>SparseConvKernelGrad")
+def _sparse_conv_kernel_grad_grad(op, grad):
+    # kernel_grad(f, g)[k] = sum f[src]^T g[dst]: bilinear in f and g.
+    features, out_grad, pair_ptr, pairs = op.inputs
+    library = load_library()
+    n, m = tf.shape(features)[0], tf.shape(out_grad)[0]
+    transposed = library.tf_sparse_conv_sparse_conv_rulebook_transpose(pair_ptr, pairs, n)
+    d_features = library.tf_sparse_conv_sparse_conv_features(
+        out_grad, tf.transpose(grad, [0, 2, 1]), pair_ptr, transposed, n
+    )
+    d_out_grad = library.tf_sparse_conv_sparse_conv_features(features, grad, pair_ptr, pairs, m)
+    return d_features, d_out_grad, None, None
+
+
+# --- pure-TensorFlow references -------------------------------------------------------
+
+
+def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out):
+    """Pure-TF `sparse_conv_features`: one gather / matmul / scatter-add per offset."""
+    features, kernel = _features_operands(features, kernel, "sparse_conv_features")
+    pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
+    num_out = _num_rows(num_out, "num_out")
+    num_offsets = kernel.shape[0]
+    if num_offsets is None:
+        raise ValueError("sparse_conv_features_reference needs a static number of kernel offsets")
+    n = tf.shape(features)[0]
+    checks = [
+        tf.debugging.assert_equal(tf.shape(pair_ptr)[0], num_offsets + 1, message="pair_ptr must be [K + 1]"),
+        tf.debugging.assert_equal(pair_ptr[0], 0, message="pair_ptr must start at 0"),
+        tf.debugging.assert_equal(pair_ptr[-1], tf.shape(pairs)[0], message="pair_ptr must end at P"),
+        tf.debugging.assert_non_negative(
+            pair_ptr[1:] - pair_ptr[:-1], message="pair_ptr must be non-decreasing"
+        ),
+        tf.debugging.assert_non_negative(pairs, message="pairs: negative row"),
+        tf.debugging.assert_less(pairs[:, 0], n, message="pairs: src outside [0, N) (a row of features)"),
+        tf.debugging.assert_less(pairs[:, 1], num_out, message="pairs: dst outside [0, num_out)"),
+    ]
+    with tf.control_dependencies(checks):
+        out = tf.zeros(tf.stack([num_out, tf.shape(kernel)[2]]), features.dtype)
+    for k in range(num_offsets):
+        seg = pairs[pair_ptr[k] : pair_ptr[k + 1]]
+        product = tf.matmul(tf.gather(features, seg[:, 0]), kernel[k])
+        out = tf.tensor_scatter_nd_add(out, seg[:, 1:2], product)
+    return out
+
+
+def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
+    """Pure-TF `sparse_conv_rulebook_transpose`."""
+    pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
+    num_src = tf.cast(num_src, tf.int64)
+    offset = tf.repeat(tf.range(tf.shape(pair_ptr)[0] - 1), pair_ptr[1:] - pair_ptr[:-1])
+    key = tf.cast(offset, tf.int64) * (num_src + 1) + tf.cast(pairs[:, 0], tf.int64)
+    order = tf.argsort(key, stable=True)
+    return tf.reverse(tf.gather(pairs, order), [1])
+
+
+def sparse_conv_reference(
+    features, coords, kernel, spatial_shape, strides=1, dilations=1, submanifold: bool = True
+):
+    """Pure-TF `sparse_conv` (reference rulebook + per-offset gather/matmul/scatter)."""
+    features, kernel = _features_operands(features, kernel, "sparse_conv")
+    shape, dims = _spatial_shape(spatial_shape)
+    flat, kernel_size = _flat_kernel(kernel, dims, features.shape[-1], "sparse_conv")
+    out_coords, pair_ptr, pairs, out_shape = sparse_conv_rulebook_reference(
+        coords, shape, kernel_size, strides, dilations, submanifold
+    )
+    flat = tf.reshape(kernel, [int(np.prod(kernel_size)), kernel.shape[-2], kernel.shape[-1]])
+    out = sparse_conv_features_reference(features, flat, pair_ptr, pairs, tf.shape(out_coords)[0])
+    return out, out_coords, out_shape
+
+
+def topk_sites_rows_reference(features, coords, k, score: str = "l2"):
+    """Pure-TF rows kept by `topk_sites` (int32, ascending)."""
+    choice(score, "score", _SCORES)
+    features = float_tensor(features, "features")
+    coords = _coords(coords, None)
+    k = positive_count(k, "k")
+    n = tf.shape(features)[0]
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(coords)[0], n, message="features and coords: different row counts"
+        ),
+        tf.debugging.assert_non_negative(coords[:, 0], message="coords: negative batch index"),
+        tf.debugging.assert_positive(k, message="k must be >= 1"),
+    ]
+    with tf.control_dependencies(checks):
+        values = tf.cast(features, tf.float64 if features.dtype == tf.float64 else tf.float32)
+    if score == "l2":
+        s = tf.sqrt(tf.reduce_sum(tf.square(values), axis=1))
+    else:  # max |value| (0 for C = 0), NaN when any value is NaN
+        s = tf.reduce_max(tf.concat([tf.abs(values), tf.zeros([n, 1], values.dtype)], 1), axis=1)
+        s = tf.where(tf.reduce_any(tf.math.is_nan(values), axis=1), tf.constant(np.nan, s.dtype), s)
+    nan = tf.math.is_nan(s)
+    # Order: batch ascending, NaN first, score descending, row ascending
+    # (stable sorts, the last key first).
+    order = tf.argsort(tf.where(nan, tf.zeros_like(s), s), direction="DESCENDING", stable=True)
+    order = tf.gather(order, tf.argsort(tf.gather(tf.cast(~nan, tf.int32), order), stable=True))
+    order = tf.gather(order, tf.argsort(tf.gather(coords[:, 0], order), stable=True))
+    batch = tf.gather(coords[:, 0], order)
+    first = tf.concat([tf.ones([tf.minimum(n, 1)], tf.bool), batch[1:] != batch[:-1]], 0)
+    segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
+    rank = tf.range(n) - tf.gather(tf.math.segment_min(tf.range(n), segment), segment)
+    kept = tf.boolean_mask(order, rank < k)
+    return tf.sort(kept)
