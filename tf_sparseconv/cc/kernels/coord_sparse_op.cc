@@ -62,6 +62,71 @@ struct SiteIndex {
   }
 };
 
+// Enumerates, for an output site, the input positions its kernel offsets
+// read that lie inside the input grid, as (offset number, packed input key)
+// in increasing offset order, without per-offset divisions or bounds checks:
+// the valid taps of each axis form a range, and the key of position
+// o * s - pad + t * d is a base plus t * d * radix per axis. Axes are padded
+// to three at the front (kernel 1, radix 0).
+class NeighbourPlan {
+ public:
+  explicit NeighbourPlan(const ConvGeometry& g) : dims_(g.dims) {
+    const int shift = kMaxCoordDims - g.dims;
+    int64_t radix = 1;
+    for (int a = kMaxCoordDims - 1; a >= 0; --a) {
+      if (a < shift) {
+        kernel_[a] = 1, stride_[a] = 0, pad_[a] = 0, length_[a] = 1, step_[a] = 0, radix_[a] = 0;
+        continue;
+      }
+      const int src = a - shift;
+      kernel_[a] = g.kernel[src];
+      stride_[a] = g.stride[src];
+      pad_[a] = g.pad[src];
+      length_[a] = g.in_shape[src];
+      dilation_[a] = g.dilation[src];
+      radix_[a] = radix;
+      step_[a] = g.dilation[src] * radix;
+      radix *= g.in_shape[src];
+    }
+    volume_ = radix;
+    for (int a = 0; a < shift; ++a) dilation_[a] = 1;
+  }
+
+  // `row` is an output coords row (b, o_1, ..., o_D).
+  template <typename Fn>
+  void ForEachInput(const int32_t* row, Fn&& fn) const {
+    const int shift = kMaxCoordDims - dims_;
+    int64_t lo[kMaxCoordDims], hi[kMaxCoordDims];
+    int64_t base = int64_t{row[0]} * volume_;
+    for (int a = 0; a < kMaxCoordDims; ++a) {
+      if (a < shift) {
+        lo[a] = 0, hi[a] = 1;
+        continue;
+      }
+      const int64_t start = int64_t{row[1 + a - shift]} * stride_[a] - pad_[a];  // tap 0
+      const int64_t d = dilation_[a];
+      lo[a] = start >= 0 ? 0 : (-start + d - 1) / d;
+      hi[a] = length_[a] > start ? std::min(kernel_[a], (length_[a] - start + d - 1) / d) : 0;
+      if (lo[a] >= hi[a]) return;
+      base += start * radix_[a];
+    }
+    for (int64_t t0 = lo[0]; t0 < hi[0]; ++t0) {
+      const int64_t k0 = t0 * kernel_[1], key0 = base + t0 * step_[0];
+      for (int64_t t1 = lo[1]; t1 < hi[1]; ++t1) {
+        const int64_t k1 = (k0 + t1) * kernel_[2], key1 = key0 + t1 * step_[1];
+        for (int64_t t2 = lo[2]; t2 < hi[2]; ++t2) fn(k1 + t2, key1 + t2 * step_[2]);
+      }
+    }
+  }
+
+ private:
+  int dims_;
+  int64_t kernel_[kMaxCoordDims], stride_[kMaxCoordDims], pad_[kMaxCoordDims];
+  int64_t length_[kMaxCoordDims], dilation_[kMaxCoordDims], radix_[kMaxCoordDims];
+  int64_t step_[kMaxCoordDims];
+  int64_t volume_ = 1;
+};
+
 struct FoundPair {
   int32_t in_row, out_row, offset;
 };
@@ -231,28 +296,24 @@ class SparseConvRulebookOp : public OpKernel {
     const int32_t* out_coords = out_coords_t->flat<int32_t>().data();
     const int64_t num_offsets = g.num_offsets;
     const int64_t num_blocks = (m + kBlockRows - 1) / kBlockRows;
-    std::vector<int64_t> offset_taps(num_offsets * kMaxCoordDims);
-    for (int64_t k = 0; k < num_offsets; ++k) OffsetTaps(g, k, &offset_taps[k * kMaxCoordDims]);
     // Pass 1, parallel over fixed blocks of output rows: every block finds
     // its pairs in (out_row, offset) order and counts them per offset.
     std::vector<std::vector<FoundPair>> found(num_blocks);
     std::vector<int64_t> counts(num_blocks * num_offsets, 0);
-    ParallelFor(ctx, num_blocks, kBlockRows * num_offsets * 60, [&](int64_t b0, int64_t b1) {
-      int64_t o[kMaxCoordDims], p[kMaxCoordDims];
+    const NeighbourPlan plan(g);
+    ParallelFor(ctx, num_blocks, kBlockRows * num_offsets * 20, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         int64_t* count = counts.data() + blk * num_offsets;
         std::vector<FoundPair>& mine = found[blk];
         const int64_t end = std::min(m, (blk + 1) * kBlockRows);
         for (int64_t j = blk * kBlockRows; j < end; ++j) {
           const int32_t* row = out_coords + j * width;
-          for (int a = 0; a < dims; ++a) o[a] = row[1 + a];
-          for (int64_t k = 0; k < num_offsets; ++k) {
-            if (!InputPosition(g, o, &offset_taps[k * kMaxCoordDims], p)) continue;
-            const int32_t i = index.Find(PackSite(dims, g.in_shape, row[0], p));
-            if (i < 0) continue;
+          plan.ForEachInput(row, [&](int64_t k, int64_t key) {
+            const int32_t i = index.Find(key);
+            if (i < 0) return;
             mine.push_back(FoundPair{i, static_cast<int32_t>(j), static_cast<int32_t>(k)});
             ++count[k];
-          }
+          });
         }
       }
     });
