@@ -54,7 +54,8 @@ FLAGS=(--jobs="${BAZEL_JOBS:-2}")
 if [[ "${TF_SPARSECONV_NATIVE:-1}" == 1 ]]; then
   FLAGS+=(--config=native)
   # TensorFlow's Eigen does not compile with AVX512-FP16 (see tools/build_ops.py).
-  if "${CXX:-g++}" -march=native -dM -E -x c++ /dev/null 2>/dev/null | grep -q __AVX512FP16__; then
+  native_macros="$("${CXX:-g++}" -march=native -dM -E -x c++ /dev/null 2>/dev/null || true)"
+  if [[ "$native_macros" == *__AVX512FP16__* ]]; then
     FLAGS+=(--copt=-mno-avx512fp16)
   fi
 else
