@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,3 +25,10 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subpro
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def random_sites(rng, shape, batch, density) -> np.ndarray:
+    """Unique random sites int32 [n, 1 + D] (batch, spatial...) of a sparse map, in random order."""
+    volume = batch * int(np.prod(shape))
+    flat = rng.choice(volume, size=int(round(density * volume)), replace=False)
+    return np.stack(np.unravel_index(flat, (batch, *shape)), 1).astype(np.int32).reshape(-1, 1 + len(shape))

@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,12 +20,6 @@ import tf_sparseconv as tsc
 from tf_sparseconv.python.ops._loader import load_library
 
 # --- the oracle -------------------------------------------------------------------
-
-
-def random_sites(rng, shape, batch, density):
-    volume = batch * int(np.prod(shape))
-    flat = rng.choice(volume, size=int(round(density * volume)), replace=False)
-    return np.stack(np.unravel_index(flat, (batch, *shape)), 1).astype(np.int32).reshape(-1, 1 + len(shape))
 
 
 def oracle_conv(features, coords, kernel, shape, strides, dilations, submanifold):

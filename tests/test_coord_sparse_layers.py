@@ -200,6 +200,7 @@ def test_configs_round_trip():
         (lambda: tsc.layers.SparseMap((4, 4, 4, 4)), "spatial_shape"),
         (lambda: tsc.layers.SparseGlobalPooling("sum"), "mode"),
         (lambda: tsc.layers.Sparsify(-1.0), "threshold"),
+        (lambda: tsc.layers.SparseBatchNormalization(axis=1), "axis"),
     ],
 )
 def test_bad_arguments(make, match):
@@ -326,3 +327,67 @@ np.testing.assert_allclose(m.serve(tf.constant(x)).numpy(), y, rtol=1e-5, atol=1
 m.serve(tf.constant(x[:3]))
 """
     )
+
+
+@pytest.mark.parametrize(
+    "dims,shape,kernel,strides,cap",
+    [
+        (1, (10,), 2, 2, None),
+        (2, (9, 8), 3, 2, None),
+        (3, (6, 7, 6), 2, 2, None),
+        (3, (8, 8, 8), 3, (2, 1, 2), 6),  # coarse sites a subset (after max_active_sites)
+    ],
+)
+def test_sparse_conv_transpose_equals_dense_conv_transpose(rng, dims, shape, kernel, strides, cap):
+    x = sparse_dense_input(rng, 2, shape, 3, 0.3)
+    fine = tsc.layers.Sparsify()(x)
+    down = CONV[dims](4, kernel, strides=strides, submanifold=False, max_active_sites=cap)
+    coarse = down(fine)
+    up = getattr(tsc.layers, f"SparseConvTranspose{dims}D")(
+        5, kernel, strides=strides, activation="tanh", bias_initializer="random_normal"
+    )
+    features, coords, out_shape = up([coarse, fine])
+    np.testing.assert_array_equal(coords, fine[1])
+    np.testing.assert_array_equal(out_shape, fine[2])
+    if cap is not None:
+        assert np.bincount(np.asarray(coarse[1])[:, 0]).max() <= cap
+    # Dense oracle: tf.nn.conv_transpose (the adjoint of the "SAME" strided convolution).
+    dense_coarse = tsc.ops.to_dense(coarse[0], coarse[1], coarse[2][1:], 2)
+    dense = tf.nn.conv_transpose(
+        dense_coarse,
+        up.kernel,
+        output_shape=[2, *shape, 5],
+        strides=list(up.strides),
+        padding="SAME",
+    )
+    dense = np.tanh(dense.numpy() + up.bias.numpy())
+    np.testing.assert_allclose(features, dense[tuple(np.asarray(coords).T)], rtol=1e-5, atol=1e-5)
+
+
+def test_unet_reuses_the_downsampling_rulebook_and_trains(rng, tmp_path):
+    inputs = keras.Input((8, 8, 8, 2))
+    fine = tsc.layers.Sparsify()(inputs)
+    h = tsc.layers.SparseConv3D(6, 3, activation="relu")(fine)
+    down = tsc.layers.SparseConv3D(8, 2, strides=2, submanifold=False, activation="relu")(h)
+    down = tsc.layers.SparseConv3D(8, 3, activation="relu")(down)
+    up = tsc.layers.SparseConvTranspose3D(6, 2, strides=2, activation="relu")([down, h])
+    out = tsc.layers.SparseConv3D(1, 1)(up)
+    model = keras.Model(inputs, tsc.layers.Densify((8, 8, 8))(out))
+    x = sparse_dense_input(rng, 8, (8, 8, 8), 2, 0.1)
+    target = (x[..., :1] > 0).astype(np.float32)
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit(x, target, batch_size=4, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+    @tf.function
+    def forward(x):
+        return model(x)
+
+    graph = forward.get_concrete_function(tf.TensorSpec([None, 8, 8, 8, 2])).graph
+    rulebooks = [op for op in graph.get_operations() if op.type == "TfSparseConv>SparseConvRulebook"]
+    # 3x3x3 fine, 2x2x2 stride 2 (reused by the transpose, else 5), 3x3x3 coarse, 1x1x1 fine
+    assert len(rulebooks) == 4
+    path = os.path.join(tmp_path, "unet.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), model(x), rtol=1e-5, atol=1e-6)
+    check_config_round_trip(tsc.layers.SparseConvTranspose3D(4, 3, strides=(2, 1, 2), activation="relu"))

@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,16 +82,6 @@ def dense_rulebook(coords, shape, batch, kernel, strides, dilations):
         hits = np.argwhere(y[..., 0] > 0)
         result.append({(int(y[tuple(h)][0]) - 1, tuple(int(v) for v in h)) for h in hits})
     return result
-
-
-def random_sites(rng, shape, batch, density):
-    """Unique random sites, in random order."""
-    volume = batch * int(np.prod(shape))
-    n = int(round(density * volume))
-    flat = rng.choice(volume, size=n, replace=False)
-    return (
-        np.stack(np.unravel_index(flat, (batch, *shape)), axis=1).astype(np.int32).reshape(-1, 1 + len(shape))
-    )
 
 
 def assert_rulebook(got, expected):

@@ -46,6 +46,16 @@ def check_exactly_one(**kwargs) -> None:
         raise ValueError(f"Pass exactly one of {names}; got {given or 'none'}")
 
 
+def positive_int(value, name: str, allow_none: bool = False):
+    """`value` as a positive int (bools rejected); None passes when `allow_none`."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be a positive int{extra}, got {value!r}")
+    return value
+
+
 def int_tuple(value, rank: int, name: str) -> tuple[int, ...]:
     """A positive int, or `rank` of them, as a tuple (Keras-style kernel_size/strides)."""
     if isinstance(value, int) and not isinstance(value, bool):

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
 from tf_sparseconv.python.ops import block_sparse_ops
 
 
@@ -57,9 +57,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         check_backend(type(self).__name__)
-        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
-            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
-        self.filters = filters
+        self.filters = positive_int(filters, "filters")
         self.kernel_size = int_tuple(kernel_size, 2, "kernel_size")
         self.block_size = int_tuple(block_size, 2, "block_size")
         self.strides = int_tuple(strides, 2, "strides")
@@ -177,13 +175,7 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         check_backend(type(self).__name__)
-        if (
-            not isinstance(bottleneck_filters, int)
-            or isinstance(bottleneck_filters, bool)
-            or bottleneck_filters < 1
-        ):
-            raise ValueError(f"`bottleneck_filters` must be a positive int, got {bottleneck_filters!r}")
-        self.bottleneck_filters = bottleneck_filters
+        self.bottleneck_filters = positive_int(bottleneck_filters, "bottleneck_filters")
         self.kernel_size = int_tuple(kernel_size, 2, "kernel_size")
         self.block_size = int_tuple(block_size, 2, "block_size")
         self.threshold = float(threshold)

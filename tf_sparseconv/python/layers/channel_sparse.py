@@ -13,6 +13,7 @@ from tf_sparseconv.python.layers._base import (
     check_exactly_one,
     check_fraction,
     int_tuple,
+    positive_int,
 )
 from tf_sparseconv.python.ops import channel_sparse_ops
 
@@ -46,10 +47,8 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         check_backend(type(self).__name__)
-        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
-            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
+        self.filters = positive_int(filters, "filters")
         check_exactly_one(density=density, fan_in=fan_in, connections=connections)
-        self.filters = filters
         self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
         self.strides = int_tuple(strides, self.rank, "strides")
         self.dilation_rate = int_tuple(dilation_rate, self.rank, "dilation_rate")

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
 from tf_sparseconv.python.ops import coord_sparse_ops
 
 # --- the sparse map in Keras ---------------------------------------------------------
@@ -45,6 +45,15 @@ def _dims_of(coords_shape, layer_name: str) -> int:
             f"{layer_name}: coords must be [N, 1 + D] with D = 1, 2 or 3, got shape {coords_shape}"
         )
     return int(width) - 1
+
+
+def _sparse_spec(shapes, dtype):
+    """KerasTensors of a sparse map [features, coords, shape] with the given shapes."""
+    return [
+        keras.KerasTensor(shapes[0], dtype=dtype),
+        keras.KerasTensor(shapes[1], dtype="int32"),
+        keras.KerasTensor(shapes[2], dtype="int32"),
+    ]
 
 
 class _RulebookCache:
@@ -113,11 +122,7 @@ class Sparsify(_SparseLayer):
 
     def compute_output_spec(self, x):
         shapes = self.compute_output_shape(x.shape)
-        return [
-            keras.KerasTensor(shapes[0], dtype=x.dtype),
-            keras.KerasTensor(shapes[1], dtype="int32"),
-            keras.KerasTensor(shapes[2], dtype="int32"),
-        ]
+        return _sparse_spec(shapes, x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "threshold": self.threshold}
@@ -138,9 +143,7 @@ class SparseMap(_SparseLayer):
         self.spatial_shape = int_tuple(spatial_shape, len(spatial_shape), "spatial_shape")
         if len(self.spatial_shape) not in (1, 2, 3):
             raise ValueError(f"`spatial_shape` must have 1, 2 or 3 entries, got {spatial_shape!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = positive_int(batch_size, "batch_size", allow_none=True)
 
     def call(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
@@ -164,11 +167,7 @@ class SparseMap(_SparseLayer):
 
     def compute_output_spec(self, inputs):
         shapes = self.compute_output_shape([inputs[0].shape, inputs[1].shape])
-        return [
-            keras.KerasTensor(shapes[0], dtype=inputs[0].dtype),
-            keras.KerasTensor(shapes[1], dtype="int32"),
-            keras.KerasTensor(shapes[2], dtype="int32"),
-        ]
+        return _sparse_spec(shapes, inputs[0].dtype)
 
     def get_config(self):
         return {**super().get_config(), "spatial_shape": self.spatial_shape, "batch_size": self.batch_size}
@@ -282,22 +281,14 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
-            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
-        self.filters = filters
+        self.filters = positive_int(filters, "filters")
         self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
         self.strides = int_tuple(strides, self.rank, "strides")
         self.dilation_rate = int_tuple(dilation_rate, self.rank, "dilation_rate")
         self.submanifold = bool(submanifold)
         if self.submanifold and max(self.strides) > 1:
             raise ValueError(f"`strides` must be 1 for a submanifold convolution, got {strides!r}")
-        if max_active_sites is not None and (
-            not isinstance(max_active_sites, int)
-            or isinstance(max_active_sites, bool)
-            or max_active_sites < 1
-        ):
-            raise ValueError(f"`max_active_sites` must be a positive int or None, got {max_active_sites!r}")
-        self.max_active_sites = max_active_sites
+        self.max_active_sites = positive_int(max_active_sites, "max_active_sites", allow_none=True)
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
         self._init_weight_args(
@@ -354,11 +345,7 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
         features, _, _ = _split(inputs, type(self).__name__)
         shapes = self.compute_output_shape([t.shape for t in inputs])
         dtype = self.compute_dtype if features.dtype != "float64" else "float64"
-        return [
-            keras.KerasTensor(shapes[0], dtype=dtype),
-            keras.KerasTensor(shapes[1], dtype="int32"),
-            keras.KerasTensor(shapes[2], dtype="int32"),
-        ]
+        return _sparse_spec(shapes, dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -400,6 +387,155 @@ class SparseConv3D(SparseConv):
     rank = 3
 
 
+class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
+    """Inverse (transposed) sparse convolution: upsample a coarse map onto a fine map's sites.
+
+    Called on `[coarse, fine]` (two sparse maps): `fine` is the map a strided
+    `SparseConv` (same `kernel_size` and `strides`) downsampled, `coarse` a map
+    on that convolution's output grid (e.g. its output, processed further; its
+    sites may be a subset, as after `max_active_sites`). The output lives on
+    `fine`'s sites (the U-Net decoder restores the encoder's sites exactly) and
+    equals `activation(conv_transpose(dense(coarse), kernel, strides, "same") + bias)`
+    there, `conv_transpose` being Keras' `ConvNDTranspose(padding="same")` /
+    `tf.nn.conv3d_transpose` (the adjoint of the "SAME" strided convolution).
+    The kernel has Keras' transposed-convolution layout `[k_1..k_D, filters, Cin]`.
+    The downsampling rulebook is reused when the fine map's coords are the same
+    tensor the downsampling layer saw.
+    """
+
+    rank: int = 0
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=2,
+        activation=None,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.filters = positive_int(filters, "filters")
+        self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
+        self.strides = int_tuple(strides, self.rank, "strides")
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self._init_weight_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+        )
+
+    def _maps(self, inputs):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise ValueError(f"{type(self).__name__} is called on [coarse, fine] sparse maps, got {inputs!r}")
+        return _split(inputs[0], type(self).__name__), _split(inputs[1], type(self).__name__)
+
+    def build(self, input_shape):
+        (coarse, coarse_coords, _), (_, fine_coords, _) = self._maps(input_shape)
+        if coarse[-1] is None:
+            raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {coarse}")
+        for coords in (coarse_coords, fine_coords):
+            if coords[-1] is not None and coords[-1] != 1 + self.rank:
+                raise ValueError(f"{type(self).__name__} needs coords [N, {1 + self.rank}], got {coords}")
+        self.kernel = self._kernel("kernel", (*self.kernel_size, self.filters, coarse[-1]))
+        self.bias = self._bias("bias", self.filters) if self.use_bias else None
+        self.built = True
+
+    def call(self, inputs):
+        (features, coarse_coords, _), (_, fine_coords, fine_shape) = self._maps(inputs)
+        rulebook = _RULEBOOKS.get(
+            fine_coords, fine_shape, self.kernel_size, self.strides, (1,) * self.rank, False
+        )
+        # The coarse features in the rulebook's output order (zeros at sites the coarse map lacks).
+        aligned = _align_rows(features, coarse_coords, rulebook.out_coords, rulebook.out_spatial_shape)
+        kernel = tf.cast(self.kernel, features.dtype)
+        kernel = tf.transpose(kernel, [*range(self.rank), self.rank + 1, self.rank])  # [..., Cin, filters]
+        out = coord_sparse_ops.sparse_conv_transpose(aligned, kernel, rulebook, fine_coords)
+        if self.bias is not None:
+            out = out + tf.cast(self.bias, out.dtype)
+        return [self.activation(out), fine_coords, fine_shape]
+
+    def compute_output_shape(self, input_shape):
+        (_, _, _), (_, fine_coords, fine_shape) = self._maps(input_shape)
+        return [(None, self.filters), tuple(fine_coords), tuple(fine_shape)]
+
+    def compute_output_spec(self, inputs):
+        (features, _, _), _ = self._maps(inputs)
+        shapes = self.compute_output_shape([[t.shape for t in m] for m in inputs])
+        return _sparse_spec(shapes, self.compute_dtype if features.dtype != "float64" else "float64")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+                **self._weight_config(),
+            }
+        )
+        return config
+
+
+def _align_rows(features, coords, target_coords, spatial_shape):
+    """`features` (rows at `coords`) reordered to the rows of `target_coords` (both sorted or
+    not); rows of `target_coords` that `coords` lacks get zeros; sites of `coords` outside
+    `target_coords` are dropped."""
+    dims = target_coords.shape[-1] - 1
+    shape = tf.cast(spatial_shape, tf.int64)
+
+    def pack(c):
+        c = tf.cast(c, tf.int64)
+        key = c[:, 0]
+        for a in range(dims):
+            key = key * shape[a] + c[:, 1 + a]
+        return key
+
+    keys, target = pack(coords), pack(target_coords)
+    order = tf.argsort(keys)
+    sorted_keys = tf.gather(keys, order)
+    at = tf.minimum(tf.searchsorted(sorted_keys, target), tf.maximum(tf.size(keys) - 1, 0))
+    found = tf.logical_and(tf.size(keys) > 0, tf.gather(sorted_keys, at, batch_dims=0) == target)
+    rows = tf.gather(order, at)
+    gathered = tf.gather(features, tf.where(found, rows, 0))
+    return tf.where(found[:, None], gathered, tf.zeros_like(gathered))
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class SparseConvTranspose1D(SparseConvTranspose):
+    """Inverse sparse convolution over 1-D sparse maps; see `SparseConvTranspose`."""
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class SparseConvTranspose2D(SparseConvTranspose):
+    """Inverse sparse convolution over 2-D sparse maps; see `SparseConvTranspose`."""
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class SparseConvTranspose3D(SparseConvTranspose):
+    """Inverse sparse convolution over 3-D sparse maps (U-Net decoders); see `SparseConvTranspose`."""
+
+    rank = 3
+
+
 # --- pooling and normalisation ---------------------------------------------------------
 
 
@@ -437,11 +573,7 @@ class SparsePooling(_SparseLayer):
 
     def compute_output_spec(self, inputs):
         shapes = self.compute_output_shape([t.shape for t in inputs])
-        return [
-            keras.KerasTensor(shapes[0], dtype=inputs[0].dtype),
-            keras.KerasTensor(shapes[1], dtype="int32"),
-            keras.KerasTensor(shapes[2], dtype="int32"),
-        ]
+        return _sparse_spec(shapes, inputs[0].dtype)
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides}
@@ -479,7 +611,9 @@ class SparseBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def __init__(self, **kwargs):
-        kwargs.pop("axis", None)
+        axis = kwargs.pop("axis", -1)
+        if axis not in (-1, [-1], (-1,)):
+            raise ValueError(f"SparseBatchNormalization normalises the channels (axis -1), got axis={axis!r}")
         super().__init__(axis=-1, **kwargs)
 
     def build(self, input_shape):
@@ -519,6 +653,10 @@ __all__ = [
     "SparseConv1D",
     "SparseConv2D",
     "SparseConv3D",
+    "SparseConvTranspose",
+    "SparseConvTranspose1D",
+    "SparseConvTranspose2D",
+    "SparseConvTranspose3D",
     "SparseGlobalPooling",
     "SparseMap",
     "SparseMaxPooling1D",
