@@ -23,13 +23,18 @@ Rows (ratios are stock / ours, median wall times, alternated in one process):
   and kernel (rulebook included); stock = `tf.nn.conv3d` and its gradients
   w.r.t. input and filter.
 * GEMM efficiency ("useful FLOP rate"): ours = `sparse_conv_features` alone on
-  a precomputed rulebook, which does 2 * P * Cin * Cout useful FLOPs; "stock"
-  = the time a dense float32 `tf.matmul` (2048 x 2048 @ 2048 x 2048, in a
-  `tf.function`) needs for that many FLOPs, i.e. `2 P Cin Cout / matmul_rate`.
-  The ratio stock / ours is therefore our useful FLOP rate as a fraction of the
-  machine's dense matmul rate (target 0.35). Both are steady-state times (the
-  GEMM op repeated back to back, its first call after the matmul not counted)
-  in alternating blocks, so both see the same machine state.
+  a precomputed rulebook, which does 2 * P * Cin * Cout useful FLOPs, called
+  GEMM_REPEAT times in a while loop inside one tf.function (the op's own time:
+  one tf.function call costs ~0.3-1 ms of Python and runtime overhead on this
+  machine, more than the op at 1 %); "stock" = the time a dense float32
+  `tf.matmul` (2048 x 2048 @ 2048 x 2048, in a `tf.function`) needs for that
+  many FLOPs, i.e. `2 P Cin Cout / matmul_rate`. The ratio stock / ours is
+  therefore our useful FLOP rate as a fraction of the machine's dense matmul
+  rate (target 0.35), timed in alternating blocks.
+* a 4-layer stack (4 x (submanifold conv + relu) at one resolution in one
+  tf.function, one shared rulebook, as `SparseConv3D` layers do) vs 4 x dense
+  conv3d + relu: the per-layer cost in a network, where the call overhead and the
+  rulebook are shared; the note gives the cost of an empty tf.function call.
 * peak memory (64^3 at 1 %, 32^3 with --quick, forward; not a `Row` because its unit is bytes,
   printed as a separate table and summarised in the note of that forward row):
   (a) tensor bytes: sparse = features + coords + rulebook (out_coords, pair_ptr,
@@ -182,6 +187,66 @@ def _functions(size: int):
         return tape.gradient(out, [dense, kernel], output_gradients=dense_dy)
 
     return ours, stock, rulebook, gemm, ours_fb, stock_fb
+
+
+# Calls of the GEMM op per tf.function call in the efficiency rows: the op's own speed,
+# not the ~0.3-1 ms that one tf.function call costs on this machine (measured and printed).
+GEMM_REPEAT = 20
+
+
+def _gemm_loop():
+    """sparse_conv_features GEMM_REPEAT times inside one tf.function (a while loop over
+    slightly different features, so nothing is hoisted or deduplicated)."""
+
+    @tf.function(jit_compile=False)
+    def run(features, coords, kflat, pair_ptr, pairs):
+        del coords
+        n = tf.shape(features)[0]
+
+        def body(i, total):
+            shifted = features + tf.cast(i, features.dtype) * 1e-7
+            out = tsc.ops.sparse_conv_features(shifted, kflat, pair_ptr, pairs, n)
+            return i + 1, total + out[0, 0]
+
+        return tf.while_loop(lambda i, _: i < GEMM_REPEAT, body, (0, tf.constant(0.0)))[1]
+
+    return run
+
+
+def _stack(size: int, layers: int):
+    """`layers` submanifold convs in one tf.function: ours share one rulebook (as the
+    SparseConv3D layers at one resolution do); stock: the same number of dense conv3d."""
+    shape = [size] * 3
+
+    @tf.function(jit_compile=False)
+    def ours(features, coords, kernel, dense):
+        del dense
+        rulebook = tsc.ops.Rulebook(*tsc.ops.sparse_conv_rulebook(coords, shape, KSIZE))
+        h = features
+        for _ in range(layers):
+            h = tf.nn.relu(tsc.ops.sparse_conv(h, coords, kernel, shape, rulebook=rulebook)[0])
+        return h
+
+    @tf.function(jit_compile=False)
+    def stock(features, coords, kernel, dense):
+        del features, coords
+        h = dense
+        for _ in range(layers):
+            h = tf.nn.relu(tf.nn.conv3d(h, kernel, [1] * 5, "SAME"))
+        return h
+
+    return ours, stock
+
+
+def _call_overhead(features, coords, kernel, dense) -> float:
+    """Median ms of one call of a tf.function that does (almost) nothing with the same arguments."""
+
+    @tf.function(jit_compile=False)
+    def nothing(features, coords, kernel, dense):
+        del coords, kernel, dense
+        return features[:1]
+
+    return time_pair(nothing, nothing, features, coords, kernel, dense, repeat=21)[0]
 
 
 def _inputs(size: int, occupancy: float):
@@ -384,7 +449,8 @@ def run(quick: bool = False) -> list[Row]:
         )
         efficiency = None
         if occ in (0.01, 0.05) or size == big:
-            gemm_ms2, matmul_ms = _time_warm_pair(gemm, matmul, *parts)
+            loop_ms, matmul_ms = _time_warm_pair(_gemm_loop(), matmul, *parts, inner=3)
+            gemm_ms2 = loop_ms / GEMM_REPEAT
             rate = matmul_flops / (matmul_ms * 1e-3) / 1e9
             useful = flops / (gemm_ms2 * 1e-3) / 1e9
             efficiency = useful / rate
@@ -399,13 +465,36 @@ def run(quick: bool = False) -> list[Row]:
                     target=0.35,
                     note=(
                         f"useful {useful:.1f} GFLOP/s (2*P*Cin*Cout) = {efficiency:.0%} of "
-                        f"dense matmul {rate:.1f} GFLOP/s (warm, alternated)"
+                        f"dense matmul {rate:.1f} GFLOP/s ({GEMM_REPEAT} calls in one tf.function, "
+                        "alternated with the matmul)"
                     ),
                 )
             )
         if size == small:
             curve.append((occ, stock_ms / ours_ms))
         summary.append((size, occ, n, p, ours_ms, stock_ms, share, gemm_ms, efficiency))
+
+    # A network-like setting: 4 layers at one resolution per call, one shared rulebook.
+    for occ in (0.01, 0.05):
+        features, coords, kernel, dense = _inputs(small, occ)
+        ours_stack, stock_stack = _stack(small, 4)
+        overhead = _call_overhead(features, coords, kernel, dense)
+        stack = time_pair(ours_stack, stock_stack, features, coords, kernel, dense, repeat=9)
+        n = int(coords.shape[0])
+        rows.append(
+            Row(
+                FAMILY,
+                f"[1, {small}, {small}, {small}, {C}] -> {C}, 4 x (3x3x3 submanifold conv + relu) "
+                f"in one call, surface {occ:.1%} ({n} sites), forward",
+                *stack,
+                "4 x (tf.nn.conv3d + relu) on the dense grid",
+                note=(
+                    f"one rulebook for the 4 layers; per layer {stack[0] / 4:.2f} ms vs "
+                    f"{stack[1] / 4:.2f} ms; a tf.function call that does nothing with the same "
+                    f"arguments costs {overhead:.2f} ms here"
+                ),
+            )
+        )
 
     # Forward + backward at 1 % (gradients w.r.t. features and kernel / input and filter).
     features, coords, kernel, dense = _inputs(small, 0.01)
