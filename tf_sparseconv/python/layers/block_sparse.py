@@ -8,6 +8,7 @@ from keras import activations, regularizers
 
 from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
 from tf_sparseconv.python.ops import block_sparse_ops
+from tf_sparseconv.python.ops._common import conv2d_batch_safe
 
 
 def _split_inputs(inputs, layer_name: str):
@@ -230,14 +231,13 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
         b1, b2, b3 = (None if b is None else tf.cast(b, x.dtype) for b in self.biases)
 
         def conv(h, kernel, bias, padding="VALID"):
-            h = tf.nn.conv2d(h, kernel, 1, padding)
+            h = conv2d_batch_safe(h, kernel, (1, 1), padding)
             return h if bias is None else tf.nn.bias_add(h, bias)
 
         h = self.activation(conv(blocks, k1, b1)) * inside
         h = self.activation(conv(h, k2, b2))
         h = conv(h, k3, b3)
-        # Empty block lists: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
-        h = tf.reshape(h, [-1, self.block_size[0], self.block_size[1], tf.shape(x)[3]])
+        h = tf.reshape(h, [-1, self.block_size[0], self.block_size[1], tf.shape(x)[3]])  # static shape
         return block_sparse_ops.sparse_scatter(h, indices, x, self.block_size, (0, 0), add=True)
 
     def compute_output_shape(self, input_shape):

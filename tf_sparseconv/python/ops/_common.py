@@ -74,3 +74,20 @@ def int_tuple(value, rank: int, name: str, minimum: int | None = 1) -> tuple[int
         bound = f">= {minimum}" if minimum is not None else "in int32 range"
         raise ValueError(f"`{name}` entries must be {bound}, got {value!r}")
     return tuple(int(v) for v in entries)
+
+
+def conv2d_batch_safe(x, kernel, strides, padding: str):
+    """`tf.nn.conv2d(x, kernel, strides, padding)` (dilation 1) with the right shape for empty
+    batches: TensorFlow 2.21's CPU conv2d returns a wrongly shaped tensor for batch 0 (input
+    spatial dims and/or Cin channels, depending on the CPU's oneDNN path), so the output shape is
+    computed here from the geometry (SAME: ceil(L / s); VALID: max((L - k) // s + 1, 0))."""
+    y = tf.nn.conv2d(x, kernel, list(strides), padding)
+    shape, kshape = tf.shape(x), tf.shape(kernel)
+    out = []
+    for axis, stride in ((1, strides[0]), (2, strides[1])):
+        length = shape[axis]
+        if padding == "SAME":
+            out.append((length + stride - 1) // stride)
+        else:
+            out.append(tf.maximum((length - kshape[axis - 1]) // stride + 1, 0))
+    return tf.reshape(y, [shape[0], out[0], out[1], kshape[3]])

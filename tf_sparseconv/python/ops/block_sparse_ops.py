@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import load_library
 
 
@@ -305,9 +305,7 @@ def block_conv2d_on_indices(x, kernel, indices, block_size, strides, padding, bi
         total *= grid_size(shape[2], block_size[1], block_size[1], 0)
 
         def dense():
-            y = tf.nn.conv2d(x, kernel, list(strides), "SAME")
-            # Empty batches: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
-            y = tf.reshape(y, [shape[0], tf.shape(y)[1], tf.shape(y)[2], tf.shape(kernel)[3]])
+            y = conv2d_batch_safe(x, kernel, strides, "SAME")
             y = y if bias is None else tf.nn.bias_add(y, bias)
             return y if activation is None else activation(y)
 
@@ -352,9 +350,8 @@ def _blocks_conv2d(x, kernel, indices, block_size, strides, padding, bias, activ
         keep = (indices[:, 1] < grid_h) & (indices[:, 2] < grid_w)
         indices = tf.boolean_mask(indices, keep)
     blocks = sparse_gather(x, indices, geo.gather_size, block_size, offsets)
-    y = tf.nn.conv2d(blocks, kernel, list(strides), "VALID")
-    # Empty block lists: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
-    y = tf.reshape(y, [-1, geo.out_block[0], geo.out_block[1], tf.shape(kernel)[3]])
+    y = conv2d_batch_safe(blocks, kernel, strides, "VALID")
+    y = tf.reshape(y, [-1, geo.out_block[0], geo.out_block[1], tf.shape(kernel)[3]])  # static shape
     if bias is not None:
         y = tf.nn.bias_add(y, bias)
     if activation is not None:

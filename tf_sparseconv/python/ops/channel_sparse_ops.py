@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import load_library
 
 
@@ -95,10 +95,7 @@ def _use_dense(x, kernel, padding, dilations) -> bool:
 
 def _dense_conv2d(x, kernel, connections, strides, padding):
     dense = dense_kernel(kernel, connections, x.shape[-1])
-    y = tf.nn.conv2d(x, dense, strides=list(strides), padding=padding)
-    # Empty batches: tf.nn.conv2d returns a wrongly shaped [0, H, W, Cin].
-    shape = tf.shape(y)
-    return tf.reshape(y, [tf.shape(x)[0], shape[1], shape[2], tf.shape(kernel)[3]])
+    return conv2d_batch_safe(x, dense, strides, padding)
 
 
 def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
