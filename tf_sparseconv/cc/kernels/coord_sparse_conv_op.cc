@@ -596,6 +596,12 @@ class TopKSitesOp : public OpKernel {
     const int64_t width = coords_t.dim_size(1);
     OP_REQUIRES(ctx, n <= kInt32Max,
                 errors::InvalidArgument("features has more than 2^31 - 1 rows"));
+#if TF_SPARSECONV_CUDA
+    if constexpr (!std::is_same<Device, CPUDevice>::value) {
+      ComputeGpu(ctx, n, c, width, k);
+      return;
+    }
+#endif
     const int32_t* coords = coords_t.flat<int32_t>().data();
     const T* features = features_t.flat<T>().data();
     int64_t batch = 0;
@@ -658,6 +664,34 @@ class TopKSitesOp : public OpKernel {
   }
 
  private:
+#if TF_SPARSECONV_CUDA
+  // The same selection on the GPU (coord_sparse_index_gpu.cu.cc): features
+  // and coords are device memory, k host memory; the number of kept rows
+  // (and the first negative batch index) come back to the host.
+  void ComputeGpu(OpKernelContext* ctx, int64_t n, int64_t c, int64_t width, int64_t k) {
+    const int64_t bytes = TopKSitesGpuWorkspaceBytes(n);
+    OP_REQUIRES(ctx, bytes >= 0, errors::InvalidArgument("features has too many rows"));
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({bytes}), &workspace));
+    void* ws = workspace.flat<int8_t>().data();
+    int64_t bad = n, kept = 0;
+    int32_t bad_batch = 0;
+    const char* err = LaunchTopKSitesGpu(
+        DTypeTraits<T>::kFormat, ctx->input(0).flat<T>().data(), n, c,
+        ctx->input(1).flat<int32_t>().data(), width, k, l2_, ws, &bad, &bad_batch, &kept,
+        GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
+    OP_REQUIRES(ctx, bad >= n,
+                errors::InvalidArgument("coords[", bad, ", 0] = ", bad_batch,
+                                        " is a negative batch index"));
+    Tensor* rows_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({kept}), &rows_t));
+    err = LaunchTopKSitesRowsGpu(ws, n, kept, rows_t->flat<int32_t>().data(), GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
+  }
+#endif
+
   bool l2_ = true;
 };
 
@@ -697,9 +731,21 @@ TSC_REGISTER_GPU(float)
 TSC_REGISTER_GPU(double)
 #undef TSC_REGISTER_GPU
 
-// SparseConvRulebook, SparseConvRulebookTranspose and TopKSites are index
-// bookkeeping with CPU kernels only: TensorFlow places them on the CPU and
-// copies their (small, int32) results to the GPU.
+// TopKSites on the GPU: k in host memory; the kept rows are computed on the
+// device (coord_sparse_index_gpu.cu.cc). SparseConvRulebook's GPU kernel is
+// registered in coord_sparse_op.cc; SparseConvRulebookTranspose is CPU-only
+// (TensorFlow places it on the CPU and copies its int32 result).
+#define TSC_REGISTER_GPU_TOPK(T)                                           \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKSites")                  \
+                              .Device(::tensorflow::DEVICE_GPU)            \
+                              .TypeConstraint<T>("T")                      \
+                              .HostMemory("k"),                            \
+                          TopKSitesOp<GPUDevice, T>);
+TSC_REGISTER_GPU_TOPK(Eigen::half)
+TSC_REGISTER_GPU_TOPK(Eigen::bfloat16)
+TSC_REGISTER_GPU_TOPK(float)
+TSC_REGISTER_GPU_TOPK(double)
+#undef TSC_REGISTER_GPU_TOPK
 #endif  // TF_SPARSECONV_CUDA
 
 }  // namespace tf_sparseconv

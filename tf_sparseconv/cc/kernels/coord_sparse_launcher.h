@@ -53,4 +53,97 @@ const char* tsc_sparse_conv_kernel_grad_gpu(int format, const void* features, in
                                             void* kernel_grad, void* stream);
 }
 
+
+// ---------------------------------------------------------------------------
+// Index bookkeeping on the GPU (coord_sparse_index_gpu.cu.cc):
+// SparseConvRulebook and TopKSites. Results are identical to the CPU kernels'
+// (coord_sparse_op.cc, coord_sparse_conv_op.cc). Workspaces are device
+// buffers of at least the ...WorkspaceBytes(...) bytes (any alignment); a
+// negative size means the problem is too large for the GPU kernels. Calls
+// that return host-side counts synchronise the stream. Limits: N * K (regular
+// convolutions) and M * K must be below 2^31.
+
+#include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
+
+namespace tf_sparseconv {
+
+// SparseConvRulebook, phase 1: validates coords int32 [n, 1 + g.dims] on the
+// device. *bad_row = the first row with a negative batch or a spatial index
+// outside g.in_shape (n if none), and then bad_values (host, 1 + g.dims
+// int32) = that row; *batch = max(b) + 1 over the rows (0 if n = 0).
+int64_t RulebookCheckGpuWorkspaceBytes();
+const char* LaunchRulebookCheckGpu(const ConvGeometry& g, const int32_t* coords, int64_t n,
+                                   void* workspace, int64_t* bad_row, int32_t* bad_values,
+                                   int64_t* batch, void* stream);
+
+// Phase 2 (valid coords only): sorts the input sites in `workspace` (which
+// phase 3 reads again) and finds the output sites. *dup_later / *dup_earlier
+// = the CPU kernel's first duplicate (the smallest row that repeats an
+// earlier site, and that earlier row), or -1; *num_out = M (n when
+// submanifold).
+int64_t RulebookSitesGpuWorkspaceBytes(const ConvGeometry& g, int64_t n, bool submanifold);
+const char* LaunchRulebookSitesGpu(const ConvGeometry& g, const int32_t* coords, int64_t n,
+                                   int64_t batch, bool submanifold, void* workspace,
+                                   int64_t* dup_later, int64_t* dup_earlier, int64_t* num_out,
+                                   void* stream);
+
+// Phase 3: writes out_coords int32 [num_out, 1 + g.dims] and pair_ptr int32
+// [K + 1] (device) and *num_pairs = P (host); fills `workspace` for phase 4.
+int64_t RulebookPairsGpuWorkspaceBytes(const ConvGeometry& g, int64_t num_out);
+const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords, int64_t n,
+                                   bool submanifold, const void* sites_workspace,
+                                   int64_t num_out, int32_t* out_coords, void* workspace,
+                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream);
+
+// Phase 4: writes pairs int32 [num_pairs, 2] (in_row, out_row) from the
+// phase 3 workspace.
+const char* LaunchRulebookWritePairsGpu(const ConvGeometry& g, int64_t num_out,
+                                        const void* workspace, int64_t num_pairs,
+                                        int32_t* pairs, void* stream);
+
+// TopKSites, phase 1: features [n, c] of `format`, coords int32 [n, width]
+// (column 0 = batch), k >= 1, l2 (else abs_max). *bad_row = the first row
+// with a negative batch (n if none; then *bad_batch = its batch), *kept = the
+// number of kept rows. Phase 2 writes them, ascending, to rows int32 [kept].
+int64_t TopKSitesGpuWorkspaceBytes(int64_t n);
+const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t n, int64_t c,
+                               const int32_t* coords, int64_t width, int64_t k, bool l2,
+                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
+                               int64_t* kept, void* stream);
+const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kept,
+                                   int32_t* rows, void* stream);
+
+}  // namespace tf_sparseconv
+
+extern "C" {
+// C entry points for ctypes (tests/gpu/). `geometry`: 13 int64 = dims,
+// in_shape[3], kernel_size[3], strides[3], dilations[3] (unused entries
+// ignored); booleans as int.
+int64_t tsc_rulebook_check_gpu_workspace_bytes();
+const char* tsc_rulebook_check_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
+                                   void* workspace, int64_t* bad_row, int32_t* bad_values,
+                                   int64_t* batch, void* stream);
+int64_t tsc_rulebook_sites_gpu_workspace_bytes(const int64_t* geometry, int64_t n,
+                                               int submanifold);
+const char* tsc_rulebook_sites_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
+                                   int64_t batch, int submanifold, void* workspace,
+                                   int64_t* dup_later, int64_t* dup_earlier, int64_t* num_out,
+                                   void* stream);
+int64_t tsc_rulebook_pairs_gpu_workspace_bytes(const int64_t* geometry, int64_t num_out);
+const char* tsc_rulebook_pairs_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
+                                   int submanifold, const void* sites_workspace,
+                                   int64_t num_out, int32_t* out_coords, void* workspace,
+                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream);
+const char* tsc_rulebook_write_pairs_gpu(const int64_t* geometry, int64_t num_out,
+                                         const void* workspace, int64_t num_pairs,
+                                         int32_t* pairs, void* stream);
+int64_t tsc_topk_sites_gpu_workspace_bytes(int64_t n);
+const char* tsc_topk_sites_gpu(int format, const void* features, int64_t n, int64_t c,
+                               const int32_t* coords, int64_t width, int64_t k, int l2,
+                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
+                               int64_t* kept, void* stream);
+const char* tsc_topk_sites_rows_gpu(const void* workspace, int64_t n, int64_t kept,
+                                    int32_t* rows, void* stream);
+}
+
 #endif  // TF_SPARSECONV_CC_KERNELS_COORD_SPARSE_LAUNCHER_H_

@@ -1,6 +1,6 @@
-// CPU kernel of SparseConvRulebook, the (input site, output site) pairs of a
-// "SAME"-padded convolution on a sparse map, per kernel offset. Geometry and
-// hashing: coord_sparse_common.h.
+// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernel of SparseConvRulebook, the
+// (input site, output site) pairs of a "SAME"-padded convolution on a sparse
+// map, per kernel offset. Geometry and hashing: coord_sparse_common.h.
 //
 // CPU scheme.
 //  1. One pass over coords validates every site and inserts its packed key
@@ -17,6 +17,8 @@
 //     (parallel), a prefix sum in (offset, block) order places every block's
 //     run, and a second parallel pass copies them there. Offsets come out grouped and sorted
 //     by output row, and the result does not depend on the thread count.
+// GPU (same results, same error messages): ComputeGpu below and
+// coord_sparse_index_gpu.cu.cc (sorted keys instead of the hash table).
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
@@ -29,6 +31,10 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
+
+#if TF_SPARSECONV_CUDA
+#include "tf_sparseconv/cc/kernels/coord_sparse_launcher.h"
+#endif
 
 namespace tf_sparseconv {
 
@@ -175,6 +181,7 @@ class SparseConvRulebookOp : public OpKernel {
                 errors::InvalidArgument("kernel_size has too many offsets (prod(kernel_size) must "
                                         "be below 2^31 - 1)"));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("submanifold", &submanifold_));
+    on_gpu_ = ctx->device_type() == ::tensorflow::DeviceType(::tensorflow::DEVICE_GPU);
     if (submanifold_) {
       for (int64_t s : strides_) {
         OP_REQUIRES(ctx, s == 1,
@@ -217,6 +224,12 @@ class SparseConvRulebookOp : public OpKernel {
       g.dilation[a] = dilations_[a];
     }
     FinishGeometry(&g);
+#if TF_SPARSECONV_CUDA
+    if (on_gpu_) {
+      ComputeGpu(ctx, g);
+      return;
+    }
+#endif
 
     const int64_t n = coords_t.dim_size(0);
     const int64_t width = dims + 1;
@@ -398,11 +411,114 @@ class SparseConvRulebookOp : public OpKernel {
     out_keys->erase(std::unique(out_keys->begin(), out_keys->end()), out_keys->end());
   }
 
+#if TF_SPARSECONV_CUDA
+  // The same rulebook on the GPU (coord_sparse_index_gpu.cu.cc), in phases
+  // with host-side counts: check the sites, sort them and find the output
+  // sites, then the pairs. coords is device memory, spatial_shape and
+  // out_spatial_shape host memory.
+  void ComputeGpu(OpKernelContext* ctx, const ConvGeometry& g) {
+    const Tensor& coords_t = ctx->input(0);
+    const int dims = g.dims;
+    const int64_t n = coords_t.dim_size(0);
+    const int32_t* coords = coords_t.flat<int32_t>().data();
+    void* stream = GpuStream(ctx);
+
+    // 1. Validate the sites (the CPU kernel's messages); find the batch size.
+    Tensor check_ws;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                           TensorShape({RulebookCheckGpuWorkspaceBytes()}),
+                                           &check_ws));
+    int64_t bad = n, batch = 0;
+    int32_t row[1 + kMaxCoordDims] = {0, 0, 0, 0};
+    const char* err = LaunchRulebookCheckGpu(g, coords, n, check_ws.flat<int8_t>().data(), &bad,
+                                             row, &batch, stream);
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
+    if (bad < n) {
+      OP_REQUIRES(ctx, row[0] >= 0,
+                  errors::InvalidArgument("coords[", bad, ", 0] = ", row[0],
+                                          " is a negative batch index"));
+      for (int a = 0; a < dims; ++a) {
+        OP_REQUIRES(ctx, row[1 + a] >= 0 && row[1 + a] < g.in_shape[a],
+                    errors::InvalidArgument("coords[", bad, ", ", 1 + a, "] = ", row[1 + a],
+                                            " is outside [0, ", g.in_shape[a],
+                                            ") (spatial_shape[", a, "])"));
+      }
+      OP_REQUIRES(ctx, false, errors::Internal("SparseConvRulebook GPU: inconsistent check"));
+    }
+    OP_REQUIRES(ctx, GridVolume(batch, dims, g.in_shape) >= 0,
+                errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
+                                        "index with 62-bit keys"));
+
+    // 2. Sorted sites, duplicates, output sites.
+    const int64_t sites_bytes = RulebookSitesGpuWorkspaceBytes(g, n, submanifold_);
+    OP_REQUIRES(ctx, sites_bytes >= 0,
+                errors::InvalidArgument("SparseConvRulebook GPU: ", n, " sites x ",
+                                        g.num_offsets,
+                                        " offsets is too large (must be below 2^31)"));
+    Tensor sites_ws;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({sites_bytes}), &sites_ws));
+    int64_t dup_later = -1, dup_earlier = -1, m = 0;
+    err = LaunchRulebookSitesGpu(g, coords, n, batch, submanifold_, sites_ws.flat<int8_t>().data(),
+                                 &dup_later, &dup_earlier, &m, stream);
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
+    OP_REQUIRES(ctx, dup_later < 0,
+                errors::InvalidArgument("coords has duplicate sites: rows ", dup_earlier, " and ",
+                                        dup_later, " are the same site; sites must be unique"));
+    OP_REQUIRES(ctx, m <= kInt32Max,
+                errors::InvalidArgument("the convolution has more than 2^31 - 1 output sites"));
+
+    // 3. Output sites and pair_ptr; 4. pairs.
+    const int64_t width = dims + 1;
+    Tensor* out_coords_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({m, width}), &out_coords_t));
+    Tensor* pair_ptr_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.num_offsets + 1}), &pair_ptr_t));
+    const int64_t pairs_bytes = RulebookPairsGpuWorkspaceBytes(g, m);
+    OP_REQUIRES(ctx, pairs_bytes >= 0,
+                errors::InvalidArgument("SparseConvRulebook GPU: ", m, " output sites x ",
+                                        g.num_offsets,
+                                        " offsets is too large (must be below 2^31)"));
+    Tensor pairs_ws;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({pairs_bytes}), &pairs_ws));
+    int64_t total = 0;
+    err = LaunchRulebookPairsGpu(g, coords, n, submanifold_, sites_ws.flat<int8_t>().data(), m,
+                                 out_coords_t->flat<int32_t>().data(),
+                                 pairs_ws.flat<int8_t>().data(),
+                                 pair_ptr_t->flat<int32_t>().data(), &total, stream);
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
+    OP_REQUIRES(ctx, total <= kInt32Max,
+                errors::InvalidArgument("the rulebook has ", total,
+                                        " pairs, more than 2^31 - 1"));
+    Tensor* pairs_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({total, 2}), &pairs_t));
+    err = LaunchRulebookWritePairsGpu(g, m, pairs_ws.flat<int8_t>().data(), total,
+                                      pairs_t->flat<int32_t>().data(), stream);
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
+
+    Tensor* out_shape_t = nullptr;  // host memory
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({dims}), &out_shape_t));
+    for (int a = 0; a < dims; ++a) {
+      out_shape_t->vec<int32_t>()(a) = static_cast<int32_t>(g.out_shape[a]);
+    }
+  }
+#endif
+
   std::vector<int64_t> kernel_, strides_, dilations_;
   bool submanifold_ = true;
+  bool on_gpu_ = false;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook").Device(::tensorflow::DEVICE_CPU),
                         SparseConvRulebookOp);
+
+#if TF_SPARSECONV_CUDA
+REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook")
+                            .Device(::tensorflow::DEVICE_GPU)
+                            .HostMemory("spatial_shape")
+                            .HostMemory("out_spatial_shape"),
+                        SparseConvRulebookOp);
+#endif
 
 }  // namespace tf_sparseconv
