@@ -52,16 +52,6 @@ using GPUDevice = Eigen::GpuDevice;
 
 namespace {
 
-// Arithmetic type: float for the 16-bit types.
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 // Reads a (height, width) attribute of positive (or, for offsets, any) ints.
 Status ReadPair(OpKernelConstruction* ctx, const char* name, bool positive, int64_t* h,
                 int64_t* w) {

@@ -60,16 +60,6 @@ namespace {
 
 constexpr int64_t kTile = 64;
 
-// Arithmetic type: float for the 16-bit types.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // A 32-byte vector of A (8 floats or 4 doubles) and the accumulator of one
 // tile of kTile positions.
 template <typename A>
@@ -534,7 +524,7 @@ void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
 template <typename T>
 void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
                 const int32_t* conn, T* y, const ChannelSparseGeometry& g) {
-  using A = typename AccType<T>::type;
+  using A = typename Acc<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(x, Correlation::Forward(g), g.batch),
                           ForwardRows<T, A>(kernel, conn, g), g.out_c,
                           kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c), y);
@@ -544,7 +534,7 @@ template <typename T>
 void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
                       const int32_t* conn, T* dx,
                       const ChannelSparseGeometry& g) {
-  using A = typename AccType<T>::type;
+  using A = typename Acc<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch),
                           TransposedRows<T, A>(kernel, conn, g), g.in_c,
                           kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c), dx);
@@ -554,7 +544,7 @@ template <typename T>
 void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
                        const int32_t* conn, T* dkernel,
                        const ChannelSparseGeometry& g) {
-  using A = typename AccType<T>::type;
+  using A = typename Acc<T>::type;
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;

@@ -63,16 +63,6 @@ constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // buffers (tile x max(Cin, Cout) values each) stay in L2 for C <= 256.
 constexpr int64_t kTileRows = 256;
 
-// Arithmetic type: float for the 16-bit types.
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 template <typename A>
 using RowMajor = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 

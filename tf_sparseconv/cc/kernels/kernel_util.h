@@ -46,6 +46,17 @@ struct DTypeTraits<double> {
   static FormatBits<U> Bits() { return DoubleBits(); }
 };
 
+// Arithmetic (accumulation) type of each storage type: float for the 16-bit
+// types, else the type itself.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
 // fn(begin, end) over [0, total) on the op's CPU worker threads; `cost_per_unit`
 // (in cycles, roughly) lets TensorFlow choose the shard size.
 inline void ParallelFor(::tensorflow::OpKernelContext* ctx, int64_t total,
