@@ -111,6 +111,8 @@ CASES = [
     ((5, 4, 6), (3, 3, 3), (1, 1, 1), (1, 1, 1), 2, 0.15),
     ((6, 5, 4), (2, 3, 2), (2, 2, 2), (1, 2, 1), 2, 0.15),
     ((4, 5, 5), (3, 3, 3), (3, 1, 2), (1, 1, 1), 1, 0.2),
+    ((9, 8), (2, 3), (1, 1), (2, 1), 2, 0.3),  # symmetric (mirrored) with an even offset count
+    ((7, 6, 5), (3, 1, 3), (1, 1, 1), (2, 1, 1), 2, 0.3),  # symmetric, dilated
 ]
 MODES = [(c, sub) for c in CASES for sub in (True, False) if not (sub and max(c[2]) > 1)]
 IDS = [f"{len(c[0])}d-{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}-{'sub' if sub else 'reg'}" for c, sub in MODES]

@@ -17,6 +17,9 @@
 //     (parallel), a prefix sum in (offset, block) order places every block's
 //     run, and a second parallel pass copies them there. Offsets come out grouped and sorted
 //     by output row, and the result does not depend on the thread count.
+//     Submanifold rulebooks with even kernel extents (k - 1) * d are
+//     symmetric: only the first half of the offsets (and the centre) is looked
+//     up; the rest are mirror images, placed by one sweep over the rows.
 // GPU (same results, same error messages): ComputeGpu below and
 // coord_sparse_index_gpu.cu.cc (sorted keys instead of the hash table).
 #define EIGEN_USE_THREADS
@@ -98,9 +101,10 @@ class NeighbourPlan {
     for (int a = 0; a < shift; ++a) dilation_[a] = 1;
   }
 
-  // `row` is an output coords row (b, o_1, ..., o_D).
+  // `row` is an output coords row (b, o_1, ..., o_D); offsets >= `limit` are
+  // not enumerated.
   template <typename Fn>
-  void ForEachInput(const int32_t* row, Fn&& fn) const {
+  void ForEachInput(const int32_t* row, int64_t limit, Fn&& fn) const {
     const int shift = kMaxCoordDims - dims_;
     int64_t lo[kMaxCoordDims], hi[kMaxCoordDims];
     int64_t base = int64_t{row[0]} * volume_;
@@ -120,7 +124,10 @@ class NeighbourPlan {
       const int64_t k0 = t0 * kernel_[1], key0 = base + t0 * step_[0];
       for (int64_t t1 = lo[1]; t1 < hi[1]; ++t1) {
         const int64_t k1 = (k0 + t1) * kernel_[2], key1 = key0 + t1 * step_[1];
-        for (int64_t t2 = lo[2]; t2 < hi[2]; ++t2) fn(k1 + t2, key1 + t2 * step_[2]);
+        for (int64_t t2 = lo[2]; t2 < hi[2]; ++t2) {
+          if (k1 + t2 >= limit) return;  // offsets only grow from here
+          fn(k1 + t2, key1 + t2 * step_[2]);
+        }
       }
     }
   }
@@ -309,6 +316,15 @@ class SparseConvRulebookOp : public OpKernel {
     const int32_t* out_coords = out_coords_t->flat<int32_t>().data();
     const int64_t num_offsets = g.num_offsets;
     const int64_t num_blocks = (m + kBlockRows - 1) / kBlockRows;
+    // A submanifold rulebook whose kernel extents (k - 1) * d are all even is
+    // symmetric: output j reads input i through offset k exactly when output i
+    // reads input j through offset K - 1 - k. Then only the offsets below
+    // `limit` (the first half and the centre) are looked up, and the others
+    // are their mirror images (half the lookups).
+    bool mirror = submanifold_;
+    for (int a = 0; a < dims; ++a) mirror &= (g.kernel[a] - 1) * g.dilation[a] % 2 == 0;
+    const int64_t limit = mirror ? (num_offsets + 1) / 2 : num_offsets;
+
     // Pass 1, parallel over fixed blocks of output rows: every block finds
     // its pairs in (out_row, offset) order and counts them per offset.
     std::vector<std::vector<FoundPair>> found(num_blocks);
@@ -321,7 +337,7 @@ class SparseConvRulebookOp : public OpKernel {
         const int64_t end = std::min(m, (blk + 1) * kBlockRows);
         for (int64_t j = blk * kBlockRows; j < end; ++j) {
           const int32_t* row = out_coords + j * width;
-          plan.ForEachInput(row, [&](int64_t k, int64_t key) {
+          plan.ForEachInput(row, limit, [&](int64_t k, int64_t key) {
             const int32_t i = index.Find(key);
             if (i < 0) return;
             mine.push_back(FoundPair{i, static_cast<int32_t>(j), static_cast<int32_t>(k)});
@@ -335,14 +351,21 @@ class SparseConvRulebookOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({num_offsets + 1}), &pair_ptr_t));
     auto pair_ptr = pair_ptr_t->vec<int32_t>();
     int64_t total = 0;
+    std::vector<int64_t> start(num_offsets + 1, 0);
     for (int64_t k = 0; k < num_offsets; ++k) {
+      start[k] = total;
       pair_ptr(k) = static_cast<int32_t>(std::min(total, kInt32Max));
+      if (k >= limit) {  // the mirror image of offset K - 1 - k
+        total += start[num_offsets - k] - start[num_offsets - 1 - k];
+        continue;
+      }
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         const int64_t c = counts[blk * num_offsets + k];
         counts[blk * num_offsets + k] = total;
         total += c;
       }
     }
+    start[num_offsets] = total;
     OP_REQUIRES(ctx, total <= kInt32Max,
                 errors::InvalidArgument("the rulebook has ", total,
                                         " pairs, more than 2^31 - 1"));
@@ -362,6 +385,28 @@ class SparseConvRulebookOp : public OpKernel {
         std::vector<FoundPair>().swap(found[blk]);
       }
     });
+    // Mirrored offsets: the pairs (i, j) of offset K - 1 - k become (j, i),
+    // sorted by their new out_row i (each i appears at most once per offset).
+    if (limit < num_offsets) {
+      ParallelFor(ctx, num_offsets - limit, m * 2 + total / num_offsets * 4,
+                  [&](int64_t k0, int64_t k1) {
+                    std::vector<int32_t> slot(m, -1);
+                    for (int64_t k = limit + k0; k < limit + k1; ++k) {
+                      const int64_t src = num_offsets - 1 - k;
+                      for (int64_t p = start[src]; p < start[src + 1]; ++p) {
+                        slot[pairs[2 * p]] = pairs[2 * p + 1];
+                      }
+                      int64_t at = start[k];
+                      for (int64_t i = 0; i < m; ++i) {
+                        if (slot[i] < 0) continue;
+                        pairs[2 * at] = slot[i];
+                        pairs[2 * at + 1] = static_cast<int32_t>(i);
+                        ++at;
+                        slot[i] = -1;
+                      }
+                    }
+                  });
+    }
 
     Tensor* out_shape_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({dims}), &out_shape_t));
