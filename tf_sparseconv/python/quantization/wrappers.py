@@ -1,0 +1,435 @@
+"""The quantisation wrappers: `QuantizeWrapper` (training) and `IntegerWeightsWrapper` (converted).
+
+Both wrap an ordinary layer (Keras' Dense/Conv*/DepthwiseConv*/SeparableConv*/
+Conv*Transpose or any `tsc.layers` convolution) and run its own `call` with
+its kernels replaced, for the duration of the call, by quantised tensors. The
+layer's code is untouched, so any layer that reads its kernels from its
+attributes (`layer.kernel`, ...) is covered. Their outputs (for a sparse map
+`[features, coords, shape]`: the features) are then fake-quantised over a
+range tracked by an exponential moving average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_sparseconv.python.quantization import quantizers
+
+# --- which weights of a layer are quantised ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One quantised weight: where the layer keeps it and which axes are its output channels."""
+
+    attr: str  # the attribute the layer's call reads (the storage behind a `kernel` property)
+    index: int | None  # position in a list attribute (`kernels`), or None
+    channel_axes: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return self.attr.lstrip("_") + ("" if self.index is None else f"_{self.index}")
+
+
+def _channel_axes(layer, attr: str) -> tuple[int, ...]:
+    """Output-channel axes of `layer.<attr>` (per-channel scales are taken per entry of them)."""
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+
+    from tf_sparseconv.python.layers.coord_sparse import SparseConvTranspose
+
+    if attr == "depthwise_kernel" or isinstance(layer, BaseDepthwiseConv):
+        return (-2, -1)  # [*k, in, multiplier]: every (in, multiplier) is an output channel
+    if isinstance(layer, (BaseConvTranspose, SparseConvTranspose)):
+        return (-2,)  # [*k, out, in]
+    return (-1,)
+
+
+def _storage_attr(layer, name: str) -> str | None:
+    """The attribute holding the variable behind `layer.<name>` (Keras' `kernel` is a property
+    over `_kernel`), or None when the layer has no such variable."""
+    if isinstance(getattr(type(layer), name, None), property):
+        name = "_" + name
+    value = layer.__dict__.get(name)
+    if isinstance(value, keras.Variable) or (
+        isinstance(value, (list, tuple)) and value and all(isinstance(v, keras.Variable) for v in value)
+    ):
+        return name
+    return None
+
+
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "kernels")
+
+
+def kernel_specs(layer: keras.layers.Layer) -> list[KernelSpec]:
+    """The kernels `quantize_model` quantises in a built layer (empty: the layer is left alone)."""
+    specs = []
+    for name in _KERNEL_NAMES:
+        attr = _storage_attr(layer, name)
+        if attr is None:
+            continue
+        value = layer.__dict__[attr]
+        axes = _channel_axes(layer, name)
+        if isinstance(value, (list, tuple)):
+            specs.extend(KernelSpec(attr, i, axes) for i in range(len(value)))
+        else:
+            specs.append(KernelSpec(attr, None, axes))
+    return specs
+
+
+def _read(layer, spec: KernelSpec):
+    value = layer.__dict__[spec.attr]
+    return value if spec.index is None else value[spec.index]
+
+
+@contextlib.contextmanager
+def _kernels_replaced(layer, replacements: dict[KernelSpec, object]):
+    """Within the block, the layer's kernel attributes hold `replacements` (no Keras tracking)."""
+    saved = {}
+    grouped: dict[str, dict] = {}
+    for spec, value in replacements.items():
+        grouped.setdefault(spec.attr, {})[spec.index] = value
+    for attr, by_index in grouped.items():
+        saved[attr] = layer.__dict__[attr]
+        if None in by_index:
+            new = by_index[None]
+        else:
+            new = list(saved[attr]) if saved[attr] is not None else [None] * (max(by_index) + 1)
+            for i, v in by_index.items():
+                new[i] = v
+        object.__setattr__(layer, attr, new)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            object.__setattr__(layer, attr, value)
+
+
+def _main_output(outputs):
+    """(tensor to quantise, rebuild function): a tensor itself, or the first entry of a list
+    (the features of a sparse map `[features, coords, shape]`)."""
+    if isinstance(outputs, (list, tuple)):
+        first = outputs[0]
+        return first, lambda q: type(outputs)([q, *outputs[1:]])
+    return outputs, lambda q: q
+
+
+# --- activation ranges -----------------------------------------------------------------
+
+
+class _ActivationRangeMixin:
+    """EMA-tracked output range `[activation_min, activation_max]` (non-trainable variables).
+
+    Before the first training batch the range is unset and outputs pass through
+    unquantised; the first batch sets it, later ones move it by
+    `range = ema_decay * range + (1 - ema_decay) * batch_range`.
+    """
+
+    def _add_range_variables(self):
+        self.activation_min = self.add_weight(
+            name="activation_min", shape=(), initializer="zeros", trainable=False
+        )
+        self.activation_max = self.add_weight(
+            name="activation_max", shape=(), initializer="zeros", trainable=False
+        )
+        self.range_initialized = self.add_weight(
+            name="range_initialized", shape=(), initializer="zeros", trainable=False
+        )
+
+    def _quantize_output(self, outputs, training: bool):
+        if self.activation_bits is None:
+            return outputs
+        x, rebuild = _main_output(outputs)
+        if not x.dtype.is_floating:
+            return outputs
+        lo, hi = tf.convert_to_tensor(self.activation_min), tf.convert_to_tensor(self.activation_max)
+        initialized = tf.convert_to_tensor(self.range_initialized) > 0.5
+        if training:
+            has_values = tf.size(x) > 0
+            safe = tf.where(has_values, tf.stop_gradient(tf.cast(x, tf.float32)), tf.zeros([], tf.float32))
+            batch_lo, batch_hi = tf.reduce_min(safe), tf.reduce_max(safe)
+            decay = tf.constant(self.ema_decay, tf.float32)
+            lo_new = tf.where(initialized, decay * lo + (1.0 - decay) * batch_lo, batch_lo)
+            hi_new = tf.where(initialized, decay * hi + (1.0 - decay) * batch_hi, batch_hi)
+            lo = tf.where(has_values, lo_new, lo)
+            hi = tf.where(has_values, hi_new, hi)
+            initialized = tf.logical_or(initialized, has_values)
+            self.activation_min.assign(lo)
+            self.activation_max.assign(hi)
+            self.range_initialized.assign(tf.cast(initialized, tf.float32))
+        q = quantizers.fake_quant_activations(x, lo, hi, self.activation_bits)
+        return rebuild(tf.where(initialized, q, x))
+
+
+def _compute_dtype_of(layer):
+    return keras.backend.standardize_dtype(layer.compute_dtype)
+
+
+# --- quantisation-aware training ----------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
+    """Quantisation-aware training of one layer: fake-quantised kernels and outputs.
+
+    The wrapped layer keeps its float kernels (trainable, original shapes); each
+    call runs the layer with `fake_quant_weights(kernel)` in their place
+    (symmetric, `weight_bits`, per output channel or per tensor; stochastic
+    rounding during training when `rounding="stochastic"`) and fake-quantises
+    the output (`activation_bits`, asymmetric over an EMA-tracked range, 0
+    exact, unsigned after a ReLU; None leaves outputs in float). Gradients are
+    straight-through.
+
+    Args:
+      layer: a layer with kernels (see `kernel_specs`), e.g. Dense, Conv2D,
+        DepthwiseConv2D, ChannelSparseConv2D, BlockSparseConv2D, SparseConv3D.
+      weight_bits: 2-8.
+      activation_bits: 2-8, or None.
+      per_channel: one weight scale per output channel (else per tensor).
+      rounding: "nearest" or "stochastic".
+      ema_decay: decay of the activation range's moving average, in [0, 1).
+      preserve_sparsity: keep the kernel's zeros at wrap time at zero (a
+        non-trainable mask), for pruned-then-stripped models.
+      seed: seed of the stochastic rounding (None: random).
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        per_channel: bool = True,
+        rounding: str = "nearest",
+        ema_decay: float = 0.99,
+        preserve_sparsity: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(layer, **kwargs)
+        self.weight_bits = quantizers.check_bits(weight_bits, "weight_bits")
+        self.activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
+        if not isinstance(per_channel, (bool, np.bool_)):
+            raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}")
+        self.per_channel = bool(per_channel)
+        self.rounding = quantizers.check_rounding(rounding)
+        if not isinstance(ema_decay, (int, float)) or not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"`ema_decay` must be a number in [0, 1), got {ema_decay!r}")
+        self.ema_decay = float(ema_decay)
+        self.preserve_sparsity = bool(preserve_sparsity)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"`seed` must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rounding == "stochastic" else None
+        self.supports_jit = getattr(layer, "supports_jit", True)
+        self.specs: list[KernelSpec] = []
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+            self.layer.built = True
+        self.specs = kernel_specs(self.layer)
+        if not self.specs:
+            raise ValueError(
+                f"QuantizeWrapper: layer {self.layer.name!r} ({type(self.layer).__name__}) has no kernel "
+                "to quantise"
+            )
+        self.masks = {}
+        if self.preserve_sparsity:
+            for spec in self.specs:
+                kernel = _read(self.layer, spec)
+                self.masks[spec.key] = self.add_weight(
+                    name=f"{spec.key}_mask",
+                    shape=kernel.shape,
+                    initializer="ones",
+                    trainable=False,
+                )
+        self._add_range_variables()
+        self.built = True
+
+    def set_masks_from_kernels(self):
+        """Sets each sparsity mask to `kernel != 0` (call after copying pruned weights in)."""
+        for spec in self.specs:
+            if spec.key in self.masks:
+                mask = self.masks[spec.key]
+                kernel = tf.convert_to_tensor(_read(self.layer, spec))
+                mask.assign(tf.cast(tf.not_equal(kernel, 0), mask.dtype))
+
+    def channel_axes(self, spec: KernelSpec):
+        return spec.channel_axes if self.per_channel else None
+
+    def quantized_kernel(self, spec: KernelSpec, training: bool = False):
+        """The fake-quantised kernel the layer runs with (float, straight-through gradient)."""
+        kernel = tf.convert_to_tensor(_read(self.layer, spec))
+        if spec.key in self.masks:
+            kernel = kernel * tf.cast(self.masks[spec.key], kernel.dtype)
+        stochastic = training and self.rounding == "stochastic"
+        q = quantizers.fake_quant_weights(
+            kernel,
+            self.weight_bits,
+            self.channel_axes(spec),
+            rounding="stochastic" if stochastic else "nearest",
+            seed=self.seed_generator if stochastic else None,
+        )
+        return tf.cast(q, _compute_dtype_of(self.layer))
+
+    def integer_kernel(self, spec: KernelSpec):
+        """`(values, scales)` of the kernel with nearest rounding (what `convert` stores)."""
+        kernel = tf.convert_to_tensor(_read(self.layer, spec))
+        if spec.key in self.masks:
+            kernel = kernel * tf.cast(self.masks[spec.key], kernel.dtype)
+        return quantizers.quantize_weights_int(kernel, self.weight_bits, self.channel_axes(spec))
+
+    def call(self, inputs, training=None):
+        training = bool(training)
+        replacements = {spec: self.quantized_kernel(spec, training) for spec in self.specs}
+        with _kernels_replaced(self.layer, replacements):
+            outputs = self.layer(inputs)
+        return self._quantize_output(outputs, training)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, training=None):
+        return self.layer.compute_output_spec(inputs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "per_channel": self.per_channel,
+            "rounding": self.rounding,
+            "ema_decay": self.ema_decay,
+            "preserve_sparsity": self.preserve_sparsity,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return super().from_config(dict(config), custom_objects=custom_objects)  # leaves `config` as it is
+
+
+# --- converted (integer weights) -----------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
+    """Inference form of `QuantizeWrapper`: integer kernels plus float scales.
+
+    Each kernel is stored as an int8 variable `<name>_values` (8-bit weights one
+    per byte; 3-4-bit two per byte, 2-bit four per byte, see `pack_int`) and a
+    float variable `<name>_scale` (per output channel or per tensor, with the
+    kernel's rank); the wrapped layer holds no float kernel. A call unpacks
+    the integers, multiplies by the scales and runs the layer with that
+    kernel, then fake-quantises the output over the frozen range, which
+    reproduces the QAT model's inference exactly. All variables are
+    non-trainable.
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        per_channel: bool = True,
+        **kwargs,
+    ):
+        super().__init__(layer, **kwargs)
+        self.weight_bits = quantizers.check_bits(weight_bits, "weight_bits")
+        self.activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
+        self.per_channel = bool(per_channel)
+        self.supports_jit = getattr(layer, "supports_jit", True)
+        self.trainable = False
+        self.specs: list[KernelSpec] = []
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+            self.layer.built = True
+        self.specs = kernel_specs(self.layer)
+        if not self.specs:
+            raise ValueError(
+                f"IntegerWeightsWrapper: layer {self.layer.name!r} ({type(self.layer).__name__}) has no "
+                "kernel"
+            )
+        self.kernel_shapes = {}
+        self.values = {}
+        self.scales = {}
+        # Drop the layer's float kernels: the integer values replace them.
+        attrs = {}
+        for spec in self.specs:
+            variable = _read(self.layer, spec)
+            shape = tuple(int(d) for d in variable.shape)
+            self.kernel_shapes[spec.key] = shape
+            self.layer._untrack_variable(variable)
+            attrs.setdefault(spec.attr, self.layer.__dict__[spec.attr])
+            size = int(np.prod(shape))
+            self.values[spec.key] = self.add_weight(
+                name=f"{spec.key}_values",
+                shape=(quantizers.packed_size(size, self.weight_bits),),
+                initializer="zeros",
+                dtype="int8",
+                trainable=False,
+            )
+            axes = quantizers._reduce_axes(len(shape), spec.channel_axes if self.per_channel else None)
+            scale_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
+            self.scales[spec.key] = self.add_weight(
+                name=f"{spec.key}_scale", shape=scale_shape, initializer="ones", trainable=False
+            )
+        for attr, value in attrs.items():
+            delattr(self.layer, attr)  # removes TensorFlow's tracking of the attribute too
+            object.__setattr__(
+                self.layer, attr, None if not isinstance(value, (list, tuple)) else [None] * len(value)
+            )
+        # Keras' own Dense/Conv save and load their kernel by name; the layer has none now, so
+        # it saves and loads its remaining variables (biases, ...) in order, as a base Layer does.
+        for method in ("save_own_variables", "load_own_variables"):
+            bound = types.MethodType(getattr(keras.layers.Layer, method), self.layer)
+            object.__setattr__(self.layer, method, bound)
+        self._add_range_variables()
+        self.built = True
+
+    def set_integer_kernel(self, spec: KernelSpec, values, scales):
+        self.values[spec.key].assign(
+            quantizers.pack_int(np.rint(np.asarray(values)).astype(np.int64), self.weight_bits)
+        )
+        self.scales[spec.key].assign(np.asarray(scales, np.float32).reshape(self.scales[spec.key].shape))
+
+    def dequantized_kernel(self, spec: KernelSpec):
+        values = quantizers.unpack_int_tf(
+            tf.convert_to_tensor(self.values[spec.key]), self.weight_bits, self.kernel_shapes[spec.key]
+        )
+        kernel = values * tf.convert_to_tensor(self.scales[spec.key])
+        return tf.cast(kernel, _compute_dtype_of(self.layer))
+
+    def call(self, inputs):
+        replacements = {spec: self.dequantized_kernel(spec) for spec in self.specs}
+        with _kernels_replaced(self.layer, replacements):
+            outputs = self.layer(inputs)
+        return self._quantize_output(outputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs):
+        replacements = {spec: self.dequantized_kernel(spec) for spec in self.specs}
+        with _kernels_replaced(self.layer, replacements):
+            return self.layer.compute_output_spec(inputs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "per_channel": self.per_channel,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return super().from_config(dict(config), custom_objects=custom_objects)
