@@ -551,3 +551,16 @@ class _Subclassed(keras.Model):
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_kernel_granularity_is_balanced_over_output_channels():
+    """Every output channel keeps the same number of input kernels (the channel-sparse fan-in)."""
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 32, 16)) * rng.random((1, 1, 32, 16)) ** 3  # skewed pairs
+    mask = pruning.compute_mask(kernel, 0.75, "kernel")
+    alive = mask.any(axis=(0, 1))  # [Cin, Cout]
+    np.testing.assert_array_equal(alive.sum(axis=0), np.full(16, 8))
+    assert np.isclose(1 - mask.mean(), 0.75)
+    # Transposed layout [k, k, out, in]: balanced over the output axis (-2) instead.
+    mask_t = pruning.compute_mask(np.swapaxes(kernel, -1, -2), 0.75, "kernel", in_axis=-1)
+    np.testing.assert_array_equal(np.swapaxes(mask_t, -1, -2), mask)

@@ -4,9 +4,12 @@ Every granularity groups the weights of a kernel into units (single weights,
 whole k×k kernels of one (in, out) pair, blocks), scores each unit by its mean
 |w|, and prunes the lowest-scoring units (ties to the lower index) until at
 least `ceil(sparsity * size)` weights are pruned, so the zero fraction of a
-tensor lands in [s, s + one unit]. "m_by_n" first prunes the m smallest of every
-n consecutive weights along the input-channel axis and then, if the schedule
-asks for more than m/n, the smallest remaining weights.
+tensor lands in [s, s + one unit]. "kernel" balances the pruned kernels over the
+output channels (each loses the same number first), so that the stripped
+channel-sparse layer's fan-in is as small as the sparsity allows. "m_by_n" first
+prunes the m smallest of every n consecutive weights along the input-channel
+axis and then, if the schedule asks for more than m/n, the smallest remaining
+weights.
 """
 
 from __future__ import annotations
@@ -42,14 +45,32 @@ def _weight_mask(kernel: np.ndarray, sparsity: float) -> np.ndarray:
     return _prune_units(np.abs(kernel), None, _target_count(sparsity, kernel.size)).reshape(kernel.shape)
 
 
-def _kernel_mask(kernel: np.ndarray, sparsity: float) -> np.ndarray:
+def _kernel_mask(kernel: np.ndarray, sparsity: float, in_axis: int = -2) -> np.ndarray:
+    """Whole k×k kernels of (in, out) channel pairs, balanced over the output channels: each
+    output channel first loses the same number of its weakest input kernels, and the rest of
+    the target goes to the weakest remaining pairs. Every output channel then keeps (nearly)
+    the same fan-in, which is what a channel-sparse layer needs (`strip_pruning(...,
+    to_sparse_layers=True)` pads every row to the largest fan-in)."""
     if kernel.ndim <= 2:
         return _weight_mask(kernel, sparsity)
     spatial = tuple(range(kernel.ndim - 2))
     scores = np.abs(kernel).mean(axis=spatial)  # [A, B] over the last two axes
+    if in_axis % kernel.ndim == kernel.ndim - 1:  # [..., out, in]: make it [in, out]
+        scores = scores.T
     taps = int(np.prod(kernel.shape[:-2]))
-    target = _target_count(sparsity, kernel.size)
-    keep = _prune_units(scores, None, math.ceil(target / taps)).reshape(scores.shape)
+    units = math.ceil(_target_count(sparsity, kernel.size) / taps)
+    cin, cout = scores.shape
+    per_out = min(units // max(cout, 1), cin)
+    keep = np.ones(scores.shape, dtype=bool)
+    if per_out:
+        weakest = np.argsort(scores, axis=0, kind="stable")[:per_out]  # [per_out, Cout]
+        np.put_along_axis(keep, weakest, False, axis=0)
+    rest = units - per_out * cout
+    if rest > 0:
+        remaining = np.where(keep, scores, np.inf).reshape(-1)
+        keep.reshape(-1)[np.argsort(remaining, kind="stable")[:rest]] = False
+    if in_axis % kernel.ndim == kernel.ndim - 1:
+        keep = keep.T
     return np.broadcast_to(keep, kernel.shape)
 
 
@@ -104,7 +125,7 @@ def compute_mask(
     if granularity == "weight":
         keep = _weight_mask(kernel, sparsity)
     elif granularity == "kernel":
-        keep = _kernel_mask(kernel, sparsity)
+        keep = _kernel_mask(kernel, sparsity, in_axis)
     elif granularity == "block":
         keep = _block_mask(kernel, sparsity, block_shape)
     elif granularity == "m_by_n":
