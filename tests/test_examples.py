@@ -39,3 +39,29 @@ def test_voxel_shape_classification_quick():
     assert float(sparse.group(1)) > 0.3, out
     assert re.search(r"^sparse k=\d+/\d+" + row, out, re.MULTILINE), out
     assert re.search(r"sparse vs dense: training [\d.]+x faster, inference [\d.]+x faster", out), out
+
+
+def test_pruning_experiment_quick():
+    script = ROOT / "examples" / "pruning_experiment.py"
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['x', '--quick']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    out = run_python(code, timeout=600).stdout
+    row = r"^\| {} \| {} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
+    for dataset in ("digits", "MNIST-1D"):
+        dense = re.search(row.format(dataset, r"dense \(baseline\)"), out, re.MULTILINE)
+        assert dense, out
+        # Ten classes (chance 0.1): even after the tiny run both nets must clearly beat it.
+        assert float(dense.group(3)) > 0.5, out
+        for granularity, target in (("weight", 0.75), ("kernel", 0.75), ("block", 0.75), ("m_by_n 2:4", 0.5)):
+            match = re.search(row.format(dataset, granularity), out, re.MULTILINE)
+            assert match, (granularity, out)
+            assert float(match.group(1)) == target, out
+            # The measured zero fraction lands within one pruning unit above the target.
+            assert target - 1e-6 <= float(match.group(2)) <= target + 0.05, out
+            assert float(match.group(3)) > 0.4, out
+    assert "stripped sparse vs pruned outputs: allclose True" in out, out
+    assert re.search(r"sparse vs dense: inference speed-up [\d.]+x", out), out
+    assert re.search(r"total wall time: [\d.]+ s", out), out
