@@ -65,3 +65,20 @@ def test_pruning_experiment_quick():
     assert "stripped sparse vs pruned outputs: allclose True" in out, out
     assert re.search(r"sparse vs dense: inference speed-up [\d.]+x", out), out
     assert re.search(r"total wall time: [\d.]+ s", out), out
+
+
+def test_quickstart_quick():
+    """The main job end to end: train, prune, strip to channel-sparse, quantise, convert, export, reload."""
+    script = ROOT / "examples" / "quickstart.py"
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['x', '--quick']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    out = run_python(code, timeout=600).stdout
+    assert re.search(r"conv2 is ChannelSparseConv2D with fan-in 8 of 32", out), out
+    reloaded = re.search(
+        r"reloaded in a fresh process: test accuracy ([\d.]+), max \|served - in-process\| = ([\d.e+-]+)", out
+    )
+    assert reloaded, out
+    assert float(reloaded.group(1)) > 0.6 and float(reloaded.group(2)) < 1e-4, out
