@@ -82,3 +82,18 @@ def test_quickstart_quick():
     )
     assert reloaded, out
     assert float(reloaded.group(1)) > 0.6 and float(reloaded.group(2)) < 1e-4, out
+
+
+def test_qat_experiment_quick():
+    script = ROOT / "examples" / "qat_experiment.py"
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['x', '--quick']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    out = run_python(code, timeout=600).stdout
+    assert "QAT table" in out, out
+    rows = re.findall(r"\| plain \| W8/A8 \| nearest \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \|", out)
+    assert rows, out
+    qat, converted = (float(v) for v in rows[0])
+    assert qat == converted and qat > 30.0, out  # percent; chance is 10
