@@ -75,18 +75,30 @@ def _check_connection_values(connections, in_channels, conv: str) -> None:
         raise ValueError(f"{conv}: `connections` row {int(repeated[0])} lists an input channel twice")
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 # Above this fan-in fraction m / Cin (and with dilation 1, which TF's CPU
 # convolution gradients require), the convolution runs as a dense
-# tf.nn.conv2d on the equivalent dense kernel: measured on a 2-core AVX2 CPU,
-# the channel-sparse kernel breaks even with oneDNN's dense convolution at
-# about m / Cin = 0.5 (benchmarks/RESULTS.md).
-DENSE_DISPATCH_DENSITY = 0.5
+# tf.nn.conv2d on the equivalent dense kernel. Measured break-even of the
+# channel-sparse kernel with oneDNN's dense convolution ([8, 64, 64, 128] ->
+# 128, 3x3, 2 cores; benchmarks/RESULTS.md): m / Cin = 0.5 on an AVX2 CPU
+# (AMD EPYC), about 0.3 on an AVX-512 CPU (Intel Sapphire Rapids), where
+# oneDNN is much faster.
+DENSE_DISPATCH_DENSITY = 0.3 if _cpu_has_avx512() else 0.5
 
 
-def _use_dense(x, kernel, padding, dilations) -> bool:
+def _use_dense(x, kernel, connections, padding, dilations) -> bool:
     cin, m = x.shape[-1], kernel.shape[-2]
     if cin is None or m is None or m <= DENSE_DISPATCH_DENSITY * cin or dilations != (1, 1):
         return False
+    if tf.get_static_value(connections) is None:
+        return False  # only constant connection lists were validated; the sparse kernel checks the rest
     if padding == "VALID":  # tf.nn.conv2d rejects images smaller than the kernel
         spatial, window = x.shape[1:3], kernel.shape[:2]
         return None not in (*spatial, *window) and all(n >= k for n, k in zip(spatial, window))
@@ -121,7 +133,7 @@ def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dil
         x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
         strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
         padding = _padding(padding)
-        if _use_dense(x, kernel, padding, dilations):
+        if _use_dense(x, kernel, connections, padding, dilations):
             return _dense_conv2d(x, kernel, connections, strides, padding)
         library = load_library()
         if library is None:
