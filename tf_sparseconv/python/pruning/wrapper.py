@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._clone import clone_layers, is_cloneable
 from tf_sparseconv.python.pruning import masks
 from tf_sparseconv.python.pruning.schedules import (
     ConstantSparsity,
@@ -235,31 +236,18 @@ def collect_pruned_layers(model) -> list[PruneLowMagnitude]:
     return found
 
 
-def _is_cloneable_model(model) -> bool:
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, (keras.Sequential, Functional))
-
-
 def clone_with(model, clone_layer, copy_weights):
     """`keras.models.clone_model(recursive=True)` with `clone_layer(layer)` and weights copied.
 
     `copy_weights(old_layer, new_layer)` runs for each cloned layer after the new
     model is built.
     """
-    if not _is_cloneable_model(model):
+    if not is_cloneable(model):
         raise ValueError(
             f"`model` must be a Sequential or Functional Keras model, got {type(model).__name__} "
             "(subclassed models cannot be cloned; wrap their layers yourself)"
         )
-    pairs = []
-
-    def clone_fn(layer):
-        new = clone_layer(layer)
-        pairs.append((layer, new))
-        return new
-
-    new_model = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
+    new_model, pairs = clone_layers(model, clone_layer)
     for old, new in pairs:
         copy_weights(old, new)
     return new_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from tf_sparseconv.python._clone import clone_layers, is_cloneable
 from tf_sparseconv.python.quantization import quantizers
 from tf_sparseconv.python.quantization.wrappers import (
     IntegerWeightsWrapper,
@@ -51,27 +52,11 @@ def _check_model(model, name: str = "model"):
         )
     if not model.built:
         raise ValueError(f"`{name}` must be built (call it once or give it an Input)")
-    from keras.src.models.functional import Functional
-
-    if not isinstance(model, (Functional, keras.Sequential)):
+    if not is_cloneable(model):
         raise ValueError(
             f"`{name}` must be a Sequential or Functional model (subclassed models cannot be cloned), "
             f"got {type(model).__name__}"
         )
-
-
-def _clone_with(model, make_layer):
-    """Clones `model` (recursively into nested models) with `make_layer(old) -> new`, then copies
-    the weights of the layers `make_layer` returned unwrapped; returns (new model, pairs)."""
-    pairs = []
-
-    def clone_function(layer):
-        new = make_layer(layer)
-        pairs.append((layer, new))
-        return new
-
-    new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    return new_model, pairs
 
 
 def quantize_model(
@@ -165,7 +150,7 @@ def quantize_model(
             )
         return _clone_layer(layer)
 
-    qat_model, pairs = _clone_with(model, make_layer)
+    qat_model, pairs = clone_layers(model, make_layer)
     for old, new in pairs:
         if isinstance(new, QuantizeWrapper) and _is_pruning_wrapper(old):
             new.layer.set_weights(old.layer.get_weights())
@@ -209,7 +194,7 @@ def convert(qat_model: keras.Model) -> keras.Model:
             )
         return _clone_layer(layer)
 
-    converted, pairs = _clone_with(qat_model, make_layer)
+    converted, pairs = clone_layers(qat_model, make_layer)
     if not any(isinstance(new, IntegerWeightsWrapper) for _, new in pairs):
         raise ValueError("`qat_model` has no QuantizeWrapper layer: make it with quantize_model")
     for old, new in pairs:
