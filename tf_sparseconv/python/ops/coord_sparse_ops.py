@@ -585,7 +585,6 @@ def sparse_conv_reference(
     out_coords, pair_ptr, pairs, out_shape = sparse_conv_rulebook_reference(
         coords, shape, kernel_size, strides, dilations, submanifold
     )
-    flat = tf.reshape(kernel, [int(np.prod(kernel_size)), kernel.shape[-2], kernel.shape[-1]])
     out = sparse_conv_features_reference(features, flat, pair_ptr, pairs, tf.shape(out_coords)[0])
     return out, out_coords, out_shape
 
