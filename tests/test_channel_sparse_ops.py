@@ -85,6 +85,47 @@ def test_forward_and_gradients_match_reference(rng, case):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, H, W, Cin, Cout, strides, dilations, padding)
+        (2, 9, 11, 160, 27, (1, 1), (1, 1), "SAME"),  # plane mode, several channel blocks
+        (1, 12, 40, 96, 20, (1, 1), (2, 1), "VALID"),  # row mode
+        (2, 9, 9, 64, 14, (2, 2), (1, 1), "SAME"),  # gather mode
+    ],
+    ids=["plane", "row", "gather"],
+)
+def test_rows_sharing_connection_lists(rng, case):
+    """Output channels with identical connection lists (as `channel_group` pruning makes) are
+    computed together by the CPU kernel: groups of every size up to past the register limit, and
+    ungrouped rows in between, against the NumPy oracle, with gradients against the reference."""
+    b, h, w, cin, cout, strides, dilations, padding = case
+    m = 11
+    rows, o = [], 0
+    for size in [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 9]:
+        row = np.sort(rng.choice(cin, m, replace=False))
+        rows += [row] * min(size, cout - o)
+        o += size
+        if o >= cout:
+            break
+    assert len(rows) == cout
+    connections = np.asarray(rows, dtype=np.int32)
+    x = rng.standard_normal((b, h, w, cin)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, m, cout)).astype(np.float32)
+    xt, kt = tf.constant(x), tf.constant(kernel)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([xt, kt])
+        ours = tsc.ops.channel_sparse_conv2d(xt, kt, connections, strides, padding, dilations)
+        ref = tsc.ops.channel_sparse_conv2d_reference(xt, kt, connections, strides, padding, dilations)
+    expected = np_conv2d(x, kernel, connections, strides, padding, dilations)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(ours.shape).astype(np.float32)
+    g_ours = tape.gradient(ours, [xt, kt], output_gradients=dy)
+    g_ref = tape.gradient(ref, [xt, kt], output_gradients=dy)
+    for a, c in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float64], ids=lambda d: d.name)
 def test_dtypes(rng, dtype):
     x, kernel, connections, strides, padding, dilations = make_case(rng, CASES[3], np.float64)

@@ -62,8 +62,9 @@ def test_pruning_experiment_quick():
             # The measured zero fraction lands within one pruning unit above the target.
             assert target - 1e-6 <= float(match.group(2)) <= target + 0.05, out
             assert float(match.group(3)) > 0.4, out
-    assert "stripped sparse vs pruned outputs: allclose True" in out, out
-    assert re.search(r"sparse vs dense: inference speed-up [\d.]+x", out), out
+    for group in (1, 4):
+        assert f"channel_group={group}: stripped sparse vs pruned outputs: allclose True" in out, out
+        assert re.search(rf"channel_group={group}: sparse vs dense: inference speed-up [\d.]+x", out), out
     assert re.search(r"total wall time: [\d.]+ s", out), out
 
 

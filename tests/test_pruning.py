@@ -536,6 +536,8 @@ class _Subclassed(keras.Model):
         (lambda: pruning.prune_low_magnitude("dense"), "to_prune"),
         (lambda: pruning.prune_low_magnitude(_Subclassed()), "model"),
         (lambda: pruning.prune_low_magnitude(pruning.prune_low_magnitude(keras.layers.Dense(2))), "to_prune"),
+        (lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), channel_group=0), "channel_group"),
+        (lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), channel_group=2.0), "channel_group"),
         (lambda: pruning.ConstantSparsity(1.0, 0), "target_sparsity"),
         (lambda: pruning.ConstantSparsity(0.5, -1), "begin_step"),
         (lambda: pruning.ConstantSparsity(0.5, 10, end_step=5), "end_step"),
@@ -564,3 +566,57 @@ def test_kernel_granularity_is_balanced_over_output_channels():
     # Transposed layout [k, k, out, in]: balanced over the output axis (-2) instead.
     mask_t = pruning.compute_mask(np.swapaxes(kernel, -1, -2), 0.75, "kernel", in_axis=-1)
     np.testing.assert_array_equal(np.swapaxes(mask_t, -1, -2), mask)
+
+
+def test_kernel_granularity_channel_group_shares_inputs_within_groups():
+    """channel_group=g: each group of g consecutive output channels keeps one input set, chosen by
+    the group's mean kernel magnitude; the target is still met (the last group may be smaller)."""
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal((3, 3, 24, 14)) * rng.random((1, 1, 24, 14)) ** 3
+    mask = pruning.compute_mask(kernel, 0.75, "kernel", channel_group=4)
+    alive = mask.any(axis=(0, 1))  # [Cin, Cout]
+    assert (mask == mask[:1, :1]).all()
+    for start in range(0, 14, 4):
+        group = alive[:, start : start + 4]
+        assert (group == group[:, :1]).all()
+        # The kept inputs are the group's strongest (mean |w| over its channels and taps).
+        score = np.abs(kernel[..., start : start + 4]).mean(axis=(0, 1, 3))
+        assert score[group[:, 0]].min() >= score[~group[:, 0]].max()
+    assert 0.75 <= 1 - mask.mean() <= 0.75 + 4 / 24 / 14 + 1e-9
+    np.testing.assert_array_equal(alive.sum(axis=0), np.full(14, 6))
+    # channel_group=1 is the per-channel mask.
+    np.testing.assert_array_equal(
+        pruning.compute_mask(kernel, 0.75, "kernel", channel_group=1),
+        pruning.compute_mask(kernel, 0.75, "kernel"),
+    )
+
+
+def test_channel_group_strips_to_identical_connection_rows(rng, tmp_path):
+    x, y = data(rng)
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 8)),
+            keras.layers.Conv2D(12, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    pruned = pruning.prune_low_magnitude(
+        model, pruning.ConstantSparsity(0.75, 0, frequency=2), "kernel", channel_group=4
+    )
+    assert all(
+        layer.channel_group == 4 for layer in pruned.layers if isinstance(layer, pruning.PruneLowMagnitude)
+    )
+    fit(pruned, x, y, epochs=1)
+    path = str(tmp_path / "grouped.keras")
+    pruned.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[0].channel_group == 4
+    expected = pruned.predict(x, verbose=0)
+    sparse = pruning.strip_pruning(pruned, to_sparse_layers=True)
+    conv = sparse.layers[0]
+    assert isinstance(conv, tsc.layers.ChannelSparseConv2D) and conv.fan_in_channels == 2
+    rows = np.asarray(conv.connections).reshape(3, 4, -1)
+    assert (rows == rows[:, :1]).all()
+    np.testing.assert_allclose(sparse.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)

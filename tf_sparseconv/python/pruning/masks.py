@@ -45,12 +45,19 @@ def _weight_mask(kernel: np.ndarray, sparsity: float) -> np.ndarray:
     return _prune_units(np.abs(kernel), None, _target_count(sparsity, kernel.size)).reshape(kernel.shape)
 
 
-def _kernel_mask(kernel: np.ndarray, sparsity: float, in_axis: int = -2) -> np.ndarray:
+def _kernel_mask(
+    kernel: np.ndarray, sparsity: float, in_axis: int = -2, channel_group: int = 1
+) -> np.ndarray:
     """Whole k×k kernels of (in, out) channel pairs, balanced over the output channels: each
     output channel first loses the same number of its weakest input kernels, and the rest of
     the target goes to the weakest remaining pairs. Every output channel then keeps (nearly)
     the same fan-in, which is what a channel-sparse layer needs (`strip_pruning(...,
-    to_sparse_layers=True)` pads every row to the largest fan-in)."""
+    to_sparse_layers=True)` pads every row to the largest fan-in).
+
+    With `channel_group` g > 1, the output channels go in groups of g consecutive channels
+    (the last may be smaller) that are pruned as one: an input channel's score for a group is
+    its mean kernel magnitude over the group's channels, and the group keeps or drops it for
+    all of them, so the group's channels share one connection list."""
     if kernel.ndim <= 2:
         return _weight_mask(kernel, sparsity)
     spatial = tuple(range(kernel.ndim - 2))
@@ -60,15 +67,23 @@ def _kernel_mask(kernel: np.ndarray, sparsity: float, in_axis: int = -2) -> np.n
     taps = int(np.prod(kernel.shape[:-2]))
     units = math.ceil(_target_count(sparsity, kernel.size) / taps)
     cin, cout = scores.shape
+    group = max(1, min(int(channel_group), cout))
+    starts = np.arange(0, cout, group)
+    sizes = np.diff(np.append(starts, cout))  # output channels per group
+    scores = np.add.reduceat(scores, starts, axis=1) / sizes  # [Cin, groups]
     per_out = min(units // max(cout, 1), cin)
     keep = np.ones(scores.shape, dtype=bool)
     if per_out:
-        weakest = np.argsort(scores, axis=0, kind="stable")[:per_out]  # [per_out, Cout]
+        weakest = np.argsort(scores, axis=0, kind="stable")[:per_out]  # [per_out, groups]
         np.put_along_axis(keep, weakest, False, axis=0)
-    rest = units - per_out * cout
+    rest = units - per_out * cout  # (in, out) pairs still to drop
     if rest > 0:
         remaining = np.where(keep, scores, np.inf).reshape(-1)
-        keep.reshape(-1)[np.argsort(remaining, kind="stable")[:rest]] = False
+        pair_sizes = np.broadcast_to(sizes, scores.shape).reshape(-1)
+        order = np.argsort(remaining, kind="stable")
+        before = np.cumsum(pair_sizes[order]) - pair_sizes[order]
+        keep.reshape(-1)[order[before < rest]] = False
+    keep = np.repeat(keep, sizes, axis=1)  # [Cin, Cout]
     if in_axis % kernel.ndim == kernel.ndim - 1:
         keep = keep.T
     return np.broadcast_to(keep, kernel.shape)
@@ -119,13 +134,15 @@ def compute_mask(
     block_shape: tuple[int, int] = (4, 4),
     m_by_n: tuple[int, int] = (2, 4),
     in_axis: int = -2,
+    channel_group: int = 1,
 ) -> np.ndarray:
-    """The 0/1 mask (kernel's dtype) pruning `kernel` to `sparsity` at `granularity`."""
+    """The 0/1 mask (kernel's dtype) pruning `kernel` to `sparsity` at `granularity`
+    (`channel_group`: output channels per group for "kernel")."""
     kernel = np.asarray(kernel)
     if granularity == "weight":
         keep = _weight_mask(kernel, sparsity)
     elif granularity == "kernel":
-        keep = _kernel_mask(kernel, sparsity, in_axis)
+        keep = _kernel_mask(kernel, sparsity, in_axis, channel_group)
     elif granularity == "block":
         keep = _block_mask(kernel, sparsity, block_shape)
     elif granularity == "m_by_n":

@@ -21,14 +21,17 @@ def masked_kernel(wrapper: PruneLowMagnitude) -> np.ndarray:
     return kernel * mask
 
 
-def connections_from_kernel(kernel: np.ndarray) -> np.ndarray:
+def connections_from_kernel(kernel: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """int32 `[Cout, m]` connection lists of a `[*k, Cin, Cout]` kernel's non-zero (in, out) pairs.
 
-    `m` is the largest number of surviving inputs of any output channel (at least
-    1); shorter rows are padded with the lowest unused input channels (their
-    weights are 0, so the outputs do not change).
+    With a pruning `mask` (kernel-shaped), the pairs the mask keeps instead (a kept
+    kernel that happens to be all zero stays in its row, so output channels pruned
+    as one group keep identical lists). `m` is the largest number of surviving
+    inputs of any output channel (at least 1); shorter rows are padded with the
+    lowest unused input channels (their weights are 0, so the outputs do not change).
     """
-    alive = np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2)))  # [Cin, Cout]
+    source = kernel if mask is None else mask
+    alive = np.any(source != 0, axis=tuple(range(kernel.ndim - 2)))  # [Cin, Cout]
     cin, cout = alive.shape
     m = max(1, int(alive.sum(axis=0).max()) if cout else 1)
     rows = []
@@ -53,7 +56,8 @@ def _to_channel_sparse(wrapper: PruneLowMagnitude):
     if not _convertible(wrapper.layer):
         return None
     kernel = masked_kernel(wrapper)
-    connections = connections_from_kernel(kernel)
+    mask = np.asarray(keras.ops.convert_to_numpy(wrapper.mask))
+    connections = connections_from_kernel(kernel, mask)
     cin = kernel.shape[-2]
     if wrapper.granularity != "kernel" and connections.shape[1] >= cin:
         return None

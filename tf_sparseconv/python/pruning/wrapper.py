@@ -57,8 +57,9 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
-def check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n):
-    """Validated `(schedule, granularity, block_shape, m_by_n)`; ValueError naming the argument."""
+def check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n, channel_group=1):
+    """Validated `(schedule, granularity, block_shape, m_by_n, channel_group)`; ValueError naming
+    the argument."""
     if isinstance(pruning_schedule, dict):
         pruning_schedule = deserialize_schedule(pruning_schedule)
     schedule = check_schedule(pruning_schedule)
@@ -68,7 +69,13 @@ def check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n):
     m_by_n = _pair(m_by_n, "m_by_n")
     if m_by_n[0] >= m_by_n[1]:
         raise ValueError(f"`m_by_n` must be (m, n) with m < n, got {m_by_n!r}")
-    return schedule, granularity, block_shape, m_by_n
+    if (
+        isinstance(channel_group, bool)
+        or not isinstance(channel_group, (int, np.integer))
+        or channel_group < 1
+    ):
+        raise ValueError(f"`channel_group` must be a positive int, got {channel_group!r}")
+    return schedule, granularity, block_shape, m_by_n, int(channel_group)
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
@@ -89,6 +96,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
       granularity: "weight", "kernel", "block" or "m_by_n".
       block_shape: block size over the kernel's last two axes ("block").
       m_by_n: at least m zeros in every n consecutive input channels ("m_by_n").
+      channel_group: "kernel" only: consecutive output channels in groups of
+        this size keep the same input channels.
     """
 
     def __init__(
@@ -98,15 +107,20 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         granularity: str = "weight",
         block_shape=(4, 4),
         m_by_n=(2, 4),
+        channel_group=1,
         **kwargs,
     ):
         if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
             raise ValueError(f"`layer` must be a Keras layer (not a model), got {layer!r}")
         if isinstance(layer, PruneLowMagnitude):
             raise ValueError(f"`layer` {layer.name!r} is already wrapped for pruning")
-        self.pruning_schedule, self.granularity, self.block_shape, self.m_by_n = check_pruning_args(
-            pruning_schedule, granularity, block_shape, m_by_n
-        )
+        (
+            self.pruning_schedule,
+            self.granularity,
+            self.block_shape,
+            self.m_by_n,
+            self.channel_group,
+        ) = check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n, channel_group)
         kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
@@ -181,7 +195,13 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         """The mask the current |kernel| gives at `sparsity` (nothing is assigned)."""
         kernel = np.asarray(keras.ops.convert_to_numpy(self.pruned_weight))
         return masks.compute_mask(
-            kernel, float(sparsity), self.granularity, self.block_shape, self.m_by_n, self.in_axis
+            kernel,
+            float(sparsity),
+            self.granularity,
+            self.block_shape,
+            self.m_by_n,
+            self.in_axis,
+            channel_group=self.channel_group,
         )
 
     def update_mask(self, sparsity: float) -> None:
@@ -212,6 +232,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "granularity": self.granularity,
                 "block_shape": list(self.block_shape),
                 "m_by_n": list(self.m_by_n),
+                "channel_group": self.channel_group,
             }
         )
         return config
@@ -274,6 +295,7 @@ def prune_low_magnitude(
     granularity: str = "weight",
     block_shape=(4, 4),
     m_by_n=(2, 4),
+    channel_group=1,
 ):
     """Wraps a layer, or every prunable layer of a model, for magnitude pruning.
 
@@ -290,13 +312,20 @@ def prune_low_magnitude(
         "m_by_n" (at least m zeros in every n consecutive input channels; the
         zero fraction is then max(sparsity, m / n)).
       block_shape, m_by_n: pairs of positive ints.
+      channel_group: for "kernel": output channels in groups of this many
+        consecutive channels keep the same input channels (scored by the
+        group's summed kernel magnitudes). The stripped channel-sparse layer
+        then has rows with identical connection lists, which its CPU kernel
+        computes together (each loaded input column serves the whole group):
+        4-6 makes it about twice as fast as 1 with AVX-512. Default 1 (every
+        output channel chooses its own inputs).
 
     Returns:
       The wrapped layer or the new model. Train it with the `UpdatePruningStep`
       callback; `strip_pruning` removes the wrappers afterwards.
     """
-    args = check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n)
-    kwargs = dict(zip(("pruning_schedule", "granularity", "block_shape", "m_by_n"), args))
+    args = check_pruning_args(pruning_schedule, granularity, block_shape, m_by_n, channel_group)
+    kwargs = dict(zip(("pruning_schedule", "granularity", "block_shape", "m_by_n", "channel_group"), args))
     if isinstance(to_prune, keras.Model):
         supported = prunable_types()
 
