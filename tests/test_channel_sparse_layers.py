@@ -13,6 +13,14 @@ import tf_sparseconv as tsc
 pytestmark = pytest.mark.skipif(not tsc.ops.is_library_loaded(), reason="op library not built")
 
 
+@pytest.fixture(autouse=True)
+def _no_dense_dispatch(monkeypatch):
+    """The compiled kernels, whatever the fan-in (see test_channel_sparse_ops.py)."""
+    from tf_sparseconv.python.ops import channel_sparse_ops
+
+    monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", 1.0)
+
+
 def test_layer_matches_op_and_connections_round_trip(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 9, 11, 12)).astype(np.float32)
     layer = tsc.layers.ChannelSparseConv2D(10, 3, density=0.25, connection_seed=7, activation="relu")
@@ -29,6 +37,28 @@ def test_layer_matches_op_and_connections_round_trip(tmp_path):
     np.testing.assert_allclose(loaded(x), y, atol=1e-6)
     config = layer.get_config()
     assert config["connections"] == layer.connections.tolist() and config["density"] is None
+
+
+@pytest.mark.parametrize("activation", ["relu", None, "tanh"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_bias_and_activation_fused_into_the_op_when_possible(activation, use_bias):
+    """With a bias and relu/linear, the layer calls ChannelSparseConv2DBiasActivation; other
+    activations (or no bias) run the plain op and Keras' bias_add/activation. Same outputs."""
+    x = np.random.default_rng(1).standard_normal((2, 7, 9, 12)).astype(np.float32)
+    layer = tsc.layers.ChannelSparseConv2D(
+        6, 3, fan_in=3, activation=activation, use_bias=use_bias, bias_initializer="random_normal"
+    )
+    y = layer(x)
+    expected = tsc.ops.channel_sparse_conv2d(x, layer.kernel, layer.connections)
+    if use_bias:
+        expected = expected + layer.bias
+    expected = keras.activations.get(activation)(expected)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    types = {op.type for op in graph.get_operations()}
+    fused = use_bias and activation != "tanh"
+    assert ("TfSparseConv>ChannelSparseConv2DBiasActivation" in types) == fused, types
+    assert ("TfSparseConv>ChannelSparseConv2D" in types) == (not fused), types
 
 
 @pytest.mark.parametrize(

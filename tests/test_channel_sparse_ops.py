@@ -12,6 +12,16 @@ from tf_sparseconv.python.ops._loader import load_library
 pytestmark = pytest.mark.skipif(not tsc.ops.is_library_loaded(), reason="op library not built")
 
 
+@pytest.fixture(autouse=True)
+def _no_dense_dispatch(monkeypatch):
+    """The compiled kernels under test, whatever the fan-in (the dense dispatch above
+    DENSE_DISPATCH_DENSITY would otherwise route most of these small cases to tf.nn.conv2d);
+    test_dense_dispatch_for_high_fan_in sets its own thresholds."""
+    from tf_sparseconv.python.ops import channel_sparse_ops
+
+    monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", 1.0)
+
+
 def np_conv2d(x, kernel, connections, strides, padding, dilations):
     """Direct NumPy convolution with the dense kernel (independent of TF)."""
     b, h, w, cin = x.shape
@@ -124,6 +134,66 @@ def test_rows_sharing_connection_lists(rng, case):
     g_ref = tape.gradient(ref, [xt, kt], output_gradients=dy)
     for a, c in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize(
+    "case", [CASES[0], CASES[1], CASES[3], CASES[8]], ids=["plane", "strided", "row", "m1"]
+)
+def test_fused_bias_activation(rng, case, activation):
+    """ChannelSparseConv2DBiasActivation = activation(conv + bias), forward and gradients (bias
+    included) against the NumPy oracle and the unfused reference."""
+    x, kernel, connections, strides, padding, dilations = make_case(rng, case)
+    cout = kernel.shape[-1]
+    bias = rng.standard_normal(cout).astype(np.float32)
+    xt, kt, bt = tf.constant(x), tf.constant(kernel), tf.constant(bias)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([xt, kt, bt])
+        ours = tsc.ops.channel_sparse_conv2d(xt, kt, connections, strides, padding, dilations, bt, activation)
+        ref = tf.nn.bias_add(
+            tsc.ops.channel_sparse_conv2d_reference(xt, kt, connections, strides, padding, dilations), bt
+        )
+        ref = tf.nn.relu(ref) if activation else ref
+    expected = np_conv2d(x, kernel, connections, strides, padding, dilations) + bias
+    expected = np.maximum(expected, 0) if activation else expected
+    if activation:
+        assert 0.2 < np.mean(expected > 0) < 0.8  # the relu really cuts
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(ours.shape).astype(np.float32)
+    g_ours = tape.gradient(ours, [xt, kt, bt], output_gradients=dy)
+    g_ref = tape.gradient(ref, [xt, kt, bt], output_gradients=dy)
+    for a, c in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-3)
+
+
+def test_fused_bias_activation_numeric_gradient_and_errors(rng):
+    x, kernel, connections, strides, padding, dilations = make_case(rng, CASES[0], np.float64)
+    bias = rng.standard_normal(kernel.shape[-1])
+
+    def f(x, kernel, bias):
+        return tsc.ops.channel_sparse_conv2d(
+            x, kernel, connections, strides, padding, dilations, bias, "relu"
+        )
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x, kernel, bias], delta=1e-6)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-5, atol=1e-5)
+    lib = load_library()
+    graph_ops = tf.function(f).get_concrete_function(x, kernel, bias).graph.get_operations()
+    assert any(op.type == "TfSparseConv>ChannelSparseConv2DBiasActivation" for op in graph_ops)
+    with pytest.raises(ValueError, match="`activation`"):
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections, bias=bias, activation="gelu")
+    with pytest.raises(ValueError, match="`bias` must be \\[Cout\\]"):
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections, bias=bias[:-1])
+    with pytest.raises(ValueError, match="`bias` dtype"):
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections, bias=bias.astype(np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bias must be \\[Cout\\]"):
+        lib.tf_sparse_conv_channel_sparse_conv2d_bias_activation(x, kernel, connections, bias[:-1])
+    # m = 0 (no connections): the output is activation(bias) everywhere.
+    empty = lib.tf_sparse_conv_channel_sparse_conv2d_bias_activation(
+        x, np.zeros((3, 3, 0, 2)), np.zeros((2, 0), np.int32), np.array([-1.0, 2.0]), activation="relu"
+    )
+    np.testing.assert_array_equal(empty, np.broadcast_to([0.0, 2.0], (*x.shape[:3], 2)))
 
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float64], ids=lambda d: d.name)

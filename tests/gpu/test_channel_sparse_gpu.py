@@ -35,6 +35,7 @@ U_OUT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64
 TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 0.0}
 ENTRY_POINTS = (
     "tsc_channel_sparse_conv2d_gpu",
+    "tsc_channel_sparse_conv2d_bias_activation_gpu",
     "tsc_channel_sparse_conv2d_backprop_input_gpu",
     "tsc_channel_sparse_conv2d_backprop_kernel_gpu",
 )
@@ -318,6 +319,7 @@ def _declare(lib):
     p = ctypes.c_void_p
     sigs = {
         "tsc_channel_sparse_conv2d_gpu": [ctypes.c_int, p, p, p, p, p, p],
+        "tsc_channel_sparse_conv2d_bias_activation_gpu": [ctypes.c_int, p, p, p, p, ctypes.c_int, p, p, p],
         "tsc_channel_sparse_conv2d_backprop_input_gpu": [ctypes.c_int, p, p, p, p, p, p, p],
         "tsc_channel_sparse_conv2d_backprop_kernel_gpu": [ctypes.c_int, p, p, p, p, p, p],
     }
@@ -365,6 +367,21 @@ class Device:
     def forward(self):
         y = _garbage(self.g.y_shape, self.prob.dtype)
         self._call("tsc_channel_sparse_conv2d_gpu", _ptr(self.x), _ptr(self.kernel), _ptr(self.conn), _ptr(y))
+        return to_float64(cupy.asnumpy(y), self.prob.dtype)
+
+    def forward_bias_activation(self, bias_s, activation: int):
+        """y = activation(conv + bias) from the fused entry point (bias in storage dtype)."""
+        y = _garbage(self.g.y_shape, self.prob.dtype)
+        bias = cupy.asarray(bias_s)
+        self._call(
+            "tsc_channel_sparse_conv2d_bias_activation_gpu",
+            _ptr(self.x),
+            _ptr(self.kernel),
+            _ptr(self.conn),
+            _ptr(bias),
+            activation,
+            _ptr(y),
+        )
         return to_float64(cupy.asnumpy(y), self.prob.dtype)
 
     def backprop_input(self):
@@ -520,7 +537,7 @@ def test_channel_sparse_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
 def test_argument_errors(gpu_kernels_lib):
     """Invalid arguments are reported before any CUDA call (no GPU needed)."""
     lib = _declare(ctypes.CDLL(gpu_kernels_lib))
-    fwd, bin_, bk = (getattr(lib, n) for n in ENTRY_POINTS)
+    fwd, fused, bin_, bk = (getattr(lib, n) for n in ENTRY_POINTS)
     good = make_geometry(1, 4, 4, 3, 2, 2, (3, 3))
 
     def geo(**kw):
@@ -530,6 +547,7 @@ def test_argument_errors(gpu_kernels_lib):
         p = geometry.ctypes.data if geometry is not None else None
         return [
             fwd(fmt, None, None, None, None, p, None),
+            fused(fmt, None, None, None, None, 1, None, p, None),
             bin_(fmt, None, None, None, None, None, p, None),
             bk(fmt, None, None, None, None, p, None),
         ]
@@ -552,6 +570,8 @@ def test_argument_errors(gpu_kernels_lib):
     for fmt in (0, 1):
         err = bin_(fmt, None, None, None, None, None, good.as_int64().ctypes.data, None)
         assert err is not None and b"workspace" in err, err
+    err = fused(2, None, None, None, None, 2, None, good.as_int64().ctypes.data, None)
+    assert err is not None and b"activation must be 0 (linear) or 1 (relu)" in err, err
     # Nothing to write: success without touching CUDA.
     empty = geo(batch=0).ctypes.data
     assert fwd(2, None, None, None, None, empty, None) is None
@@ -609,6 +629,30 @@ def test_empty(cs_lib, dtype, name, g):
     dev = check_all(cs_lib, g, dtype)
     for got in (dev.forward(), dev.backprop_input(), dev.backprop_kernel()):
         assert not np.any(got), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [0, 1], ids=["linear", "relu"])
+@pytest.mark.parametrize(
+    "name,g", [CASES[0], CASES[2], CASES[8], EMPTY_CASES[2], EMPTY_CASES[4]], ids=lambda c: str(c)[:20]
+)
+def test_conv_bias_activation(cs_lib, dtype, activation, name, g):
+    """The fused epilogue: activation(conv + bias[o]); with m = 0 or no input, activation(bias)."""
+    prob = Problem(g, dtype, seed=len(name) + activation)
+    rng = np.random.default_rng(7)
+    bias_s = to_storage(rng.standard_normal(g.out_c), dtype)
+    bias = to_float64(bias_s, dtype)
+    y, bound = prob.y_ref()
+    want = y + bias
+    # One more rounding (the bias add) on |conv| + |bias|.
+    bound = bound + (np.abs(y) + np.abs(bias)) * 2 * U_ACC[dtype] + TINY[dtype]
+    if activation:
+        want = np.maximum(want, 0.0)
+        assert want.size == 0 or 0.05 < np.mean(want > 0) < 0.95
+    got = Device(cs_lib, prob).forward_bias_activation(bias_s, activation)
+    assert_close("y_bias_activation", got, want, bound)
+    # The plain entry point is unchanged (no bias).
+    assert_close("y", Device(cs_lib, prob).forward(), *prob.y_ref())
 
 
 def test_int64_index_path(cs_lib):

@@ -14,10 +14,12 @@
 
 namespace tf_sparseconv {
 
-// y = conv(x, kernel, connections).
+// y = activation(conv(x, kernel, connections) + bias): `bias` ([out_c], the
+// dtype of x) may be nullptr (no bias); `relu` selects max(., 0).
 const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
                                          const void* kernel,
-                                         const int32_t* connections, void* y,
+                                         const int32_t* connections,
+                                         const void* bias, bool relu, void* y,
                                          const ChannelSparseGeometry& g,
                                          void* stream);
 
@@ -46,6 +48,11 @@ const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
                                           const int32_t* connections, void* y,
                                           const int64_t* geometry,
                                           void* stream);
+// `bias` may be nullptr; activation 0 = linear, 1 = relu.
+const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
+    int format, const void* x, const void* kernel, const int32_t* connections,
+    const void* bias, int activation, void* y, const int64_t* geometry,
+    void* stream);
 const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
     int format, const void* dy, const void* kernel, const int32_t* connections,
     void* dx, float* workspace, const int64_t* geometry, void* stream);

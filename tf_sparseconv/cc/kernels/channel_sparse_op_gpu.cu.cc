@@ -90,7 +90,8 @@ __device__ __forceinline__ int64_t Connection(const int32_t* __restrict__ conn,
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
     ConvForwardKernel(const T* __restrict__ x, const T* __restrict__ w,
-                      const int32_t* __restrict__ conn, T* __restrict__ y,
+                      const int32_t* __restrict__ conn,
+                      const T* __restrict__ bias, bool relu, T* __restrict__ y,
                       ChannelSparseGeometry g) {
   using Acc = typename Elem<T>::Acc;
   const Index out_c = static_cast<Index>(g.out_c);
@@ -138,6 +139,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    if (bias != nullptr) acc += Elem<T>::Load(bias[o]);
+    if (relu && acc < Acc(0)) acc = Acc(0);  // (NaN stays NaN, as in tf.nn.relu)
     y[idx] = Elem<T>::Store(acc);
   }
 }
@@ -407,18 +410,18 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
 
 template <typename T>
 const char* ForwardTyped(const void* x, const void* kernel,
-                         const int32_t* conn, void* y,
-                         const ChannelSparseGeometry& g, const Sizes& s,
-                         cudaStream_t stream) {
+                         const int32_t* conn, const void* bias, bool relu,
+                         void* y, const ChannelSparseGeometry& g,
+                         const Sizes& s, cudaStream_t stream) {
   const unsigned grid = GridFor(s.y, kThreads);
   if (s.index32) {
     ConvForwardKernel<T, uint32_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
-        static_cast<T*>(y), g);
+        static_cast<const T*>(bias), relu, static_cast<T*>(y), g);
   } else {
     ConvForwardKernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
-        static_cast<T*>(y), g);
+        static_cast<const T*>(bias), relu, static_cast<T*>(y), g);
   }
   return LastError();
 }
@@ -532,7 +535,8 @@ const char* BackpropKernelTyped(const void* x, const void* dy,
 
 const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
                                          const void* kernel,
-                                         const int32_t* connections, void* y,
+                                         const int32_t* connections,
+                                         const void* bias, bool relu, void* y,
                                          const ChannelSparseGeometry& g,
                                          void* stream) {
   const int bytes = FormatBytes(format);
@@ -541,19 +545,20 @@ const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
   if (const char* err = CheckGeometry(g, &s)) return err;
   if (s.y == 0) return nullptr;  // nothing to write
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (s.x == 0 || s.kernel == 0) {
-    // No input, no taps or m == 0: y is all zeros.
+  if ((s.x == 0 || s.kernel == 0) && bias == nullptr) {
+    // No input, no taps or m == 0: y is all zeros (relu keeps them).
     return MemsetZero(y, s.y * bytes, st);
   }
+  // (With a bias the kernel runs anyway: its empty sums give activation(bias).)
   switch (format) {
     case FloatFormat::kHalf:
-      return ForwardTyped<__half>(x, kernel, connections, y, g, s, st);
+      return ForwardTyped<__half>(x, kernel, connections, bias, relu, y, g, s, st);
     case FloatFormat::kBFloat16:
-      return ForwardTyped<__nv_bfloat16>(x, kernel, connections, y, g, s, st);
+      return ForwardTyped<__nv_bfloat16>(x, kernel, connections, bias, relu, y, g, s, st);
     case FloatFormat::kFloat:
-      return ForwardTyped<float>(x, kernel, connections, y, g, s, st);
+      return ForwardTyped<float>(x, kernel, connections, bias, relu, y, g, s, st);
     case FloatFormat::kDouble:
-      return ForwardTyped<double>(x, kernel, connections, y, g, s, st);
+      return ForwardTyped<double>(x, kernel, connections, bias, relu, y, g, s, st);
   }
   return "tsc_channel_sparse: unknown float format";
 }
@@ -660,7 +665,20 @@ const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchChannelSparseConv2DGpu(
       static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
-      y, UnpackGeometry(geometry), stream);
+      nullptr, false, y, UnpackGeometry(geometry), stream);
+}
+
+const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
+    int format, const void* x, const void* kernel, const int32_t* connections,
+    const void* bias, int activation, void* y, const int64_t* geometry,
+    void* stream) {
+  if (geometry == nullptr) return kNullGeometry;
+  if (activation != 0 && activation != 1) {
+    return "tsc_channel_sparse: activation must be 0 (linear) or 1 (relu)";
+  }
+  return tf_sparseconv::LaunchChannelSparseConv2DGpu(
+      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
+      bias, activation == 1, y, UnpackGeometry(geometry), stream);
 }
 
 const char* tsc_channel_sparse_conv2d_backprop_input_gpu(

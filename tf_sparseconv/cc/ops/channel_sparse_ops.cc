@@ -62,6 +62,16 @@ Status ForwardShape(InferenceContext* c) {
   return ::tensorflow::OkStatus();
 }
 
+Status BiasActivationShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(ForwardShape(c));
+  ShapeHandle bias, y = c->output(0);
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &bias));
+  DimensionHandle out_c;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(y, 3), c->Dim(bias, 0), &out_c));
+  c->set_output(0, c->MakeShape({c->Dim(y, 0), c->Dim(y, 1), c->Dim(y, 2), out_c}));
+  return ::tensorflow::OkStatus();
+}
+
 Status ShapeFromSizesInput(InferenceContext* c) {
   ShapeHandle shape;
   TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &shape));
@@ -104,6 +114,25 @@ connections: int32 [Cout, m].
 y: equals conv2d(x, dense) with dense[:, :, connections[o, e], o] =
   kernel[:, :, e, o] and zeros elsewhere; the cost scales with m, not Cin.
 strides, dilations: [height, width].
+)doc");
+
+REGISTER_OP("TfSparseConv>ChannelSparseConv2DBiasActivation")
+    .Input("x: T")
+    .Input("kernel: T")
+    .Input("connections: int32")
+    .Input("bias: T")
+    .Output("y: T")
+    .TSC_CONV_ATTRS
+    .Attr("activation: {'linear', 'relu'} = 'linear'")
+    .SetShapeFn(BiasActivationShape)
+    .Doc(R"doc(
+ChannelSparseConv2D with the bias and activation fused into its output
+stage (one pass over y instead of three, as TensorFlow's _FusedConv2D does
+for dense convolutions).
+
+bias: [Cout].
+y: activation(ChannelSparseConv2D(x, kernel, connections) + bias).
+activation: 'linear' (none) or 'relu'.
 )doc");
 
 REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropInput")

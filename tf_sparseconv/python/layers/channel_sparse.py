@@ -146,12 +146,26 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
             seed=getattr(init, "seed", None),
         )
 
-    def _convolve(self, inputs, kernel, connections):
+    def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
         raise NotImplementedError
+
+    def _fused_activation(self):
+        """ "relu"/"linear" when the op can apply the activation itself, else None."""
+        if self.activation is None or self.activation is activations.linear:
+            return "linear"
+        if self.activation is activations.relu:
+            return "relu"
+        return None
 
     def call(self, inputs):
         kernel = tf.cast(self.kernel, inputs.dtype)
-        outputs = self._convolve(inputs, kernel, tf.constant(self.connections))
+        connections = tf.constant(self.connections)
+        fused = self._fused_activation()
+        if self.bias is not None and fused is not None:
+            # Bias and relu in the op's output stage (one pass over the output).
+            bias = tf.cast(self.bias, inputs.dtype)
+            return self._convolve(inputs, kernel, connections, bias, fused)
+        outputs = self._convolve(inputs, kernel, connections)
         if self.bias is not None:
             outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
         return self.activation(outputs) if self.activation is not None else outputs
@@ -212,9 +226,16 @@ class ChannelSparseConv2D(_ChannelSparseConv):
 
     rank = 2
 
-    def _convolve(self, inputs, kernel, connections):
+    def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
         return channel_sparse_ops.channel_sparse_conv2d(
-            inputs, kernel, connections, self.strides, self.padding.upper(), self.dilation_rate
+            inputs,
+            kernel,
+            connections,
+            self.strides,
+            self.padding.upper(),
+            self.dilation_rate,
+            bias,
+            activation,
         )
 
 
@@ -224,9 +245,16 @@ class ChannelSparseConv1D(_ChannelSparseConv):
 
     rank = 1
 
-    def _convolve(self, inputs, kernel, connections):
+    def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
         return channel_sparse_ops.channel_sparse_conv1d(
-            inputs, kernel, connections, self.strides[0], self.padding.upper(), self.dilation_rate[0]
+            inputs,
+            kernel,
+            connections,
+            self.strides[0],
+            self.padding.upper(),
+            self.dilation_rate[0],
+            bias,
+            activation,
         )
 
 

@@ -110,7 +110,35 @@ def _dense_conv2d(x, kernel, connections, strides, padding):
     return conv2d_batch_safe(x, dense, strides, padding)
 
 
-def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
+FUSED_ACTIVATIONS = (None, "linear", "relu")
+
+
+def _check_epilogue(bias, activation, kernel):
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"`activation` must be None, 'linear' or 'relu', got {activation!r}")
+    activation = "linear" if activation is None else activation
+    if bias is None:
+        return None, activation
+    bias = float_tensor(bias, "bias")
+    if bias.dtype != kernel.dtype:
+        raise ValueError(f"`bias` dtype {bias.dtype.name} must match `kernel` dtype {kernel.dtype.name}")
+    if bias.shape.rank is not None and bias.shape.rank != 1:
+        raise ValueError(f"`bias` must be [Cout], got shape {bias.shape}")
+    cout = kernel.shape[-1]
+    if bias.shape.rank == 1 and None not in (bias.shape[0], cout) and bias.shape[0] != cout:
+        raise ValueError(f"`bias` must be [Cout] = [{cout}], got shape {bias.shape}")
+    return bias, activation
+
+
+def _apply_epilogue(y, bias, activation):
+    if bias is not None:
+        y = tf.nn.bias_add(y, bias)
+    return tf.nn.relu(y) if activation == "relu" else y
+
+
+def channel_sparse_conv2d(
+    x, kernel, connections, strides=1, padding="SAME", dilations=1, bias=None, activation=None, name=None
+):
     """Channel-sparse 2-D convolution.
 
     Args:
@@ -120,30 +148,43 @@ def channel_sparse_conv2d(x, kernel, connections, strides=1, padding="SAME", dil
       connections: int32 `[Cout, m]`, distinct input channels per row.
       strides, dilations: int or (height, width).
       padding: "SAME" or "VALID".
+      bias: optional `[Cout]` bias added to the output.
+      activation: None (or "linear") or "relu", applied after the bias.
       name: optional name scope.
 
     Returns:
-      `[B, OH, OW, Cout]`: `tf.nn.conv2d(x, dense, strides, padding, dilations)`
-      for the dense kernel with `dense[:, :, connections[o, j], o] = kernel[:, :, j, o]`
-      and zeros elsewhere, at a cost proportional to `m` (when
-      `m > DENSE_DISPATCH_DENSITY * Cin` and dilations are 1, the dense
-      convolution is faster and is used instead).
+      `[B, OH, OW, Cout]`: `activation(tf.nn.conv2d(x, dense, strides, padding,
+      dilations) + bias)` for the dense kernel with `dense[:, :, connections[o, j], o]
+      = kernel[:, :, j, o]` and zeros elsewhere, at a cost proportional to `m`
+      (when `m > DENSE_DISPATCH_DENSITY * Cin` and dilations are 1, the dense
+      convolution is faster and is used instead). With a bias, the compiled op
+      adds it and applies the activation in its output stage
+      (`ChannelSparseConv2DBiasActivation`: one pass over the output instead
+      of three, as TensorFlow fuses Conv2D + BiasAdd + Relu).
     """
     with tf.name_scope(name or "channel_sparse_conv2d"):
         x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
+        bias, activation = _check_epilogue(bias, activation, kernel)
         strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
         padding = _padding(padding)
         if _use_dense(x, kernel, connections, padding, dilations):
-            return _dense_conv2d(x, kernel, connections, strides, padding)
+            return _apply_epilogue(_dense_conv2d(x, kernel, connections, strides, padding), bias, activation)
         library = load_library()
         if library is None:
-            return channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
-        return library.tf_sparse_conv_channel_sparse_conv2d(
-            x, kernel, connections, strides=list(strides), padding=padding, dilations=list(dilations)
+            y = channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
+            return _apply_epilogue(y, bias, activation)
+        attrs = {"strides": list(strides), "padding": padding, "dilations": list(dilations)}
+        if bias is None:
+            y = library.tf_sparse_conv_channel_sparse_conv2d(x, kernel, connections, **attrs)
+            return _apply_epilogue(y, None, activation)
+        return library.tf_sparse_conv_channel_sparse_conv2d_bias_activation(
+            x, kernel, connections, bias, activation=activation, **attrs
         )
 
 
-def channel_sparse_conv1d(x, kernel, connections, strides=1, padding="SAME", dilations=1, name=None):
+def channel_sparse_conv1d(
+    x, kernel, connections, strides=1, padding="SAME", dilations=1, bias=None, activation=None, name=None
+):
     """Channel-sparse 1-D convolution over `[B, L, Cin]` with kernel `[k, m, Cout]`.
 
     Same semantics as `channel_sparse_conv2d` (it is its `H = kh = 1` case).
@@ -151,7 +192,9 @@ def channel_sparse_conv1d(x, kernel, connections, strides=1, padding="SAME", dil
     with tf.name_scope(name or "channel_sparse_conv1d"):
         x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
         stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")
-        y = channel_sparse_conv2d(x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation))
+        y = channel_sparse_conv2d(
+            x[:, None], kernel[None], connections, (1, stride), padding, (1, dilation), bias, activation
+        )
         return y[:, 0]
 
 
@@ -217,6 +260,24 @@ def _channel_sparse_conv2d_grad(op, grad):
         x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
     )
     return dx, dkernel, None
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBiasActivation")
+def _channel_sparse_conv2d_bias_activation_grad(op, grad):
+    x, kernel, connections, _ = op.inputs
+    if op.get_attr("activation") == b"relu" or op.get_attr("activation") == "relu":
+        # d relu(z) / dz = [y > 0] with y = relu(z) (the output holds the mask).
+        grad = tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
+    library = load_library()
+    attrs = _attrs(op)
+    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
+    )
+    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
+        x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
+    )
+    dbias = tf.reduce_sum(grad, axis=[0, 1, 2])
+    return dx, dkernel, None, dbias
 
 
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropInput")
