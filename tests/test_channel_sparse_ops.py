@@ -65,6 +65,8 @@ CASES = [
     (2, 8, 8, 4, 6, 1, 3, 3, (3, 3), (1, 1), "SAME"),  # m = 1
     (1, 5, 5, 3, 2, 2, 5, 5, (1, 1), (1, 1), "VALID"),  # kernel = image
     (1, 3, 3, 3, 2, 2, 3, 3, (1, 1), (2, 2), "VALID"),  # empty output
+    (1, 6, 28, 256, 8, 4, 1, 7, (1, 1), (1, 1), "SAME"),  # plane mode (7 shifted planes exceed L2)
+    (2, 5, 12, 7, 6, 3, 3, 3, (1, 1), (2, 1), "SAME"),  # shifted planes, dilated rows
 ]
 
 

@@ -343,6 +343,13 @@ struct Correlation {
 //    of tap (i, j) for the positions q0 .. q0 + kTile is the contiguous run
 //    at q0 + (constant offset of the tap): no gather. The positions with
 //    rw >= res_w are computed and dropped (a Wp / res_w overhead).
+//  * Shifted-planes mode (preferred over plane mode when its k_w planes fit
+//    in L2): one plane per kernel column j, P_j[channel][rh' * res_w + rw] =
+//    source(rh' + lo_h, rw + off_w + j * di_w) (zeros outside), rows exactly
+//    res_w wide. The column of tap (i, j) for result positions p0 .. p0 +
+//    kTile (flat, rh * res_w + rw) is then the contiguous run of P_j at p0 +
+//    (off_h + i * di_h - lo_h) * res_w: no dropped positions, and loads that
+//    are vector-aligned whenever res_w is a multiple of the vector width.
 //  * Gather mode (otherwise): the columns are gathered per tap and position
 //    into a [tap][channel][kTile] buffer (an im2col).
 // A unit's valid results are a few runs of consecutive tile positions that
@@ -372,6 +379,13 @@ class ColumnSource {
       plane_span_ = kTile + max_tap;
       const int64_t bytes = plane_len_ * c.channels * static_cast<int64_t>(sizeof(A));
       plane_mode_ = bytes <= (1 << 20) && plane_w_ * 2 <= c.res_w * 3;
+      // Shifted planes: k_w planes of (res_h + hi_h - lo_h) rows of res_w.
+      const int64_t tiles = (c.res_h * c.res_w + kTile - 1) / kTile;
+      shifted_len_ = (std::max(tiles * kTile + (hi_h - lo_h) * c.res_w, plane_rows_ * c.res_w) + 15) / 16 * 16;
+      shifted_span_ = c.k_w * (kTile + (hi_h - lo_h) * c.res_w);
+      const int64_t shifted_bytes = c.k_w * shifted_len_ * c.channels * static_cast<int64_t>(sizeof(A));
+      shifted_mode_ = shifted_bytes <= (3 << 19) && c.res_w > 0;
+      if (shifted_mode_) plane_mode_ = false;
     }
     if (row_mode_) {
       tiles_per_row_ = (c.res_w + kTile - 1) / kTile;
@@ -385,6 +399,7 @@ class ColumnSource {
   int64_t units() const {
     if (row_mode_) return batch_ * c_.res_h * tiles_per_row_;
     if (plane_mode_) return batch_ * plane_tiles_;
+    // (shifted-planes and gather mode tile the flat result positions alike)
     return batch_ * ((c_.res_h * c_.res_w + kTile - 1) / kTile);
   }
   int64_t positions() const { return c_.res_h * c_.res_w; }
@@ -393,6 +408,7 @@ class ColumnSource {
   // Bytes of one source channel's columns for one unit.
   int64_t bytes_per_channel() const {
     if (plane_mode_) return static_cast<int64_t>(sizeof(A)) * plane_span_;
+    if (shifted_mode_) return static_cast<int64_t>(sizeof(A)) * shifted_span_;
     return static_cast<int64_t>(sizeof(A)) *
            (row_mode_ ? c_.k_h * (kTile + std::abs((c_.k_w - 1) * c_.di_w)) : taps_ * kTile);
   }
@@ -407,6 +423,15 @@ class ColumnSource {
         rows_.resize(slots, Scratch<A>(s.row_len_ * s.c_.channels));
         tags_.assign(slots, {-1, -2});
         stamp_.assign(slots, 0);
+      } else if (s.shifted_mode_) {
+        plane_ = std::make_unique<Scratch<A>>(s.c_.k_w * s.shifted_len_ * s.c_.channels);
+        const Correlation& c = s.c_;
+        for (int64_t i = 0; i < c.k_h; ++i) {
+          for (int64_t j = 0; j < c.k_w; ++j) {
+            tap_offset_.push_back(j * c.channels * s.shifted_len_ +
+                                  (c.off_h + i * c.di_h - s.plane_lo_h_) * c.res_w);
+          }
+        }
       } else if (s.plane_mode_) {
         plane_ = std::make_unique<Scratch<A>>(s.plane_len_ * s.c_.channels);
         const Correlation& c = s.c_;
@@ -458,7 +483,13 @@ class ColumnSource {
         *b = unit / tiles;
         const int64_t p0 = unit % tiles * kTile;
         runs->push_back({0, p0, std::min(kTile, s_.positions() - p0)});
-        Gather(*b, p0);
+        if (s_.shifted_mode_) {
+          const A* planes = ShiftedPlanes(*b);
+          cols_.stride = s_.shifted_len_;
+          for (int64_t t = 0; t < s_.taps_; ++t) cols_.base[t] = planes + p0 + tap_offset_[t];
+        } else {
+          Gather(*b, p0);
+        }
       }
       return cols_;
     }
@@ -482,6 +513,32 @@ class ColumnSource {
         const T* src = s_.src_ + ((b * c.src_h + sh) * c.src_w + w0) * ch;
         Transpose(src, ch, w1 - w0, ch,
                   dst + (sh - s_.plane_lo_h_) * wp + (w0 - s_.plane_lo_w_), len);
+      }
+      return dst;
+    }
+
+    // The k_w shifted planes of sample b as [j][channel][shifted_len_] (kept
+    // while consecutive units stay in the sample).
+    const A* ShiftedPlanes(int64_t b) {
+      A* dst = plane_->get();
+      if (plane_sample_ == b) return dst;
+      plane_sample_ = b;
+      const Correlation& c = s_.c_;
+      const int64_t len = s_.shifted_len_, ch = c.channels, w = c.res_w;
+      std::fill(dst, dst + c.k_w * ch * len, A(0));
+      const int64_t h0 = std::max<int64_t>(0, s_.plane_lo_h_);
+      const int64_t h1 = std::min(c.src_h, s_.plane_lo_h_ + s_.plane_rows_);
+      for (int64_t j = 0; j < c.k_w; ++j) {
+        // Result column rw reads source column rw + shift.
+        const int64_t shift = c.off_w + j * c.di_w;
+        const int64_t w0 = std::max<int64_t>(0, -shift);
+        const int64_t w1 = std::min(w, c.src_w - shift);
+        if (w1 <= w0) continue;
+        A* plane = dst + j * ch * len;
+        for (int64_t sh = h0; sh < h1; ++sh) {
+          const T* src = s_.src_ + ((b * c.src_h + sh) * c.src_w + w0 + shift) * ch;
+          Transpose(src, ch, w1 - w0, ch, plane + (sh - s_.plane_lo_h_) * w + w0, len);
+        }
       }
       return dst;
     }
@@ -576,6 +633,8 @@ class ColumnSource {
   int64_t tiles_per_row_ = 0, shift_ = 0, row_len_ = 0;
   int64_t plane_w_ = 0, plane_rows_ = 0, plane_lo_h_ = 0, plane_lo_w_ = 0;
   int64_t plane_tiles_ = 0, plane_len_ = 0, plane_span_ = 0;
+  bool shifted_mode_ = false;
+  int64_t shifted_len_ = 0, shifted_span_ = 0;
 };
 
 // Writes out[r][run.tile_pos + p] to y[(run.result_pos + p) * rows + r] for
