@@ -1,5 +1,6 @@
 """Quantisation-aware training (`tsc.quantization`): fake quantisers vs NumPy, STE, EMA ranges,
-quantize_model / convert on Sequential and Functional models, packing, save/load and export."""
+the stochastic/nearest rounding switch and `FinishWithNearestRounding`, quantize_model / convert on
+Sequential and Functional models, packing, save/load and export."""
 
 from __future__ import annotations
 
@@ -136,6 +137,36 @@ def test_stochastic_rounding_unbiased_and_reproducible(rng):
     assert not np.array_equal(train_a[0], train_a[1])
     nearest = x @ np_fake_quant_weights(a.layer.kernel.numpy(), 3, (-1,)) + a.layer.bias.numpy()
     np.testing.assert_allclose(a(x, training=False).numpy(), nearest, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_rounding_switch(rng):
+    """`set_stochastic_rounding(False)` makes training calls round to nearest, also in a function
+    traced before the switch (the switch is a variable, not a Python attribute)."""
+    layer = keras.layers.Dense(6, kernel_initializer=keras.initializers.RandomNormal(seed=2))
+    wrapper = tq.QuantizeWrapper(layer, weight_bits=2, activation_bits=None, rounding="stochastic", seed=5)
+    wrapper.build((None, 4))
+    assert float(wrapper.stochastic_rounding.numpy()) == 1.0 and not wrapper.stochastic_rounding.trainable
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    nearest = x @ np_fake_quant_weights(layer.kernel.numpy(), 2, (-1,)) + layer.bias.numpy()
+    train_step = tf.function(lambda: wrapper(x, training=True))
+
+    stochastic = [train_step().numpy() for _ in range(2)]
+    assert not np.array_equal(stochastic[0], stochastic[1])
+    assert not np.allclose(stochastic[0], nearest, atol=1e-4)
+    wrapper.set_stochastic_rounding(False)
+    for _ in range(2):
+        np.testing.assert_allclose(train_step().numpy(), nearest, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(wrapper(x, training=True).numpy(), nearest, rtol=1e-5, atol=1e-5)
+    wrapper.set_stochastic_rounding(True)
+    assert not np.array_equal(train_step().numpy(), train_step().numpy())
+    assert train_step.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(wrapper(x, training=False).numpy(), nearest, rtol=1e-5, atol=1e-5)
+
+    # Nearest-rounding wrappers have no switch.
+    plain = tq.QuantizeWrapper(keras.layers.Dense(2), weight_bits=2)
+    plain.build((None, 4))
+    assert plain.stochastic_rounding is None
+    assert not any("stochastic_rounding" in w.path for w in plain.weights)
 
 
 def test_ema_range_tracking(rng):
@@ -376,6 +407,109 @@ def test_qat_export_fresh_process(rng, tmp_path):
     check_export_fresh_process(qat, x, str(tmp_path))
 
 
+def _stochastic_qat(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+    return tq.quantize_model(model, weight_bits=2, activation_bits=None, rounding="stochastic", seed=seed)
+
+
+class _RecordRounding(keras.callbacks.Callback):
+    """Records each wrapper's `stochastic_rounding` at the start of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.values = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+        self.values.append(
+            [
+                float(layer.stochastic_rounding.numpy())
+                for layer in self.model.layers
+                if isinstance(layer, tq.QuantizeWrapper)
+            ]
+        )
+
+
+def test_finish_with_nearest_rounding(rng):
+    """The callback switches every wrapper at the start of the last `nearest_epochs` epochs, and
+    `fit`'s compiled train function (traced in the first, stochastic epoch) follows the switch."""
+    qat = _stochastic_qat()
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    y = rng.standard_normal((32, 3)).astype(np.float32)
+    # Learning rate 0: the weights stay fixed, so a nearest-rounding training epoch computes exactly
+    # the inference loss, and a stochastic one does not.
+    qat.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    eval_loss = qat.evaluate(x, y, batch_size=8, verbose=0)
+    record = _RecordRounding()
+    history = qat.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=5,
+        shuffle=False,
+        verbose=0,
+        callbacks=[tq.FinishWithNearestRounding(nearest_epochs=2), record],
+    )
+    assert record.epochs == [0, 1, 2, 3, 4]
+    assert record.values == [[1.0] * 3] * 3 + [[0.0] * 3] * 2
+    losses = history.history["loss"]
+    for loss in losses[:3]:
+        assert abs(loss - eval_loss) > 1e-4 * eval_loss, (losses, eval_loss)
+    np.testing.assert_allclose(losses[3:], [eval_loss] * 2, rtol=1e-5)
+    assert len({round(loss, 6) for loss in losses[:3]}) == 3  # fresh noise every epoch
+
+    # A second fit starts stochastic again; with `initial_epoch` the last epochs are still the last.
+    record = _RecordRounding()
+    callback = tq.FinishWithNearestRounding()
+    qat.fit(x, y, batch_size=8, epochs=5, initial_epoch=2, verbose=0, callbacks=[callback, record])
+    assert record.epochs == [2, 3, 4]
+    assert record.values == [[1.0] * 3] * 2 + [[0.0] * 3]
+    assert len(callback.wrappers) == 3
+    # More nearest epochs than epochs: all nearest.
+    record = _RecordRounding()
+    qat.fit(x, y, epochs=2, verbose=0, callbacks=[tq.FinishWithNearestRounding(3), record])
+    assert record.values == [[0.0] * 3] * 2
+
+
+def test_rounding_switch_save_load_and_convert(rng, tmp_path):
+    """The switch is saved with the model; `convert` still predicts what the QAT model predicts."""
+    qat = _stochastic_qat(seed=1)
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    y = rng.standard_normal((32, 3)).astype(np.float32)
+    qat.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    qat.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[tq.FinishWithNearestRounding()])
+    wrappers = [layer for layer in qat.layers if isinstance(layer, tq.QuantizeWrapper)]
+    assert [float(w.stochastic_rounding.numpy()) for w in wrappers] == [0.0, 0.0, 0.0]
+    wrappers[1].set_stochastic_rounding(True)  # a mixed state, to see that each layer keeps its own
+
+    path = str(tmp_path / "qat.keras")
+    qat.save(path)
+    loaded = keras.saving.load_model(path)
+    loaded_wrappers = [layer for layer in loaded.layers if isinstance(layer, tq.QuantizeWrapper)]
+    assert [float(w.stochastic_rounding.numpy()) for w in loaded_wrappers] == [0.0, 1.0, 0.0]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qat.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    # The loaded model's training calls follow the loaded state: nearest where it is 0.
+    loaded_wrappers[1].set_stochastic_rounding(False)
+    np.testing.assert_allclose(
+        loaded(x, training=True).numpy(), loaded(x, training=False).numpy(), rtol=1e-6, atol=1e-6
+    )
+
+    converted = tq.convert(qat)
+    assert not any("stochastic_rounding" in w.path for w in converted.weights)
+    np.testing.assert_allclose(
+        converted.predict(x, verbose=0), qat.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
+    check_keras_round_trip(converted, x, tmp_path)
+
+
 # --- bad arguments ------------------------------------------------------------------------------
 
 
@@ -397,6 +531,31 @@ def test_bad_arguments(kwargs, match):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match=match):
         tq.quantize_model(model, **kwargs)
+
+
+def test_bad_rounding_switch_arguments(rng):
+    for bad in (0, -1, 1.5, True, "1", None):
+        with pytest.raises(ValueError, match="nearest_epochs"):
+            tq.FinishWithNearestRounding(nearest_epochs=bad)
+    wrapper = tq.QuantizeWrapper(keras.layers.Dense(2), weight_bits=2, rounding="stochastic")
+    with pytest.raises(ValueError, match="not built"):
+        wrapper.set_stochastic_rounding(False)
+    wrapper.build((None, 3))
+    with pytest.raises(ValueError, match="enabled"):
+        wrapper.set_stochastic_rounding(0)
+    nearest = tq.QuantizeWrapper(keras.layers.Dense(2), weight_bits=2)
+    nearest.build((None, 3))
+    with pytest.raises(ValueError, match="rounding"):
+        nearest.set_stochastic_rounding(False)
+    # A model without stochastic wrappers: an error at the start of fit, before any training.
+    model = tq.quantize_model(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), weight_bits=2)
+    model.compile(optimizer="adam", loss="mse")
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    before = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(ValueError, match="rounding='stochastic'"):
+        model.fit(x, x[:, :2], epochs=1, verbose=0, callbacks=[tq.FinishWithNearestRounding()])
+    for b, w in zip(before, model.weights):
+        np.testing.assert_array_equal(b, w.numpy())
 
 
 def test_bad_models():

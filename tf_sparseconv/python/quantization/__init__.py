@@ -8,12 +8,16 @@ fake-quantised outputs (affine over EMA-tracked ranges); gradients are
 straight-through. `convert(qat_model)` turns it into an inference model that
 stores integer weights (int8; 4- and 2-bit values packed two or four per byte)
 plus float scales and predicts exactly what the QAT model predicts.
+With `rounding="stochastic"`, pass `FinishWithNearestRounding(nearest_epochs=1)`
+to `fit` so that the last epochs train (and calibrate the activation ranges)
+with the nearest-rounded weights that inference uses.
 
 Where activations are quantised: at the outputs of the quantised layers
 (after their bias and activation function; for a sparse map, its features).
 The model's input and the outputs of other layers stay float.
 """
 
+from tf_sparseconv.python.quantization.callbacks import FinishWithNearestRounding
 from tf_sparseconv.python.quantization.model import convert, quantize_model
 from tf_sparseconv.python.quantization.quantizers import (
     activation_qparams,
@@ -28,6 +32,7 @@ from tf_sparseconv.python.quantization.quantizers import (
 from tf_sparseconv.python.quantization.wrappers import IntegerWeightsWrapper, QuantizeWrapper, kernel_specs
 
 __all__ = [
+    "FinishWithNearestRounding",
     "IntegerWeightsWrapper",
     "QuantizeWrapper",
     "activation_qparams",

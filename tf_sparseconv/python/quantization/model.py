@@ -97,7 +97,8 @@ def quantize_model(
       weight_bits: 2-8.
       activation_bits: 2-8, or None to keep activations in float.
       per_channel: per-output-channel weight scales (else one per tensor).
-      rounding: "nearest" or "stochastic" (weights, during training only).
+      rounding: "nearest" or "stochastic" (weights, during training only; inference
+        rounds to nearest, so end `fit` with `FinishWithNearestRounding`).
       ema_decay: decay of the activation ranges' moving averages.
       preserve_sparsity: keep exact zeros of the kernels at zero while training.
       seed: seed of the stochastic rounding (wrapper `i` gets `seed + i`).

@@ -186,6 +186,13 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
     exact, unsigned after a ReLU; None leaves outputs in float). Gradients are
     straight-through.
 
+    With `rounding="stochastic"` the wrapper has a non-trainable variable
+    `stochastic_rounding` (1: training calls round stochastically, 0: they
+    round to nearest, as inference always does). It is read inside the
+    traced call, so `set_stochastic_rounding` takes effect in a compiled
+    `fit` without retracing (see `FinishWithNearestRounding`), and it is
+    saved with the model.
+
     Args:
       layer: a layer with kernels (see `kernel_specs`), e.g. Dense, Conv2D,
         DepthwiseConv2D, ChannelSparseConv2D, BlockSparseConv2D, SparseConv3D.
@@ -228,6 +235,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.seed_generator = keras.random.SeedGenerator(seed) if self.rounding == "stochastic" else None
         self.supports_jit = getattr(layer, "supports_jit", True)
         self.specs: list[KernelSpec] = []
+        self.stochastic_rounding = None  # the switch variable (built, rounding="stochastic")
 
     def build(self, input_shape=None):
         if not self.layer.built:
@@ -250,7 +258,27 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
                     trainable=False,
                 )
         self._add_range_variables()
+        if self.rounding == "stochastic":
+            self.stochastic_rounding = self.add_weight(
+                name="stochastic_rounding", shape=(), initializer="ones", trainable=False
+            )
         self.built = True
+
+    def set_stochastic_rounding(self, enabled: bool):
+        """Switches training-time weight rounding between stochastic (True) and nearest (False).
+
+        Only for `rounding="stochastic"` wrappers (built); inference always rounds to nearest.
+        """
+        if not isinstance(enabled, (bool, np.bool_)):
+            raise ValueError(f"`enabled` must be a bool, got {enabled!r}")
+        if self.rounding != "stochastic":
+            raise ValueError(
+                f"set_stochastic_rounding: layer {self.name!r} has rounding={self.rounding!r}; "
+                "only rounding='stochastic' wrappers can switch"
+            )
+        if not self.built:
+            raise ValueError(f"set_stochastic_rounding: layer {self.name!r} is not built")
+        self.stochastic_rounding.assign(1.0 if enabled else 0.0)
 
     def set_masks_from_kernels(self):
         """Sets each sparsity mask to `kernel != 0` (call after copying pruned weights in)."""
@@ -268,14 +296,15 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         kernel = tf.convert_to_tensor(_read(self.layer, spec))
         if spec.key in self.masks:
             kernel = kernel * tf.cast(self.masks[spec.key], kernel.dtype)
-        stochastic = training and self.rounding == "stochastic"
-        q = quantizers.fake_quant_weights(
-            kernel,
-            self.weight_bits,
-            self.channel_axes(spec),
-            rounding="stochastic" if stochastic else "nearest",
-            seed=self.seed_generator if stochastic else None,
-        )
+        axes = self.channel_axes(spec)
+        q = quantizers.fake_quant_weights(kernel, self.weight_bits, axes)
+        if training and self.rounding == "stochastic":
+            # Both roundings, selected by the variable (not by Python), so that switching
+            # takes effect in an already traced train function.
+            q_stochastic = quantizers.fake_quant_weights(
+                kernel, self.weight_bits, axes, rounding="stochastic", seed=self.seed_generator
+            )
+            q = tf.where(tf.convert_to_tensor(self.stochastic_rounding) > 0.5, q_stochastic, q)
         return tf.cast(q, _compute_dtype_of(self.layer))
 
     def integer_kernel(self, spec: KernelSpec):
