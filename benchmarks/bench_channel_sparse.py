@@ -4,6 +4,7 @@ Keras Conv2D(groups=g) at equal FLOPs."""
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import tf_sparseconv as tsc
@@ -14,6 +15,18 @@ CIN = COUT = 128
 
 def _sparse_fn(m: int, seed: int = 0):
     connections = tf.constant(tsc.ops.random_connections(CIN, COUT, fan_in=m, seed=seed))
+
+    def conv(x, kernel):
+        return tsc.ops.channel_sparse_conv2d(x, kernel, connections, 1, "SAME")
+
+    return conv
+
+
+def _shared_rows_fn(m: int, group: int, seed: int = 0):
+    """Connection lists shared by groups of `group` consecutive output channels, as
+    `prune_low_magnitude(..., granularity="kernel", channel_group=group)` makes them."""
+    lists = tsc.ops.random_connections(CIN, -(-COUT // group), fan_in=m, seed=seed)
+    connections = tf.constant(np.repeat(lists, group, axis=0)[:COUT])
 
     def conv(x, kernel):
         return tsc.ops.channel_sparse_conv2d(x, kernel, connections, 1, "SAME")
@@ -72,6 +85,29 @@ def run(quick: bool = False) -> list[Row]:
         )
     m = CIN // 4
     kernel = tf.random.stateless_normal((3, 3, m, COUT), seed=[6, 7])
+    # Rows sharing their lists (channel_group pruning): computed together by the CPU kernel; also
+    # at the shape of the pruning experiment's layers (many small images).
+    small = tf.random.stateless_normal((16 if quick else 128, 16, 16, CIN), seed=[1, 3])
+    for images, label in (
+        (x, case),
+        (small, f"[{small.shape[0]}, 16, 16, {CIN}] -> {COUT}, 3x3, SAME, float32"),
+    ):
+        for group in (1, 4):
+            fn = _sparse_fn(m) if group == 1 else _shared_rows_fn(m, group)
+            ours, stock = forward(fn), forward(dense_conv)
+            times = time_pair(lambda: ours(images, kernel), lambda: stock(images, dense_kernel))  # noqa: B023
+            flops = 2 * int(np.prod(images.shape[:3])) * 9 * m * COUT
+            rows.append(
+                Row(
+                    "channel_sparse_conv2d",
+                    f"{label}, density 0.25, "
+                    + ("rows with own lists" if group == 1 else f"groups of {group} rows share a list")
+                    + ", forward",
+                    *times,
+                    "tf.nn.conv2d, dense kernel",
+                    note=f"{flops / times[0] / 1e6:.1f} useful GFLOP/s",
+                )
+            )
     dy = tf.random.stateless_normal((batch, 64, 64, COUT), seed=[8, 9])
     ours, stock = _forward_backward(_sparse_fn(m)), _forward_backward(dense_conv)
     rows.append(
