@@ -98,3 +98,21 @@ def test_qat_experiment_quick():
     assert rows, out
     qat, converted = (float(v) for v in rows[0])
     assert qat == converted and qat > 30.0, out  # percent; chance is 10
+
+
+def test_keyword_spotting_streaming_quick():
+    """Trained on clips, streamed frame by frame: equal to the full sequence, exported and served."""
+    script = ROOT / "examples" / "keyword_spotting_streaming.py"
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['x', '--quick']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    out = run_python(code, timeout=600).stdout
+    trained = re.search(r"test accuracy on isolated clips: ([\d.]+)", out)
+    assert trained and float(trained.group(1)) > 1 / 7, out  # seven classes
+    streamed = re.search(r"max \|streaming - full sequence\| = ([\d.e+-]+)", out)
+    assert streamed and float(streamed.group(1)) <= 1e-5, out
+    assert re.search(r"latency per frame: streaming step [\d.]+ ms", out), out
+    served = re.search(r"max \|served - full\| = ([\d.e+-]+)", out)
+    assert served and float(served.group(1)) <= 1e-5, out

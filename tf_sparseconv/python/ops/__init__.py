@@ -41,6 +41,7 @@ from tf_sparseconv.python.ops.coord_sparse_ops import (
     topk_sites,
     topk_sites_rows_reference,
 )
+from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step, streaming_conv_step_reference
 from tf_sparseconv.python.ops.topk_ops import (
     kwinners,
     kwinners_reference,
@@ -49,6 +50,8 @@ from tf_sparseconv.python.ops.topk_ops import (
 )
 
 __all__ = [
+    "streaming_conv_step",
+    "streaming_conv_step_reference",
     "block_sparse_conv2d",
     "block_sparse_conv2d_reference",
     "reduce_mask",

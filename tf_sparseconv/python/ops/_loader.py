@@ -10,10 +10,15 @@ Environment:
   TF_SPARSECONV_LIBRARY          path of the library to load instead of the
                                  one in the package.
   TF_SPARSECONV_FORCE_REFERENCE  "1": never load; use the pure-TF references.
+
+``references_only()`` is a context manager under which ``load_library()``
+returns ``None`` in the current thread, so that the functions traced inside it
+(for a portable SavedModel) hold stock TensorFlow ops only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -31,6 +36,18 @@ _PACKAGE_DIR = Path(__file__).resolve().parent.parent.parent
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "library": None, "problem": None}
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def references_only():
+    """Within this context (in this thread), every op runs its pure-TF reference."""
+    previous = getattr(_local, "references_only", False)
+    _local.references_only = True
+    try:
+        yield
+    finally:
+        _local.references_only = previous
 
 
 class LibraryWarning(RuntimeWarning):
@@ -67,7 +84,10 @@ def _load(path: Path) -> tuple[ModuleType | None, str | None]:
 
 
 def load_library() -> ModuleType | None:
-    """Returns the op library module, loading it on the first call."""
+    """Returns the op library module, loading it on the first call (None inside
+    `references_only()`)."""
+    if getattr(_local, "references_only", False):
+        return None
     if _state["tried"]:
         return _state["library"]
     with _lock:

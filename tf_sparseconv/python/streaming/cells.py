@@ -1,0 +1,290 @@
+"""The streaming form of each layer call: its state and its step on new frames.
+
+A *window* layer's output `j` reads a window of `span` consecutive input frames
+ending at input time `tau_j = first + j * stride` (causal convolutions: the
+window ends at `j * stride` and starts in the zero left padding, `first = 0`;
+"valid" convolutions and pooling: `first = span - 1`). Its state is the last
+`span - 1` input frames (zeros at the start, which is exactly the causal
+padding) and the number of input frames seen, so a step on `t` new frames
+convolves `span - 1 + t` frames and emits exactly the outputs whose windows
+end among the new frames, in the phase the full sequence has. *Frame* layers
+(Dense, activations, normalisation at inference, merges, k-WTA over channels)
+act on each frame alone and have no state.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tf_sparseconv.python.layers.channel_sparse import ChannelSparseConv1D
+from tf_sparseconv.python.layers.topk import KWinners
+from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step
+from tf_sparseconv.python.streaming.layers import StreamingConv1D
+
+
+class StreamingError(ValueError):
+    """A layer (or model structure) that cannot run frame by frame."""
+
+
+class Cell:
+    """One layer call of the streaming graph."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def state_specs(self) -> list[tf.TensorSpec]:
+        """Specs of the state tensors (batch dimension None)."""
+        return []
+
+    def initial_state(self, batch_size) -> list[tf.Tensor]:
+        return []
+
+    def step(self, inputs, state):
+        """`(outputs for the new frames, new state)`."""
+        raise NotImplementedError
+
+
+class FrameCell(Cell):
+    """A layer that maps each frame on its own (no state)."""
+
+    def step(self, inputs, state):
+        return self.layer(inputs, training=False), []
+
+
+class WindowCell(Cell):
+    """A layer whose output j reads input frames `[tau_j - span + 1, tau_j]`,
+    `tau_j = first + j * stride`; `valid(x)` computes the outputs of every full
+    window `[j * stride, j * stride + span - 1]` of `x`."""
+
+    def __init__(self, layer, channels: int, span: int, stride: int, first: int, valid):
+        super().__init__(layer)
+        self.channels, self.span, self.stride, self.first = int(channels), int(span), int(stride), int(first)
+        self.valid = valid
+        self.dtype = tf.as_dtype(layer.compute_dtype)
+
+    @property
+    def every_frame(self) -> bool:
+        """Causal with stride 1: every new frame ends a window (no frame count needed)."""
+        return self.stride == 1 and self.first == 0
+
+    def state_specs(self):
+        specs = [tf.TensorSpec([None, self.span - 1, self.channels], self.dtype)]
+        return specs if self.every_frame else specs + [tf.TensorSpec([], tf.int64)]
+
+    def initial_state(self, batch_size):
+        state = [tf.zeros([batch_size, self.span - 1, self.channels], self.dtype)]
+        return state if self.every_frame else state + [tf.zeros([], tf.int64)]
+
+    def step(self, inputs, state):
+        x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
+        frames = tf.concat([state[0], x], axis=1)  # [B, span - 1 + t, C]
+        kept = frames[:, frames.shape[1] - (self.span - 1) :] if frames.shape[1] is not None else None
+        if kept is None:
+            kept = frames[:, -(self.span - 1) :] if self.span > 1 else frames[:, :0]
+            kept.set_shape([None, self.span - 1, self.channels])  # (loop-invariant state shapes)
+        if self.every_frame:
+            return self.valid(frames), [kept]
+        seen = state[1]
+        t = tf.shape(x, out_type=tf.int64)[1]
+        new_state = [kept, seen + t]
+        # The first output time at or after both `seen` and `first`, in phase.
+        start_time = tf.maximum(seen, self.first)
+        tau = self.first + (start_time - self.first + self.stride - 1) // self.stride * self.stride
+        start = tau - seen  # index in `frames` of that output's window start
+        available = tf.maximum(self.span - 1 + t - start, 0)
+        count = tf.where(available >= self.span, (available - self.span) // self.stride + 1, 0)
+        window = frames[:, tf.minimum(start, self.span - 1 + t) :]
+        # At least one full window, so that the op always has a valid shape.
+        window = tf.pad(window, [[0, 0], [0, tf.maximum(self.span - available, 0)], [0, 0]])
+        return self.valid(window)[:, :count], new_state
+
+
+class ConvStepCell(WindowCell):
+    """A causal stride-1 convolution (kernel [k, C, F], bias, activation): one
+    `StreamingConvStep` op per step (bias and relu fused), the history as state."""
+
+    def __init__(self, layer, channels: int, dilation: int, per_frame: bool = False):
+        # per_frame: a Dense layer (kernel [C, F]) run as a one-tap convolution.
+        kernel_size = 1 if per_frame else int(layer.kernel.shape[0])
+        super().__init__(layer, channels, (kernel_size - 1) * dilation + 1, 1, 0, None)
+        self.dilation = int(dilation)
+        self.per_frame = per_frame
+        activation = getattr(layer, "activation", None)
+        if activation is None or activation is keras.activations.linear:
+            self.fused, self.after = "linear", None
+        elif activation is keras.activations.relu:
+            self.fused, self.after = "relu", None
+        else:
+            self.fused, self.after = "linear", activation
+
+    def step(self, inputs, state):
+        layer = self.layer
+        x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
+        bias = getattr(layer, "bias", None)
+        kernel = tf.cast(layer.kernel, self.dtype)
+        y, history = streaming_conv_step(
+            state[0],
+            x,
+            kernel[None] if self.per_frame else kernel,
+            None if bias is None else tf.cast(bias, self.dtype),
+            self.dilation,
+            self.fused,
+        )
+        return (y if self.after is None else self.after(y)), [history]
+
+
+_FRAME_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Softmax,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+    keras.layers.Rescaling,
+    keras.layers.Identity,
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+)
+
+
+def _last_axis(axis, rank: int = 3) -> bool:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return all(int(a) % rank == rank - 1 for a in axes)
+
+
+def _conv_cell(layer, channels, kernel_size, stride, dilation, padding, valid):
+    span = (kernel_size - 1) * dilation + 1
+    if padding == "causal":
+        return WindowCell(layer, channels, span, stride, 0, valid)
+    if padding == "valid":
+        return WindowCell(layer, channels, span, stride, span - 1, valid)
+    if span == 1 and stride == 1:  # a 1-tap "same" convolution reads only its own frame
+        return WindowCell(layer, channels, 1, 1, 0, valid)
+    raise StreamingError(
+        f"layer {layer.name!r} ({type(layer).__name__}, padding={padding!r}) reads future frames and "
+        "cannot stream; use padding='causal' (or tsc.streaming.StreamingConv1D) or 'valid'"
+    )
+
+
+def tap_matmul_conv(x, kernel, stride: int, dilation: int):
+    """The valid convolution of `x` [B, L, C] with `kernel` [k, C, F] as one matmul: the k taps'
+    frames side by side on the channel axis ([B, n, k*C]) times the kernel reshaped [k*C, F].
+    For the few output frames of a streaming step this is much cheaper than tf.nn.convolution,
+    which runs a dilated convolution through space_to_batch."""
+    k, channels, filters = kernel.shape
+    span = (k - 1) * dilation + 1
+    # Tap i of output j reads frame j * stride + i * dilation; the slices have static bounds
+    # (the end counted from the back), so each is one op whatever the number of frames.
+    taps = [x[:, i * dilation : (i * dilation - (span - 1)) or None : stride] for i in range(k)]
+    stacked = taps[0] if k == 1 else tf.concat(taps, axis=-1)  # [B, n, k*C]
+    # A 2-D matmul: several times cheaper than a broadcasting batch matmul for few frames.
+    flat = tf.matmul(
+        tf.reshape(stacked, [-1, k * channels]), tf.reshape(tf.cast(kernel, x.dtype), [k * channels, filters])
+    )
+    return tf.reshape(flat, tf.concat([tf.shape(stacked)[:2], [filters]], axis=0))
+
+
+def _conv_valid(layer, stride: int, dilation: int):
+    """`valid(x)` of a Conv1D-like layer (kernel [k, C, F], bias, activation) by `tap_matmul_conv`."""
+
+    def valid(x):
+        y = tap_matmul_conv(x, layer.kernel, stride, dilation)
+        if getattr(layer, "bias", None) is not None:
+            y = tf.nn.bias_add(y, tf.cast(layer.bias, y.dtype))
+        return layer.activation(y) if layer.activation is not None else y
+
+    return valid
+
+
+def make_cell(layer, input_shapes) -> Cell:
+    """The streaming cell of one call of `layer` on inputs of `input_shapes` ([B, T, C] each)."""
+    name = f"layer {layer.name!r} ({type(layer).__name__})"
+    for shape in input_shapes:
+        if len(shape) != 3:
+            raise StreamingError(
+                f"{name}: streaming needs [batch, time, channels] tensors, got shape {shape}"
+            )
+    channels = input_shapes[0][-1] if input_shapes else None
+    if isinstance(layer, StreamingConv1D) and layer.strides == 1:
+        return ConvStepCell(layer, channels, layer.dilation_rate)
+    if isinstance(layer, StreamingConv1D):
+        return WindowCell(
+            layer,
+            channels,
+            layer.span,
+            layer.strides,
+            0,
+            _conv_valid(layer, layer.strides, layer.dilation_rate),
+        )
+    if isinstance(layer, ChannelSparseConv1D):
+        # Its own call on a window is the valid convolution (padding 'valid', or
+        # 'same' with one tap and stride 1, which pads nothing).
+        return _conv_cell(
+            layer,
+            channels,
+            layer.kernel_size[0],
+            layer.strides[0],
+            layer.dilation_rate[0],
+            layer.padding.lower(),
+            lambda x: layer(x, training=False),
+        )
+    if isinstance(layer, keras.layers.Conv1D):
+        if layer.groups != 1 or layer.data_format != "channels_last":
+            raise StreamingError(f"{name}: only channels_last Conv1D with groups=1 can stream")
+        if layer.padding == "causal" and layer.strides[0] == 1:
+            return ConvStepCell(layer, channels, layer.dilation_rate[0])
+        return _conv_cell(
+            layer,
+            channels,
+            layer.kernel_size[0],
+            layer.strides[0],
+            layer.dilation_rate[0],
+            layer.padding,
+            _conv_valid(layer, layer.strides[0], layer.dilation_rate[0]),
+        )
+    if isinstance(layer, (keras.layers.MaxPooling1D, keras.layers.AveragePooling1D)):
+        if layer.data_format != "channels_last":
+            raise StreamingError(f"{name}: only channels_last pooling can stream")
+        if layer.padding != "valid":
+            raise StreamingError(
+                f"{name}: padding={layer.padding!r} pools over future frames and cannot stream; use 'valid'"
+            )
+        size, stride = layer.pool_size[0], layer.strides[0]
+        return WindowCell(layer, channels, size, stride, size - 1, lambda x: layer(x, training=False))
+    if (
+        type(layer) is keras.layers.Dense
+        and getattr(layer, "quantization_mode", None) is None
+        and not getattr(layer, "lora_enabled", False)
+        and channels is not None
+    ):
+        return ConvStepCell(layer, channels, 1, per_frame=True)  # one op, bias/relu fused
+    if isinstance(layer, _FRAME_LAYERS):
+        return FrameCell(layer)
+    if isinstance(layer, keras.layers.Concatenate):
+        if not _last_axis(layer.axis):
+            raise StreamingError(f"{name}: only concatenation along the channel axis can stream")
+        return FrameCell(layer)
+    if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+        if not _last_axis(layer.axis):
+            raise StreamingError(f"{name}: normalisation over the time axis cannot stream")
+        return FrameCell(layer)
+    if isinstance(layer, KWinners):
+        if not _last_axis(layer.axis):
+            raise StreamingError(f"{name}: k-winners along the time axis cannot stream (use axis=-1)")
+        return FrameCell(layer)
+    raise StreamingError(
+        f"{name} cannot stream: streamable layers are StreamingConv1D, Conv1D and ChannelSparseConv1D "
+        "(causal or valid padding), MaxPooling1D/AveragePooling1D (valid), KWinners over channels, "
+        "and per-frame layers (Dense, activations, dropout, batch/layer normalisation, merges)"
+    )

@@ -1,0 +1,140 @@
+"""`StreamingConv1D`: a causal 1-D convolution that `to_streaming` runs frame by frame."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import activations, constraints, initializers, regularizers
+
+from tf_sparseconv.python.ops._common import int_tuple
+
+
+def _positive(value, name: str) -> int:
+    return int_tuple(value, 1, name)[0]
+
+
+@keras.saving.register_keras_serializable(package="tf_sparseconv")
+class StreamingConv1D(keras.layers.Layer):
+    """Causal convolution over `[B, T, C]` (kernel `[k, C, filters]`).
+
+    Output frame `j` reads the input frames `j * strides - (k - 1) * dilation_rate`
+    ... `j * strides` (frames before the start are zeros), so it depends on no
+    future frame and is ready as soon as input frame `j * strides` has arrived;
+    a sequence of `T` frames gives `ceil(T / strides)` outputs. On a full
+    sequence this is `keras.layers.Conv1D(padding="causal")` (which TensorFlow
+    cannot run with both `strides > 1` and `dilation_rate > 1`; this layer can).
+    `tsc.streaming.to_streaming` runs it on new frames only, with the last
+    `(k - 1) * dilation_rate` input frames kept as state.
+
+    Args:
+      filters: number of output channels.
+      kernel_size: taps `k`.
+      strides, dilation_rate: positive ints.
+      activation, use_bias, initializers, regularizers, constraints: as for
+        `keras.layers.Conv1D`.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int,
+        strides: int = 1,
+        dilation_rate: int = 1,
+        activation=None,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.filters = _positive(filters, "filters")
+        self.kernel_size = _positive(kernel_size, "kernel_size")
+        self.strides = _positive(strides, "strides")
+        self.dilation_rate = _positive(dilation_rate, "dilation_rate")
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=3)
+
+    @property
+    def span(self) -> int:
+        """Input frames one output reads: `(kernel_size - 1) * dilation_rate + 1`."""
+        return (self.kernel_size - 1) * self.dilation_rate + 1
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(
+                f"{self.name}: the channel dimension of the input must be known, got {input_shape}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.kernel_size, channels, self.filters),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+            if self.use_bias
+            else None
+        )
+        self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: channels})
+        self.built = True
+
+    def convolve_valid(self, x):
+        """Outputs of the windows `[j * strides, j * strides + span - 1]` of `x` (no padding)."""
+        kernel = tf.cast(self.kernel, x.dtype)
+        if self.strides > 1 and self.dilation_rate > 1:
+            y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", dilations=self.dilation_rate)
+            y = y[:, :: self.strides]
+        else:
+            y = tf.nn.convolution(
+                x, kernel, strides=self.strides, padding="VALID", dilations=self.dilation_rate
+            )
+        if self.bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
+        return self.activation(y) if self.activation is not None else y
+
+    def call(self, inputs):
+        padded = tf.pad(inputs, [[0, 0], [self.span - 1, 0], [0, 0]])
+        return self.convolve_valid(padded)
+
+    def compute_output_shape(self, input_shape):
+        steps = input_shape[1]
+        if steps is not None:
+            steps = -(-steps // self.strides)
+        return (input_shape[0], steps, self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "dilation_rate": self.dilation_rate,
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        }
