@@ -21,13 +21,20 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow as tf
 
 import tf_sparseconv as tsc
-from benchmarks import bench_block_sparse, bench_channel_sparse, bench_coord_sparse, bench_topk
+from benchmarks import (
+    bench_block_sparse,
+    bench_channel_sparse,
+    bench_coord_sparse,
+    bench_streaming,
+    bench_topk,
+)
 from benchmarks.common import markdown_table
 
 FAMILIES = {
     "block_sparse": bench_block_sparse.run,
     "channel_sparse": bench_channel_sparse.run,
     "coord_sparse": bench_coord_sparse.run,
+    "streaming": bench_streaming.run,
     "topk": bench_topk.run,
 }
 

@@ -83,6 +83,12 @@ def test_quickstart_quick():
     )
     assert reloaded, out
     assert float(reloaded.group(1)) > 0.6 and float(reloaded.group(2)) < 1e-4, out
+    portable = re.search(
+        r"portable SavedModel \(stock TF ops\) reloaded without tf_sparseconv: test accuracy ([\d.]+), "
+        r"max \|served - in-process\| = ([\d.e+-]+)",
+        out,
+    )
+    assert portable and float(portable.group(1)) > 0.6 and float(portable.group(2)) < 1e-4, out
 
 
 def test_qat_experiment_quick():

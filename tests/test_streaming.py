@@ -254,3 +254,14 @@ def test_export_streaming_internal_state(rng, tmp_path):
     with pytest.raises(ValueError, match="`state`"):
         streaming.export_streaming(model, str(tmp_path / "bad"), state="both")
     assert os.path.isdir(path)
+
+
+def test_streaming_benchmark_smoke():
+    """benchmarks/bench_streaming.py runs (quick) and checks streaming == full sequence."""
+    out = run_python(
+        "from benchmarks.bench_streaming import run\n"
+        "row = run(quick=True)[0]\n"
+        "print(row.case, row.ours_ms > 0, row.stock_ms > 0, row.note)\n"
+    ).stdout
+    assert "True True max |stream - full|" in out, out
+    assert float(out.split("max |stream - full| ")[1].split(";")[0]) <= 1e-5, out
