@@ -265,3 +265,18 @@ def test_streaming_benchmark_smoke():
     ).stdout
     assert "True True max |stream - full|" in out, out
     assert float(out.split("max |stream - full| ")[1].split(";")[0]) <= 1e-5, out
+
+
+def test_streaming_conv1d_stack_is_bitwise_exact(rng):
+    """StreamingConv1D runs the same op in both modes: streamed outputs equal the full sequence's
+    bit for bit, so a k-WTA selection downstream (which a 1e-7 difference can flip) agrees too."""
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((None, 6))
+    h = streaming.StreamingConv1D(16, 3, dilation_rate=2, activation="relu")(inputs)
+    h = tsc.layers.KWinners(k=3)(h)
+    h = streaming.StreamingConv1D(16, 4, strides=2, dilation_rate=3, activation="relu")(h)
+    h = tsc.layers.KWinners(k=5)(h)
+    model = keras.Model(inputs, streaming.StreamingConv1D(4, 2, activation="tanh")(h))
+    x = rng.standard_normal((2, 301, 6)).astype(np.float32)
+    got = concat(run_in_chunks(streaming.to_streaming(model), x, rng, max_chunk=13))
+    np.testing.assert_array_equal(got, model(x).numpy())

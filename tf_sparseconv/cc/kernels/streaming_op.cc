@@ -56,45 +56,70 @@ void StepCpu(OpKernelContext* ctx, const T* history, const T* frames, const T* k
     for (size_t i = 0; i < converted.size(); ++i) converted[i] = static_cast<A>(kernel[i]);
     w_data = converted.data();
   }
-  // Work units: (output row, block of kBlock filters). A block's accumulators
-  // stay in registers across all taps and channels; each (tap, channel) adds
-  // one broadcast frame value times a contiguous kernel row segment.
+  // Work units: (up to kRows consecutive output rows, block of kBlock
+  // filters). The block's accumulators stay in registers across all taps and
+  // channels; each (tap, channel) loads one contiguous kernel row segment and
+  // adds it, times each row's broadcast frame value, to every row's
+  // accumulators. Every output sums in the same order however the rows are
+  // grouped (so t frames give bitwise the outputs of t calls on one frame).
   constexpr int64_t kBlock = 64 / sizeof(A) * 4;  // 4 vectors of 64 bytes
+  constexpr int64_t kRows = 4;
+  const int64_t rows = g.batch * g.steps;
+  const int64_t row_blocks = (rows + kRows - 1) / kRows;
   const int64_t blocks = (f_count + kBlock - 1) / kBlock;
   auto units = [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t row = unit / blocks, f0 = unit % blocks * kBlock;
+      const int64_t row0 = unit / blocks * kRows, f0 = unit % blocks * kBlock;
+      const int64_t count = std::min(kRows, rows - row0);
       const int64_t width = std::min(kBlock, f_count - f0);
-      const int64_t b = row / g.steps, j = row % g.steps;
-      A acc[kBlock];
-      for (int64_t f = 0; f < kBlock; ++f) {
-        acc[f] = bias != nullptr && f < width ? static_cast<A>(bias[f0 + f]) : A(0);
+      A acc[kRows][kBlock];
+      for (int64_t r = 0; r < kRows; ++r) {
+        for (int64_t f = 0; f < kBlock; ++f) {
+          acc[r][f] = bias != nullptr && f < width ? static_cast<A>(bias[f0 + f]) : A(0);
+        }
       }
       for (int64_t i = 0; i < g.taps; ++i) {
-        const T* zr = z(b, j + i * g.dilation);
+        const T* zr[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int64_t row = row0 + std::min(r, count - 1);  // (padding rows repeat the last)
+          zr[r] = z(row / g.steps, row % g.steps + i * g.dilation);
+        }
         const A* wi = w_data + i * c_count * f_count + f0;
-        if (width == kBlock) {
+        if (width == kBlock && count == kRows) {
           for (int64_t c = 0; c < c_count; ++c) {
-            const A a = static_cast<A>(zr[c]);
             const A* wc = wi + c * f_count;
-            for (int64_t f = 0; f < kBlock; ++f) acc[f] += a * wc[f];
+            for (int64_t r = 0; r < kRows; ++r) {
+              const A a = static_cast<A>(zr[r][c]);
+              for (int64_t f = 0; f < kBlock; ++f) acc[r][f] += a * wc[f];
+            }
+          }
+        } else if (width == kBlock && count == 1) {  // one new frame: the streaming case
+          A* acc0 = acc[0];
+          for (int64_t c = 0; c < c_count; ++c) {
+            const A a = static_cast<A>(zr[0][c]);
+            const A* wc = wi + c * f_count;
+            for (int64_t f = 0; f < kBlock; ++f) acc0[f] += a * wc[f];
           }
         } else {
           for (int64_t c = 0; c < c_count; ++c) {
-            const A a = static_cast<A>(zr[c]);
             const A* wc = wi + c * f_count;
-            for (int64_t f = 0; f < width; ++f) acc[f] += a * wc[f];
+            for (int64_t r = 0; r < count; ++r) {
+              const A a = static_cast<A>(zr[r][c]);
+              for (int64_t f = 0; f < width; ++f) acc[r][f] += a * wc[f];
+            }
           }
         }
       }
-      T* yr = y + row * f_count + f0;
-      for (int64_t f = 0; f < width; ++f) {
-        const A v = relu && acc[f] < A(0) ? A(0) : acc[f];  // (NaN stays NaN, as in tf.nn.relu)
-        yr[f] = static_cast<T>(v);
+      for (int64_t r = 0; r < count; ++r) {
+        T* yr = y + (row0 + r) * f_count + f0;
+        for (int64_t f = 0; f < width; ++f) {
+          const A v = relu && acc[r][f] < A(0) ? A(0) : acc[r][f];  // (NaN stays NaN, as in tf.nn.relu)
+          yr[f] = static_cast<T>(v);
+        }
       }
     }
   };
-  ParallelFor(ctx, g.batch * g.steps * blocks, g.taps * c_count * kBlock, units);
+  ParallelFor(ctx, row_blocks * blocks, std::min(kRows, rows) * g.taps * c_count * kBlock, units);
   for (int64_t b = 0; b < g.batch; ++b) {
     for (int64_t q = 0; q < g.hist; ++q) {
       std::memcpy(new_history + (b * g.hist + q) * c_count, z(b, g.steps + q), c_count * sizeof(T));

@@ -218,15 +218,8 @@ def make_cell(layer, input_shapes) -> Cell:
     channels = input_shapes[0][-1] if input_shapes else None
     if isinstance(layer, StreamingConv1D) and layer.strides == 1:
         return ConvStepCell(layer, channels, layer.dilation_rate)
-    if isinstance(layer, StreamingConv1D):
-        return WindowCell(
-            layer,
-            channels,
-            layer.span,
-            layer.strides,
-            0,
-            _conv_valid(layer, layer.strides, layer.dilation_rate),
-        )
+    if isinstance(layer, StreamingConv1D):  # strided: the windows ending among the new frames
+        return WindowCell(layer, channels, layer.span, layer.strides, 0, layer.convolve_valid)
     if isinstance(layer, ChannelSparseConv1D):
         # Its own call on a window is the valid convolution (padding 'valid', or
         # 'same' with one tap and stride 1, which pads nothing).

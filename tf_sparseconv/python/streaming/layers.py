@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import activations, constraints, initializers, regularizers
 
 from tf_sparseconv.python.ops._common import int_tuple
+from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step
 
 
 def _positive(value, name: str) -> int:
@@ -24,7 +25,11 @@ class StreamingConv1D(keras.layers.Layer):
     sequence this is `keras.layers.Conv1D(padding="causal")` (which TensorFlow
     cannot run with both `strides > 1` and `dilation_rate > 1`; this layer can).
     `tsc.streaming.to_streaming` runs it on new frames only, with the last
-    `(k - 1) * dilation_rate` input frames kept as state.
+    `(k - 1) * dilation_rate` input frames kept as state. Both run the same op
+    (`StreamingConvStep`, bias and relu fused), which computes every output
+    with the same arithmetic whatever the number of frames: the streamed
+    outputs are bitwise equal to the full-sequence ones (so that a k-winners
+    selection downstream cannot flip on a rounding difference).
 
     Args:
       filters: number of output channels.
@@ -65,6 +70,7 @@ class StreamingConv1D(keras.layers.Layer):
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
         self.input_spec = keras.layers.InputSpec(ndim=3)
+        self.supports_jit = False  # a custom op
 
     @property
     def span(self) -> int:
@@ -98,23 +104,29 @@ class StreamingConv1D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: channels})
         self.built = True
 
+    def step(self, history, frames):
+        """`(outputs at every new frame (stride 1), new history)`: one `StreamingConvStep`."""
+        fused = self.activation is None or self.activation in (activations.linear, activations.relu)
+        y, new_history = streaming_conv_step(
+            history,
+            frames,
+            tf.cast(self.kernel, frames.dtype),
+            None if self.bias is None else tf.cast(self.bias, frames.dtype),
+            self.dilation_rate,
+            "relu" if self.activation is activations.relu else None,
+        )
+        return (y if fused else self.activation(y)), new_history
+
     def convolve_valid(self, x):
         """Outputs of the windows `[j * strides, j * strides + span - 1]` of `x` (no padding)."""
-        kernel = tf.cast(self.kernel, x.dtype)
-        if self.strides > 1 and self.dilation_rate > 1:
-            y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", dilations=self.dilation_rate)
-            y = y[:, :: self.strides]
-        else:
-            y = tf.nn.convolution(
-                x, kernel, strides=self.strides, padding="VALID", dilations=self.dilation_rate
-            )
-        if self.bias is not None:
-            y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
-        return self.activation(y) if self.activation is not None else y
+        y, _ = self.step(x[:, : self.span - 1], x[:, self.span - 1 :])
+        return y[:, :: self.strides] if self.strides > 1 else y
 
     def call(self, inputs):
-        padded = tf.pad(inputs, [[0, 0], [self.span - 1, 0], [0, 0]])
-        return self.convolve_valid(padded)
+        channels = inputs.shape[-1] if inputs.shape[-1] is not None else tf.shape(inputs)[-1]
+        history = tf.zeros([tf.shape(inputs)[0], self.span - 1, channels], inputs.dtype)  # causal padding
+        y, _ = self.step(history, inputs)
+        return y[:, :: self.strides] if self.strides > 1 else y
 
     def compute_output_shape(self, input_shape):
         steps = input_shape[1]
