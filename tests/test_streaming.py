@@ -139,8 +139,9 @@ def test_streaming_equals_full_sequence_on_random_models(seed, batch):
     sm.reset_states()
     one = concat([sm.step(x[:, t : t + 1]) for t in range(x.shape[1])])
     np.testing.assert_allclose(one, full, rtol=1e-5, atol=1e-5)
-    # The state never grows with the history.
-    assert all(spec.shape[1:].is_fully_defined() or spec.shape.rank == 0 for spec in sm.state_specs)
+    # The state never grows with the history: after 90 frames it has the initial shapes.
+    initial = [tuple(s.shape) for s in sm.initial_state(batch)]
+    assert [v.numpy().shape for v in sm._variables] == initial
 
 
 def test_sequential_multi_input_and_multi_output(rng):
@@ -167,6 +168,7 @@ def test_sequential_multi_input_and_multi_output(rng):
 @pytest.mark.parametrize(
     ("layer", "match"),
     [
+        (keras.layers.Softmax(axis=1), "softmax over the time axis"),
         (keras.layers.Conv1D(3, 3, padding="same"), "reads future frames"),
         (keras.layers.MaxPooling1D(2, padding="same"), "pools over future frames"),
         (keras.layers.GlobalAveragePooling1D(), "cannot stream"),
@@ -174,7 +176,15 @@ def test_sequential_multi_input_and_multi_output(rng):
         (tsc.layers.ChannelSparseConv1D(3, 3, fan_in=2, padding="same"), "reads future frames"),
         (tsc.layers.KWinners(k=2, axis=1), "time axis"),
     ],
-    ids=["conv-same", "pool-same", "global-pool", "lstm", "channel-sparse-same", "kwinners-time"],
+    ids=[
+        "softmax-time",
+        "conv-same",
+        "pool-same",
+        "global-pool",
+        "lstm",
+        "channel-sparse-same",
+        "kwinners-time",
+    ],
 )
 def test_layers_that_cannot_stream_are_named(layer, match):
     model = keras.Sequential([keras.Input((None, 4)), keras.layers.Dense(4), layer])
@@ -276,7 +286,68 @@ def test_streaming_conv1d_stack_is_bitwise_exact(rng):
     h = tsc.layers.KWinners(k=3)(h)
     h = streaming.StreamingConv1D(16, 4, strides=2, dilation_rate=3, activation="relu")(h)
     h = tsc.layers.KWinners(k=5)(h)
+    h = streaming.StreamingConv1D(130, 3, dilation_rate=2, activation="relu")(h)  # full 64-filter blocks too
+    h = tsc.layers.KWinners(k=20)(h)
     model = keras.Model(inputs, streaming.StreamingConv1D(4, 2, activation="tanh")(h))
     x = rng.standard_normal((2, 301, 6)).astype(np.float32)
     got = concat(run_in_chunks(streaming.to_streaming(model), x, rng, max_chunk=13))
     np.testing.assert_array_equal(got, model(x).numpy())
+
+
+def test_nested_functional_models_training_kwarg_and_mixed_precision(rng):
+    """A nested Functional sub-model (single and multiple outputs), a per-call training=True error,
+    and a mixed_float16 model streaming its full-sequence values."""
+    i = keras.Input((None, 4))
+    inner = keras.Model(i, keras.layers.Conv1D(5, 2, padding="causal")(i))
+    j = keras.Input((None, 5))
+    pair = keras.Model(j, [keras.layers.Dense(3)(j), streaming.StreamingConv1D(2, 3)(j)])
+    x_in = keras.Input((None, 4))
+    a, b = pair(inner(x_in))
+    model = keras.Model(x_in, keras.layers.Concatenate()([a, keras.layers.Dense(3)(b)]))
+    x = rng.standard_normal((2, 37, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        concat(run_in_chunks(streaming.to_streaming(model), x, rng)), model(x), atol=1e-5
+    )
+    seq = keras.Sequential([keras.Input((None, 4)), inner, keras.layers.ReLU()])
+    np.testing.assert_allclose(concat(run_in_chunks(streaming.to_streaming(seq), x, rng)), seq(x), atol=1e-5)
+
+    y_in = keras.Input((None, 4))
+    bn = keras.layers.BatchNormalization()(keras.layers.Dense(4)(y_in), training=True)
+    with pytest.raises(streaming.StreamingError, match="training=True"):
+        streaming.to_streaming(keras.Model(y_in, bn))
+
+    half = keras.Sequential(
+        [
+            keras.Input((None, 4)),
+            streaming.StreamingConv1D(8, 3, dilation_rate=2, activation="relu", dtype="mixed_float16"),
+            keras.layers.Dense(3, dtype="mixed_float16"),
+            streaming.StreamingConv1D(2, 2, strides=2, dtype="mixed_float16"),
+        ]
+    )
+    got = concat(run_in_chunks(streaming.to_streaming(half), x, rng))
+    full = half(x).numpy()
+    assert got.dtype == np.float16 and full.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), full.astype(np.float32), atol=2e-2)
+
+
+def test_export_streaming_multi_input_output_and_stateless_cells(rng, tmp_path):
+    a, b = keras.Input((None, 3)), keras.Input((None, 2))
+    h = keras.layers.Concatenate()([streaming.StreamingConv1D(4, 3)(a), keras.layers.Dense(2)(b)])
+    model = keras.Model([a, b], [keras.layers.Dense(2)(h), streaming.StreamingConv1D(1, 2, strides=2)(h)])
+    sm = streaming.to_streaming(model)
+    # Dense layers (one-frame windows) keep no state: only the two convolutions do.
+    assert len(sm.state_specs) == 3  # (history), (history, frame count)
+    path = streaming.export_streaming(model, str(tmp_path / "mimo"))
+    step = tf.saved_model.load(path).signatures["step"]
+    assert set(step.structured_input_signature[1]) == {"frames", "frames_1", "state_0", "state_1", "state_2"}
+    state = {f"state_{i}": s for i, s in enumerate(sm.initial_state(2))}
+    xa, xb = (
+        rng.standard_normal((2, 9, 3)).astype(np.float32),
+        rng.standard_normal((2, 9, 2)).astype(np.float32),
+    )
+    out = step(frames=tf.constant(xa), frames_1=tf.constant(xb), **state)
+    full = model([xa, xb])
+    np.testing.assert_allclose(out["outputs_0"], full[0], atol=1e-5)
+    np.testing.assert_allclose(out["outputs_1"], full[1], atol=1e-5)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        streaming.export_streaming(model, str(tmp_path / "bad"), batch_size=2)

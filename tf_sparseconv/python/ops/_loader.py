@@ -107,6 +107,17 @@ def load_library() -> ModuleType | None:
     return _state["library"]
 
 
+def compiled_library() -> ModuleType | None:
+    """The op library even inside `references_only()`: for the gradient functions of ops that
+    are already in a graph (they must differentiate the compiled op that is there)."""
+    previous = getattr(_local, "references_only", False)
+    _local.references_only = False
+    try:
+        return load_library()
+    finally:
+        _local.references_only = previous
+
+
 def is_library_loaded() -> bool:
     """True when the compiled kernels (not the references) run the ops."""
     return load_library() is not None

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import load_library
+from tf_sparseconv.python.ops._loader import compiled_library, load_library
 
 
 def _pair(value, name: str, minimum: int | None = 1) -> tuple[int, int]:
@@ -392,7 +392,7 @@ tf.no_gradient("TfSparseConv>ReduceMask")
 def _sparse_gather_grad(op, grad):
     # Adjoint of a gather: scatter-add into zeros (overlapping halos sum).
     x, indices = op.inputs
-    dx = load_library().tf_sparse_conv_sparse_scatter_zeros(
+    dx = compiled_library().tf_sparse_conv_sparse_scatter_zeros(
         grad,
         indices,
         tf.shape(x, out_type=tf.int32),
@@ -408,7 +408,7 @@ def _sparse_scatter_grad(op, grad):
     blocks, indices, _ = op.inputs
     stride, offset = _attr_list(op, "block_stride"), _attr_list(op, "block_offset")
     size = blocks.shape[1:3]
-    library = load_library()
+    library = compiled_library()
     if None in size:  # the gather op needs a static block size: use the stock-op gather
         dblocks = _gather_reference(grad, indices, tf.unstack(tf.shape(blocks)[1:3]), stride, offset)
     else:
@@ -431,7 +431,7 @@ def _sparse_scatter_zeros_grad(op, grad):
     size = blocks.shape[1:3]
     if None in size:
         return _gather_reference(grad, indices, tf.unstack(tf.shape(blocks)[1:3]), stride, offset), None, None
-    dblocks = load_library().tf_sparse_conv_sparse_gather(
+    dblocks = compiled_library().tf_sparse_conv_sparse_gather(
         grad, indices, block_size=[int(v) for v in size], block_stride=stride, block_offset=offset
     )
     return dblocks, None, None

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import load_library
+from tf_sparseconv.python.ops._loader import compiled_library, load_library
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -251,7 +251,7 @@ def _attrs(op):
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2D")
 def _channel_sparse_conv2d_grad(op, grad):
     x, kernel, connections = op.inputs
-    library = load_library()
+    library = compiled_library()
     attrs = _attrs(op)
     dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
         tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
@@ -268,7 +268,7 @@ def _channel_sparse_conv2d_bias_activation_grad(op, grad):
     if op.get_attr("activation") == b"relu" or op.get_attr("activation") == "relu":
         # d relu(z) / dz = [y > 0] with y = relu(z) (the output holds the mask).
         grad = tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
-    library = load_library()
+    library = compiled_library()
     attrs = _attrs(op)
     dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
         tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
@@ -284,7 +284,7 @@ def _channel_sparse_conv2d_bias_activation_grad(op, grad):
 def _backprop_input_grad(op, grad):
     # dx = A^T(dy; kernel): linear in dy and in kernel.
     _, kernel, connections, dy = op.inputs
-    library = load_library()
+    library = compiled_library()
     attrs = _attrs(op)
     ddy = library.tf_sparse_conv_channel_sparse_conv2d(grad, kernel, connections, **attrs)
     dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
@@ -296,7 +296,7 @@ def _backprop_input_grad(op, grad):
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropKernel")
 def _backprop_kernel_grad(op, grad):
     x, _, connections, dy = op.inputs
-    library = load_library()
+    library = compiled_library()
     attrs = _attrs(op)
     dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
         tf.shape(x, out_type=tf.int32), grad, connections, dy, **attrs

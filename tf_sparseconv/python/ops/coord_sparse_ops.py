@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
-from tf_sparseconv.python.ops._loader import load_library
+from tf_sparseconv.python.ops._loader import compiled_library, load_library
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -505,7 +505,7 @@ def topk_sites(features, coords, k, score: str = "l2", name: str | None = None):
 def _sparse_conv_features_grad(op, grad):
     features, kernel, pair_ptr, pairs, num_out = op.inputs
     n = tf.shape(features)[0]
-    library = load_library()
+    library = compiled_library()
     kernel_t = tf.transpose(kernel, [0, 2, 1])
     if op.get_attr("symmetric"):
         # Offset k's pairs, swapped, are offset K-1-k's: same rulebook, kernel reversed.
@@ -523,7 +523,7 @@ def _sparse_conv_features_grad(op, grad):
 def _sparse_conv_kernel_grad_grad(op, grad):
     # kernel_grad(f, g)[k] = sum f[src]^T g[dst]: bilinear in f and g.
     features, out_grad, pair_ptr, pairs = op.inputs
-    library = load_library()
+    library = compiled_library()
     n, m = tf.shape(features)[0], tf.shape(out_grad)[0]
     transposed = library.tf_sparse_conv_sparse_conv_rulebook_transpose(pair_ptr, pairs, n)
     d_features = library.tf_sparse_conv_sparse_conv_features(

@@ -102,7 +102,9 @@ def streaming_conv_step_reference(history, frames, kernel, bias=None, dilation=1
     taps = kernel.shape[0]
     z = tf.concat([history, frames], axis=1)
     y = tf.add_n([tf.einsum("btc,cf->btf", tap, kernel[i]) for i, tap in enumerate(_taps(z, taps, dilation))])
-    if bias.shape[0] != 0:
+    if bias.shape[0] is None:  # [F], or [0] for none
+        y = tf.cond(tf.size(bias) > 0, lambda: y + bias, lambda: y)
+    elif bias.shape[0] != 0:
         y = y + bias
     if activation == "relu":
         y = tf.nn.relu(y)
@@ -134,5 +136,10 @@ def _streaming_conv_step_grad(op, dy, dhistory):
     )
     if dhistory is not None:  # new_history = z[:, t:]
         dz = dz + tf.pad(dhistory, [[0, 0], [steps, 0], [0, 0]])
-    dbias = tf.reduce_sum(dy, axis=[0, 1]) if bias.shape[0] != 0 else tf.zeros_like(bias)
+    if bias.shape[0] is not None:
+        dbias = tf.reduce_sum(dy, axis=[0, 1]) if bias.shape[0] != 0 else tf.zeros_like(bias)
+    else:  # a bias of unknown length: [F], or [0] for none
+        dbias = tf.cond(
+            tf.size(bias) > 0, lambda: tf.reduce_sum(dy, axis=[0, 1]), lambda: tf.zeros([0], dy.dtype)
+        )
     return dz[:, :hist], dz[:, hist:], dkernel, dbias

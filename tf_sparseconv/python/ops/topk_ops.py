@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, normalize_axis, positive_count
-from tf_sparseconv.python.ops._loader import load_library
+from tf_sparseconv.python.ops._loader import compiled_library, load_library
 
 
 def kwinners(x, k, axis: int = -1, name: str | None = None) -> tf.Tensor:
@@ -78,26 +78,26 @@ def topk_attention(x, k, mode: str = "abs", per: str = "channel", name: str | No
 @tf.RegisterGradient("TfSparseConv>KWinners")
 def _kwinners_grad(op, grad, _indices_grad):
     axis = op.get_attr("axis")
-    return [load_library().tf_sparse_conv_k_winners_grad(grad, op.outputs[1], axis=axis), None]
+    return [compiled_library().tf_sparse_conv_k_winners_grad(grad, op.outputs[1], axis=axis), None]
 
 
 @tf.RegisterGradient("TfSparseConv>KWinnersGrad")
 def _kwinners_grad_grad(op, grad):
     # The gradient op is a projection onto the winners: its own adjoint.
     axis = op.get_attr("axis")
-    return [load_library().tf_sparse_conv_k_winners_grad(grad, op.inputs[1], axis=axis), None]
+    return [compiled_library().tf_sparse_conv_k_winners_grad(grad, op.inputs[1], axis=axis), None]
 
 
 @tf.RegisterGradient("TfSparseConv>TopKAttention")
 def _topk_attention_grad(op, grad, _indices_grad):
     per = op.get_attr("per").decode()
-    return [load_library().tf_sparse_conv_top_k_attention_grad(grad, op.outputs[1], per=per), None]
+    return [compiled_library().tf_sparse_conv_top_k_attention_grad(grad, op.outputs[1], per=per), None]
 
 
 @tf.RegisterGradient("TfSparseConv>TopKAttentionGrad")
 def _topk_attention_grad_grad(op, grad):
     per = op.get_attr("per").decode()
-    return [load_library().tf_sparse_conv_top_k_attention_grad(grad, op.inputs[1], per=per), None]
+    return [compiled_library().tf_sparse_conv_top_k_attention_grad(grad, op.inputs[1], per=per), None]
 
 
 # --- pure-TensorFlow references ---------------------------------------------------

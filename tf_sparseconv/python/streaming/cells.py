@@ -68,23 +68,38 @@ class WindowCell(Cell):
         """Causal with stride 1: every new frame ends a window (no frame count needed)."""
         return self.stride == 1 and self.first == 0
 
+    @property
+    def stateless(self) -> bool:
+        """One frame per window, every frame: nothing to keep (e.g. a Dense or 1-tap conv)."""
+        return self.every_frame and self.span == 1
+
     def state_specs(self):
+        if self.stateless:
+            return []
         specs = [tf.TensorSpec([None, self.span - 1, self.channels], self.dtype)]
         return specs if self.every_frame else specs + [tf.TensorSpec([], tf.int64)]
 
     def initial_state(self, batch_size):
+        if self.stateless:
+            return []
         state = [tf.zeros([batch_size, self.span - 1, self.channels], self.dtype)]
         return state if self.every_frame else state + [tf.zeros([], tf.int64)]
 
+    def _history(self, x, state):
+        """The kept frames (an empty [B, 0, C] for a stateless cell)."""
+        if self.stateless:
+            return tf.zeros(tf.stack([tf.shape(x)[0], 0, tf.shape(x)[2]]), self.dtype)
+        return state[0]
+
     def step(self, inputs, state):
         x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
-        frames = tf.concat([state[0], x], axis=1)  # [B, span - 1 + t, C]
+        frames = tf.concat([self._history(x, state), x], axis=1)  # [B, span - 1 + t, C]
         kept = frames[:, frames.shape[1] - (self.span - 1) :] if frames.shape[1] is not None else None
         if kept is None:
             kept = frames[:, -(self.span - 1) :] if self.span > 1 else frames[:, :0]
             kept.set_shape([None, self.span - 1, self.channels])  # (loop-invariant state shapes)
         if self.every_frame:
-            return self.valid(frames), [kept]
+            return self.valid(frames), [] if self.stateless else [kept]
         seen = state[1]
         t = tf.shape(x, out_type=tf.int64)[1]
         new_state = [kept, seen + t]
@@ -124,14 +139,14 @@ class ConvStepCell(WindowCell):
         bias = getattr(layer, "bias", None)
         kernel = tf.cast(layer.kernel, self.dtype)
         y, history = streaming_conv_step(
-            state[0],
+            self._history(x, state),
             x,
             kernel[None] if self.per_frame else kernel,
             None if bias is None else tf.cast(bias, self.dtype),
             self.dilation,
             self.fused,
         )
-        return (y if self.after is None else self.after(y)), [history]
+        return (y if self.after is None else self.after(y)), [] if self.stateless else [history]
 
 
 _FRAME_LAYERS = (
@@ -140,7 +155,6 @@ _FRAME_LAYERS = (
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
     keras.layers.ELU,
-    keras.layers.Softmax,
     keras.layers.Dropout,
     keras.layers.SpatialDropout1D,
     keras.layers.GaussianNoise,
@@ -263,6 +277,10 @@ def make_cell(layer, input_shapes) -> Cell:
     ):
         return ConvStepCell(layer, channels, 1, per_frame=True)  # one op, bias/relu fused
     if isinstance(layer, _FRAME_LAYERS):
+        return FrameCell(layer)
+    if isinstance(layer, keras.layers.Softmax):
+        if not _last_axis(layer.axis):
+            raise StreamingError(f"{name}: a softmax over the time axis cannot stream (use axis=-1)")
         return FrameCell(layer)
     if isinstance(layer, keras.layers.Concatenate):
         if not _last_axis(layer.axis):

@@ -51,6 +51,11 @@ class _Graph:
                     f"layer {layer.name!r} is called with keyword arguments {extra}, "
                     "which streaming does not support"
                 )
+            if call_kwargs.get("training"):
+                raise StreamingError(
+                    f"layer {layer.name!r} is called with training=True (batch statistics, dropout at "
+                    "inference), which has no streaming form"
+                )
             self.nodes.append(
                 (
                     self._runner(layer, shapes),
@@ -59,7 +64,9 @@ class _Graph:
                     keras.tree.map_structure(id, outputs),
                 )
             )
-        self.output_keys = keras.tree.map_structure(id, clone.outputs)
+        outputs = list(clone.outputs)
+        # A single output is one tensor (a nested model's consumer takes it as such).
+        self.output_keys = id(outputs[0]) if len(outputs) == 1 else [id(t) for t in outputs]
 
     @staticmethod
     def _runner(layer, shapes):
@@ -280,6 +287,10 @@ def export_streaming(model, path: str, state: str = "external", batch_size: int 
     """
     if state not in ("external", "internal"):
         raise ValueError(f"`state` must be 'external' or 'internal', got {state!r}")
+    if state == "external" and batch_size is not None:
+        raise ValueError(
+            "`batch_size` applies to state='internal' only (the external state's batch is dynamic)"
+        )
     streaming = model if isinstance(model, StreamingModel) else to_streaming(model)
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
