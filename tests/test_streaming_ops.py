@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tf_sparseconv as tsc
 from tf_sparseconv.python.ops._loader import load_library
@@ -130,3 +132,29 @@ def test_bad_input(rng):
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="history must be"):
         f(h, x)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(0, 3),
+    steps=st.integers(0, 9),
+    channels=st.integers(1, 9),
+    filters=st.integers(1, 70),
+    taps=st.integers(1, 4),
+    dilation=st.integers(1, 4),
+    relu=st.booleans(),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_numpy(batch, steps, channels, filters, taps, dilation, relu, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    history = rng.standard_normal((batch, (taps - 1) * dilation, channels)).astype(np.float32)
+    frames = rng.standard_normal((batch, steps, channels)).astype(np.float32)
+    kernel = rng.standard_normal((taps, channels, filters)).astype(np.float32)
+    bias = rng.standard_normal(filters).astype(np.float32) if use_bias else None
+    activation = "relu" if relu else None
+    y, new_history = tsc.ops.streaming_conv_step(history, frames, kernel, bias, dilation, activation)
+    want_y, want_history = np_step(history, frames, kernel, bias, dilation, relu)
+    assert y.shape == want_y.shape and new_history.shape == want_history.shape
+    np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(new_history, want_history.astype(np.float32))
