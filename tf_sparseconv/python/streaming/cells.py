@@ -19,8 +19,7 @@ import tensorflow as tf
 
 from tf_sparseconv.python.layers.channel_sparse import ChannelSparseConv1D
 from tf_sparseconv.python.layers.topk import KWinners
-from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step
-from tf_sparseconv.python.streaming.layers import StreamingConv1D
+from tf_sparseconv.python.streaming.layers import StreamingConv1D, conv_step, valid_conv
 
 
 class StreamingError(ValueError):
@@ -125,28 +124,16 @@ class ConvStepCell(WindowCell):
         super().__init__(layer, channels, (kernel_size - 1) * dilation + 1, 1, 0, None)
         self.dilation = int(dilation)
         self.per_frame = per_frame
-        activation = getattr(layer, "activation", None)
-        if activation is None or activation is keras.activations.linear:
-            self.fused, self.after = "linear", None
-        elif activation is keras.activations.relu:
-            self.fused, self.after = "relu", None
-        else:
-            self.fused, self.after = "linear", activation
 
     def step(self, inputs, state):
         layer = self.layer
         x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
-        bias = getattr(layer, "bias", None)
-        kernel = tf.cast(layer.kernel, self.dtype)
-        y, history = streaming_conv_step(
-            self._history(x, state),
-            x,
-            kernel[None] if self.per_frame else kernel,
-            None if bias is None else tf.cast(bias, self.dtype),
-            self.dilation,
-            self.fused,
+        kernel = tf.expand_dims(layer.kernel, 0) if self.per_frame else layer.kernel
+        activation = getattr(layer, "activation", None)
+        y, history = conv_step(
+            self._history(x, state), x, kernel, getattr(layer, "bias", None), activation, self.dilation
         )
-        return (y if self.after is None else self.after(y)), [] if self.stateless else [history]
+        return y, [] if self.stateless else [history]
 
 
 _FRAME_LAYERS = (
@@ -191,34 +178,9 @@ def _conv_cell(layer, channels, kernel_size, stride, dilation, padding, valid):
     )
 
 
-def tap_matmul_conv(x, kernel, stride: int, dilation: int):
-    """The valid convolution of `x` [B, L, C] with `kernel` [k, C, F] as one matmul: the k taps'
-    frames side by side on the channel axis ([B, n, k*C]) times the kernel reshaped [k*C, F].
-    For the few output frames of a streaming step this is much cheaper than tf.nn.convolution,
-    which runs a dilated convolution through space_to_batch."""
-    k, channels, filters = kernel.shape
-    span = (k - 1) * dilation + 1
-    # Tap i of output j reads frame j * stride + i * dilation; the slices have static bounds
-    # (the end counted from the back), so each is one op whatever the number of frames.
-    taps = [x[:, i * dilation : (i * dilation - (span - 1)) or None : stride] for i in range(k)]
-    stacked = taps[0] if k == 1 else tf.concat(taps, axis=-1)  # [B, n, k*C]
-    # A 2-D matmul: several times cheaper than a broadcasting batch matmul for few frames.
-    flat = tf.matmul(
-        tf.reshape(stacked, [-1, k * channels]), tf.reshape(tf.cast(kernel, x.dtype), [k * channels, filters])
-    )
-    return tf.reshape(flat, tf.concat([tf.shape(stacked)[:2], [filters]], axis=0))
-
-
 def _conv_valid(layer, stride: int, dilation: int):
-    """`valid(x)` of a Conv1D-like layer (kernel [k, C, F], bias, activation) by `tap_matmul_conv`."""
-
-    def valid(x):
-        y = tap_matmul_conv(x, layer.kernel, stride, dilation)
-        if getattr(layer, "bias", None) is not None:
-            y = tf.nn.bias_add(y, tf.cast(layer.bias, y.dtype))
-        return layer.activation(y) if layer.activation is not None else y
-
-    return valid
+    """`valid(x)` of a Keras Conv1D (kernel [k, C, F], bias, activation): `valid_conv`."""
+    return lambda x: valid_conv(x, layer.kernel, layer.bias, layer.activation, stride, dilation)
 
 
 def make_cell(layer, input_shapes) -> Cell:

@@ -14,6 +14,30 @@ def _positive(value, name: str) -> int:
     return int_tuple(value, 1, name)[0]
 
 
+def conv_step(history, frames, kernel, bias, activation, dilation: int):
+    """`(y, new_history)` of a causal stride-1 convolution (kernel [k, C, F], optional bias, a
+    Keras activation) on new `frames`: one `StreamingConvStep` op, with a linear or relu
+    activation fused into it and any other applied after."""
+    fused = activation is None or activation in (activations.linear, activations.relu)
+    y, new_history = streaming_conv_step(
+        history,
+        frames,
+        tf.cast(kernel, frames.dtype),
+        None if bias is None else tf.cast(bias, frames.dtype),
+        dilation,
+        "relu" if activation is activations.relu else None,
+    )
+    return (y if fused else activation(y)), new_history
+
+
+def valid_conv(x, kernel, bias, activation, stride: int, dilation: int):
+    """Outputs of the windows `[j * stride, j * stride + span - 1]` of `x` (no padding), by the
+    same op (`conv_step` on the window's first `span - 1` frames as history)."""
+    span = (int(kernel.shape[0]) - 1) * dilation + 1
+    y, _ = conv_step(x[:, : span - 1], x[:, span - 1 :], kernel, bias, activation, dilation)
+    return y[:, ::stride] if stride > 1 else y
+
+
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
 class StreamingConv1D(keras.layers.Layer):
     """Causal convolution over `[B, T, C]` (kernel `[k, C, filters]`).
@@ -106,21 +130,11 @@ class StreamingConv1D(keras.layers.Layer):
 
     def step(self, history, frames):
         """`(outputs at every new frame (stride 1), new history)`: one `StreamingConvStep`."""
-        fused = self.activation is None or self.activation in (activations.linear, activations.relu)
-        y, new_history = streaming_conv_step(
-            history,
-            frames,
-            tf.cast(self.kernel, frames.dtype),
-            None if self.bias is None else tf.cast(self.bias, frames.dtype),
-            self.dilation_rate,
-            "relu" if self.activation is activations.relu else None,
-        )
-        return (y if fused else self.activation(y)), new_history
+        return conv_step(history, frames, self.kernel, self.bias, self.activation, self.dilation_rate)
 
     def convolve_valid(self, x):
         """Outputs of the windows `[j * strides, j * strides + span - 1]` of `x` (no padding)."""
-        y, _ = self.step(x[:, : self.span - 1], x[:, self.span - 1 :])
-        return y[:, :: self.strides] if self.strides > 1 else y
+        return valid_conv(x, self.kernel, self.bias, self.activation, self.strides, self.dilation_rate)
 
     def call(self, inputs):
         channels = inputs.shape[-1] if inputs.shape[-1] is not None else tf.shape(inputs)[-1]

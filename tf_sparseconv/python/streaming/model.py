@@ -13,12 +13,12 @@ from tf_sparseconv.python.streaming.cells import StreamingError, make_cell
 
 
 class _Graph:
-    """A model's layer calls in execution order: each `(cell or subgraph, argument keys, kwargs,
-    output keys)`; keys name the tensors (KerasTensor ids)."""
+    """A model's layer calls in execution order: each `(cell or subgraph, argument keys, output
+    keys)`; keys name the tensors (KerasTensor ids)."""
 
     def __init__(self, model):
         self.name = model.name
-        self.nodes = []  # (runner, args structure of keys, kwargs, outputs structure of keys)
+        self.nodes = []  # (runner, args structure of keys, outputs structure of keys)
         if isinstance(model, keras.Sequential):
             inputs = model.inputs
             if inputs is None or len(inputs) != 1:
@@ -29,7 +29,7 @@ class _Graph:
             for layer in model.layers:
                 out_key = f"{model.name}:{id(layer)}"
                 runner = self._runner(layer, [shape])
-                self.nodes.append((runner, key, {}, out_key))
+                self.nodes.append((runner, key, out_key))
                 shape = tuple(layer.compute_output_shape(shape))
                 key = out_key
             self.output_keys = key
@@ -60,7 +60,6 @@ class _Graph:
                 (
                     self._runner(layer, shapes),
                     keras.tree.map_structure(id, args),
-                    {},
                     keras.tree.map_structure(id, outputs),
                 )
             )
@@ -100,7 +99,7 @@ class _Graph:
         env = dict(zip(self.input_keys, inputs))
         position = 0
         new_state = []
-        for runner, arg_keys, _, out_keys in self.nodes:
+        for runner, arg_keys, out_keys in self.nodes:
             args = keras.tree.map_structure(lambda key: env[key], arg_keys)
             if runner is None:  # an InputLayer inside a Sequential
                 outputs = args
