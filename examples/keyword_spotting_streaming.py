@@ -201,7 +201,7 @@ def main() -> None:
         for t0 in range(0, 40, 8):
             result = served.signatures["step"](frames=tf.constant(stream[:, t0 : t0 + 8]), **state)
             chunks.append(result.pop("outputs").numpy())
-            state = result
+            state = {name.replace("next_", ""): value for name, value in result.items()}
         served_diff = float(np.abs(np.concatenate(chunks, axis=1) - full[:, :20]).max())
     print(
         "exported step (external state) reloaded: first 40 frames served, "

@@ -239,7 +239,7 @@ outputs = []
 for t0, t1 in [(0, 1), (1, 5), (5, 6), (6, 17), (17, 30)]:
     result = step(frames=tf.constant(x[:, t0:t1]), **state)
     outputs.append(result.pop("outputs").numpy())
-    state = result
+    state = {{k.replace("next_", ""): v for k, v in result.items()}}
 got = np.concatenate(outputs, axis=1)
 np.testing.assert_allclose(got, np.load({str(tmp_path / "y.npy")!r}), atol=1e-5)
 print("streamed", got.shape)

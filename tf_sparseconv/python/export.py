@@ -1,4 +1,4 @@
-"""SavedModel export for serving (`tsc.export`).
+"""Export for serving and on-device inference (`tsc.export`).
 
 `export_saved_model(model, path)` writes a SavedModel whose `serving_default`
 signature takes the model's inputs by their Keras input names (several for
@@ -11,22 +11,45 @@ per model output), as `model.export` does. Which to use:
   `import tf_sparseconv` first (to register the ops), which TF Serving without
   the op library cannot do.
 * `portable=True`: the same model lowered to stock TensorFlow ops (every op's
-  pure-TF reference: the same outputs, without the sparsity speed-ups). It
-  loads and serves anywhere TensorFlow does: stock TF Serving,
-  `saved_model_cli`, a process that never imports tf_sparseconv.
+  pure-TF reference in the form the LiteRT and ONNX converters take: the same
+  outputs, without the sparsity speed-ups; quantised layers as TensorFlow's
+  `FakeQuantWithMinMaxVars*` ops). It loads and serves anywhere TensorFlow
+  does (stock TF Serving, `saved_model_cli`, a process that never imports
+  tf_sparseconv) and converts with `tf.lite.TFLiteConverter.from_saved_model`
+  and tf2onnx.
+
+`export_litert(model, path)` writes a `.tflite` file (LiteRT builtin ops; a
+`quantize_model`/`convert` model becomes a full-integer int8 model) and
+`export_onnx(model, path)` an `.onnx` file; both go through the portable
+SavedModel, and both take a `tsc.streaming.StreamingModel` too (its `step`
+with the state fed in and returned: `next_state_i`).
+
+Every exported module tracks the `tf.Variable`s behind the Keras variables
+(`variable.value`): tracking the Keras wrappers instead leaves the converters
+unable to freeze the weights (the TFLite model then computes with garbage).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._loader import references_only
+from tf_sparseconv.python.ops._loader import for_converters, references_only
 
 OP_PREFIX = "TfSparseConv>"
+
+__all__ = [
+    "export_litert",
+    "export_onnx",
+    "export_saved_model",
+    "for_converters",
+    "references_only",
+]
 
 
 def input_structure(model):
@@ -59,47 +82,232 @@ def custom_ops_in(concrete_function) -> set[str]:
     return {node.op for node in nodes if node.op.startswith(OP_PREFIX)}
 
 
-def export_saved_model(model: keras.Model, path: str, portable: bool = False) -> str:
-    """Writes `model` to `path` as a SavedModel with a `serving_default` signature.
+def tf_variables(variables) -> list[tf.Variable]:
+    """The `tf.Variable`s behind Keras variables (what an exported module must track)."""
+    out = []
+    for variable in variables:
+        value = getattr(variable, "value", variable) if isinstance(variable, keras.Variable) else variable
+        if not isinstance(value, tf.Variable):
+            raise ValueError(
+                f"variable {getattr(variable, 'path', variable)!r} is not backed by a tf.Variable "
+                "(export needs the TensorFlow backend: KERAS_BACKEND=tensorflow)"
+            )
+        out.append(value)
+    return out
 
-    Args:
-      model: a built Keras model (Sequential, Functional or subclassed with known inputs).
-      path: the SavedModel directory (created).
-      portable: lower every tf_sparseconv op to its stock-TensorFlow reference,
-        so that the SavedModel loads without tf_sparseconv (see the module doc).
 
-    Returns:
-      `path`.
-    """
+def tracing_context(portable: bool):
+    """The context a portable graph is traced in (`for_converters()`), or a no-op."""
+    return for_converters() if portable else contextlib.nullcontext()
+
+
+def check_portable(concrete, what: str) -> None:
+    leftover = custom_ops_in(concrete)
+    if leftover:
+        raise ValueError(
+            f"portable export of {what} still holds tf_sparseconv ops {sorted(leftover)}: "
+            "a layer calls the compiled library directly instead of through an op wrapper"
+        )
+
+
+def _check_model(model) -> None:
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a Keras model, got {model!r}")
     if not model.built or not getattr(model, "inputs", None):
         raise ValueError(f"`model` {model.name!r} must be built with known inputs (e.g. from keras.Input)")
-    if not isinstance(portable, bool):
-        raise ValueError(f"`portable` must be a bool, got {portable!r}")
+
+
+def _serving_function(model: keras.Model, portable: bool):
     specs = _input_specs(model)
     structure = input_structure(model)
 
     def serve(*args):
         inputs = keras.tree.pack_sequence_as(structure, list(args))
-        with references_only() if portable else contextlib.nullcontext():
+        with tracing_context(portable):
             outputs = model(inputs, training=False)
         return {f"output_{i}": value for i, value in enumerate(keras.tree.flatten(outputs))}
 
     function = tf.function(serve, input_signature=specs, autograph=False)
     concrete = function.get_concrete_function()
     if portable:
-        leftover = custom_ops_in(concrete)
-        if leftover:
-            raise ValueError(
-                f"portable export of {model.name!r} still holds tf_sparseconv ops {sorted(leftover)}: "
-                "a layer calls the compiled library directly instead of through an op wrapper"
-            )
+        check_portable(concrete, repr(model.name))
+    return function, concrete
+
+
+def export_saved_model(model: keras.Model, path: str, portable: bool = False) -> str:
+    """Writes `model` to `path` as a SavedModel with a `serving_default` signature.
+
+    Args:
+      model: a built Keras model (Sequential, Functional or subclassed with known inputs).
+      path: the SavedModel directory (created).
+      portable: lower every tf_sparseconv op to stock TensorFlow ops, so that the
+        SavedModel loads without tf_sparseconv and converts to LiteRT and ONNX
+        (see the module doc).
+
+    Returns:
+      `path`.
+    """
+    _check_model(model)
+    if not isinstance(portable, bool):
+        raise ValueError(f"`portable` must be a bool, got {portable!r}")
+    function, concrete = _serving_function(model, portable)
     module = tf.Module()
-    # The variables only: tracking the Keras model itself would also save the functions it has
-    # traced (train/predict steps, with gradients and the compiled ops).
-    module.model_variables = list(model.variables)
+    # The tf.Variables only: tracking the Keras model itself would also save the functions it
+    # has traced (train/predict steps, with gradients and the compiled ops), and tracking the
+    # Keras variable wrappers leaves the TFLite converter unable to freeze the weights.
+    module.model_variables = tf_variables(model.variables)
     module.serve = function
     os.makedirs(path, exist_ok=True)
     tf.saved_model.save(module, path, signatures={"serving_default": concrete})
+    return path
+
+
+# --- LiteRT (TFLite) and ONNX ------------------------------------------------------------------
+
+
+def _is_streaming(model) -> bool:
+    from tf_sparseconv.python.streaming.model import StreamingModel
+
+    return isinstance(model, StreamingModel)
+
+
+def is_quantized(model) -> bool:
+    """Whether `model` holds `tsc.quantization` layers (QAT or converted)."""
+    from tf_sparseconv.python.quantization.wrappers import IntegerWeightsWrapper, QuantizeWrapper
+
+    keras_model = model.model if _is_streaming(model) else model
+    return any(
+        isinstance(layer, (QuantizeWrapper, IntegerWeightsWrapper))
+        for layer in keras_model._flatten_layers(include_self=False)
+    )
+
+
+def _portable_saved_model(model, path: str) -> str:
+    """Writes the portable SavedModel the converters read; returns its signature key."""
+    if _is_streaming(model):
+        from tf_sparseconv.python.streaming.model import export_streaming
+
+        export_streaming(model, path, portable=True)
+        return "step"
+    _check_model(model)
+    export_saved_model(model, path, portable=True)
+    return "serving_default"
+
+
+def export_litert(
+    model,
+    path: str,
+    *,
+    quantize: str | None = "auto",
+    integer_io: bool = False,
+    representative_data=None,
+) -> str:
+    """Writes `model` as a LiteRT (TFLite) flatbuffer with builtin ops only.
+
+    Args:
+      model: a built Keras model, or a `tsc.streaming.StreamingModel`
+        (`to_streaming(model)`): then the `.tflite` holds the `step` signature
+        with external state (`frames`, `state_0`, ... -> `outputs`,
+        `next_state_0`, ...; feed each `next_state_i` back as `state_i`; the
+        first state is zeros of the shapes the interpreter reports).
+      path: the `.tflite` file to write.
+      quantize: "auto" (default): "int8" when the model holds `tsc.quantization`
+        layers (`quantize_model` or `convert`), else None. "int8": a full-integer
+        model from the fake-quantisation ranges (int8 CONV_2D /
+        DEPTHWISE_CONV_2D / FULLY_CONNECTED; weights per channel); ranges the
+        model does not track (its inputs) are calibrated on
+        `representative_data`. "dynamic": int8 weights, float activations.
+        None: a float model.
+      integer_io: for "int8": int8 model inputs and outputs (else float, with
+        QUANTIZE/DEQUANTIZE at the edges).
+      representative_data: for "int8": a few input batches (an array, a list of
+        arrays for several inputs, or an iterable of such batches).
+
+    Returns:
+      `path`.
+    """
+    if quantize not in ("auto", "int8", "dynamic", None):
+        raise ValueError(f"`quantize` must be 'auto', 'int8', 'dynamic' or None, got {quantize!r}")
+    if quantize == "auto":
+        quantize = "int8" if is_quantized(model) else None
+    if integer_io and quantize != "int8":
+        raise ValueError("`integer_io=True` needs quantize='int8'")
+    with tempfile.TemporaryDirectory(prefix="tsc_litert_") as tmp:
+        key = _portable_saved_model(model, tmp)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[key])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif quantize == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if representative_data is not None:
+                signature = tf.saved_model.load(tmp).signatures[key]
+                names = sorted(signature.structured_input_signature[1])
+                converter.representative_dataset = _representative(representative_data, names)
+            if integer_io:
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+        try:
+            flatbuffer = converter.convert()
+        except Exception as exc:
+            raise ValueError(f"LiteRT conversion failed: {exc}") from exc
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return path
+
+
+def _representative(data, names):
+    """A TFLite representative dataset from arrays: dicts of the signature's inputs by name."""
+    if isinstance(data, np.ndarray) or tf.is_tensor(data):
+        batches = [[data]]
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data):
+        batches = [list(data)] if len(names) > 1 else [[d] for d in data]
+    else:
+        batches = [b if isinstance(b, (list, tuple)) else [b] for b in data]
+
+    def generate():
+        for batch in batches:
+            if len(batch) != len(names):
+                raise ValueError(f"`representative_data` batches must hold {len(names)} input(s)")
+            first = batch[0]
+            for i in range(int(np.shape(first)[0])):  # one sample at a time: batch 1
+                yield {n: np.asarray(b[i : i + 1], np.float32) for n, b in zip(names, batch)}
+
+    return generate
+
+
+def export_onnx(model, path: str, *, opset: int = 17) -> str:
+    """Writes `model` (a Keras model or a `tsc.streaming.StreamingModel`) as an ONNX file.
+
+    Goes through the portable SavedModel (stock TensorFlow ops) and tf2onnx (an
+    optional dependency: `pip install tf2onnx`). Inputs keep their Keras names
+    and dynamic batch; outputs are `output_0`, ... (a streaming model:
+    `outputs`, `next_state_0`, ... for inputs `frames`, `state_0`, ...).
+
+    Returns:
+      `path`.
+    """
+    try:
+        import tf2onnx
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("export_onnx needs tf2onnx: pip install tf2onnx onnxruntime") from exc
+    if not isinstance(opset, (int, np.integer)) or opset < 13:
+        raise ValueError(f"`opset` must be an int >= 13, got {opset!r}")
+    with tempfile.TemporaryDirectory(prefix="tsc_onnx_") as tmp:
+        key = _portable_saved_model(model, tmp)
+        loaded = tf.saved_model.load(tmp)  # (kept alive: the signature reads its variables)
+        signature = loaded.signatures[key]
+        inputs = signature.structured_input_signature[1]
+        names = list(inputs)
+        specs = [tf.TensorSpec(inputs[n].shape, inputs[n].dtype, name=n) for n in names]
+
+        def call(*args):
+            return signature(**dict(zip(names, args)))
+
+        function = tf.function(call, input_signature=specs, autograph=False)
+        try:
+            tf2onnx.convert.from_function(function, input_signature=specs, opset=int(opset), output_path=path)
+        except Exception as exc:
+            raise ValueError(f"ONNX conversion failed: {exc}") from exc
     return path

@@ -13,7 +13,12 @@ Environment:
 
 ``references_only()`` is a context manager under which ``load_library()``
 returns ``None`` in the current thread, so that the functions traced inside it
-(for a portable SavedModel) hold stock TensorFlow ops only.
+(for a portable SavedModel) hold stock TensorFlow ops only. ``for_converters()``
+goes further, for graphs that LiteRT's and ONNX's converters must take: the
+references pick the forms those converters support (e.g. a block-sparse
+convolution as the dense convolution times the block mask, int32 index
+arithmetic) and quantised layers emit TensorFlow's ``FakeQuantWithMinMaxVars``
+ops, which the TFLite converter turns into integer kernels.
 """
 
 from __future__ import annotations
@@ -48,6 +53,23 @@ def references_only():
         yield
     finally:
         _local.references_only = previous
+
+
+@contextlib.contextmanager
+def for_converters():
+    """`references_only()`, with every op in the form the LiteRT and ONNX converters take."""
+    previous = getattr(_local, "for_converters", False)
+    _local.for_converters = True
+    try:
+        with references_only():
+            yield
+    finally:
+        _local.for_converters = previous
+
+
+def converting() -> bool:
+    """True inside `for_converters()` (in this thread)."""
+    return getattr(_local, "for_converters", False)
 
 
 class LibraryWarning(RuntimeWarning):

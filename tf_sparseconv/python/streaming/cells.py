@@ -5,7 +5,8 @@ ending at input time `tau_j = first + j * stride` (causal convolutions: the
 window ends at `j * stride` and starts in the zero left padding, `first = 0`;
 "valid" convolutions and pooling: `first = span - 1`). Its state is the last
 `span - 1` input frames (zeros at the start, which is exactly the causal
-padding) and the number of input frames seen, so a step on `t` new frames
+padding) and the number of input frames seen (int32, kept modulo the stride
+once past `first`), so a step on `t` new frames
 convolves `span - 1 + t` frames and emits exactly the outputs whose windows
 end among the new frames, in the phase the full sequence has. *Frame* layers
 (Dense, activations, normalisation at inference, merges, k-WTA over channels)
@@ -76,13 +77,13 @@ class WindowCell(Cell):
         if self.stateless:
             return []
         specs = [tf.TensorSpec([None, self.span - 1, self.channels], self.dtype)]
-        return specs if self.every_frame else specs + [tf.TensorSpec([], tf.int64)]
+        return specs if self.every_frame else specs + [tf.TensorSpec([], tf.int32)]
 
     def initial_state(self, batch_size):
         if self.stateless:
             return []
         state = [tf.zeros([batch_size, self.span - 1, self.channels], self.dtype)]
-        return state if self.every_frame else state + [tf.zeros([], tf.int64)]
+        return state if self.every_frame else state + [tf.zeros([], tf.int32)]
 
     def _history(self, x, state):
         """The kept frames (an empty [B, 0, C] for a stateless cell)."""
@@ -99,9 +100,13 @@ class WindowCell(Cell):
             kept.set_shape([None, self.span - 1, self.channels])  # (loop-invariant state shapes)
         if self.every_frame:
             return self.valid(frames), [] if self.stateless else [kept]
+        # The frame count, int32 and bounded (< first + stride): only whether it has reached
+        # `first` and its phase modulo the stride matter, so it never overflows however long
+        # the stream, and the step converts to LiteRT and ONNX (no int64 arithmetic).
         seen = state[1]
-        t = tf.shape(x, out_type=tf.int64)[1]
-        new_state = [kept, seen + t]
+        t = tf.shape(x)[1]
+        total = seen + t
+        new_state = [kept, tf.where(total < self.first, total, self.first + (total - self.first) % self.stride)]
         # The first output time at or after both `seen` and `first`, in phase.
         start_time = tf.maximum(seen, self.first)
         tau = self.first + (start_time - self.first + self.stride - 1) // self.stride * self.stride

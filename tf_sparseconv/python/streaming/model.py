@@ -271,30 +271,44 @@ def _output_dict(outputs) -> dict:
     return {f"outputs_{i}": value for i, value in enumerate(flat)}
 
 
-def export_streaming(model, path: str, state: str = "external", batch_size: int | None = None) -> str:
-    """Writes a SavedModel that serves `model` frame by frame.
+def export_streaming(
+    model, path: str, state: str = "external", batch_size: int | None = None, portable: bool = False
+) -> str:
+    """Writes a SavedModel that serves `model` (a Keras model or a `StreamingModel`) frame by frame.
 
-    state="external" (default; for servers keeping one state per client):
-      signatures `initial_state(batch_size)` -> `{state_0, ...}` and
-      `step(frames, state_0, ...)` -> `{outputs, state_0, ...}` (`outputs_0`, ...
-      for several outputs; `frames`, `frames_1`, ... for several inputs).
+    state="external" (default; for servers keeping one state per client, and the
+      form LiteRT and ONNX take): signatures `initial_state(batch_size)` ->
+      `{state_0, ...}` and `step(frames, state_0, ...)` ->
+      `{outputs, next_state_0, ...}` (`outputs_0`, ... for several outputs;
+      `frames`, `frames_1`, ... for several inputs); feed each `next_state_i`
+      back as `state_i`.
     state="internal": the state lives in the SavedModel's variables, for a
       fixed `batch_size` (default 1): signatures `step(frames)` -> `{outputs}`
-      and `reset_states()` -> `{reset}`.
-    Loading needs `import tf_sparseconv` first when the model uses its ops.
+      and `reset_states()` -> `{reset}`. For TF Serving only: converters freeze
+      variables, so LiteRT/ONNX need the external state (`export_litert` and
+      `export_onnx` of a `StreamingModel` use it).
+    portable=True: stock TensorFlow ops only (loads without tf_sparseconv and
+      converts with `TFLiteConverter.from_saved_model` and tf2onnx); otherwise
+      loading needs `import tf_sparseconv` first when the model uses its ops.
     Returns `path`.
     """
+    from tf_sparseconv.python.export import check_portable, tf_variables, tracing_context
+
     if state not in ("external", "internal"):
         raise ValueError(f"`state` must be 'external' or 'internal', got {state!r}")
     if state == "external" and batch_size is not None:
         raise ValueError(
             "`batch_size` applies to state='internal' only (the external state's batch is dynamic)"
         )
+    if not isinstance(portable, bool):
+        raise ValueError(f"`portable` must be a bool, got {portable!r}")
     streaming = model if isinstance(model, StreamingModel) else to_streaming(model)
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     module = tf.Module()
-    module.model_variables = list(streaming.model.variables)  # (not the model: its traced functions)
+    # The tf.Variables (not the model: its traced functions; not the Keras wrappers: converters
+    # could not freeze them).
+    module.model_variables = tf_variables(streaming.model.variables)
     frame_specs = [
         tf.TensorSpec(spec.shape, spec.dtype, name="frames" if i == 0 else f"frames_{i}")
         for i, spec in enumerate(streaming.input_specs)
@@ -303,6 +317,7 @@ def export_streaming(model, path: str, state: str = "external", batch_size: int 
         tf.TensorSpec(spec.shape, spec.dtype, name=f"state_{i}")
         for i, spec in enumerate(streaming.state_specs)
     ]
+    what = f"the streaming step of {streaming.model.name!r}"
     if state == "external":
 
         @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name="batch_size")], autograph=False)
@@ -312,11 +327,13 @@ def export_streaming(model, path: str, state: str = "external", batch_size: int 
         @tf.function(input_signature=frame_specs + state_specs, autograph=False)
         def step(*args):
             frames, states = list(args[: len(frame_specs)]), list(args[len(frame_specs) :])
-            outputs, new_state = streaming._graph.step(frames, states)
-            return {**_output_dict(outputs), **{f"state_{i}": s for i, s in enumerate(new_state)}}
+            with tracing_context(portable):
+                outputs, new_state = streaming._graph.step(frames, states)
+            return {**_output_dict(outputs), **{f"next_state_{i}": s for i, s in enumerate(new_state)}}
 
+        concrete = step.get_concrete_function()
         module.initial_state, module.step = initial_state, step
-        signatures = {"initial_state": initial_state, "step": step}
+        signatures = {"initial_state": initial_state, "step": concrete}
     else:
         batch = 1 if batch_size is None else int(batch_size)
         module.state = [
@@ -327,7 +344,10 @@ def export_streaming(model, path: str, state: str = "external", batch_size: int 
 
         @tf.function(input_signature=fixed, autograph=False)
         def step(*frames):
-            outputs, new_state = streaming._graph.step(list(frames), [v.read_value() for v in module.state])
+            with tracing_context(portable):
+                outputs, new_state = streaming._graph.step(
+                    list(frames), [v.read_value() for v in module.state]
+                )
             with tf.control_dependencies([v.assign(s) for v, s in zip(module.state, new_state)]):
                 return {k: tf.identity(v) for k, v in _output_dict(outputs).items()}
 
@@ -337,8 +357,11 @@ def export_streaming(model, path: str, state: str = "external", batch_size: int 
             with tf.control_dependencies([v.assign(s) for v, s in zip(module.state, initial)]):
                 return {"reset": tf.constant(True)}
 
+        concrete = step.get_concrete_function()
         module.step, module.reset_states = step, reset_states
-        signatures = {"step": step, "reset_states": reset_states}
+        signatures = {"step": concrete, "reset_states": reset_states}
+    if portable:
+        check_portable(concrete, what)
     os.makedirs(path, exist_ok=True)
     tf.saved_model.save(module, path, signatures=signatures)
     return path
