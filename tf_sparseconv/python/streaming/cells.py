@@ -106,7 +106,8 @@ class WindowCell(Cell):
         seen = state[1]
         t = tf.shape(x)[1]
         total = seen + t
-        new_state = [kept, tf.where(total < self.first, total, self.first + (total - self.first) % self.stride)]
+        phase = self.first + (total - self.first) % self.stride
+        new_state = [kept, tf.where(total < self.first, total, phase)]
         # The first output time at or after both `seen` and `first`, in phase.
         start_time = tf.maximum(seen, self.first)
         tau = self.first + (start_time - self.first + self.stride - 1) // self.stride * self.stride
