@@ -8,7 +8,9 @@ linked in when nvcc is present and TensorFlow is a CUDA build.
 Environment:
   TF_SPARSECONV_CUDA    "auto" (default), "1" (require CUDA), "0" (CPU only).
   TF_SPARSECONV_CUDA_ARCHS  e.g. "75,80,90" (default); the last also gets PTX.
-  TF_SPARSECONV_NATIVE  "1" (default): -march=native; "0": portable x86-64-v2.
+  TF_SPARSECONV_NATIVE  "1": -march=native; "0": portable -march=x86-64-v2 (SSE4.2,
+                        POPCNT; no AVX). Default "1", except for wheels (`pip wheel`,
+                        `python -m build --wheel`), which are portable unless it is set.
   TF_SPARSECONV_ASAN    "1": build with AddressSanitizer (for the ASan run).
   TF_SPARSECONV_JOBS    parallel compile jobs (default: CPU count).
 """
@@ -124,6 +126,26 @@ def native_has_avx512fp16(cxx: str | None = None) -> bool:
     return "__AVX512FP16__" in proc.stdout
 
 
+PORTABLE_CPU_FLAGS = ["-march=x86-64-v2"]
+
+
+def native_wanted(default: bool = True) -> bool:
+    """TF_SPARSECONV_NATIVE == "1"; `default` when it is unset."""
+    if "TF_SPARSECONV_NATIVE" not in os.environ:
+        return default
+    return _env("TF_SPARSECONV_NATIVE", "1") == "1"
+
+
+def cpu_flags(native: bool, cxx: str | None = None) -> list[str]:
+    """The -march flags: this CPU's (`native`), or the portable x86-64-v2 baseline."""
+    if not native:
+        return list(PORTABLE_CPU_FLAGS)
+    # TensorFlow's bundled Eigen does not compile with AVX512-FP16 enabled (its
+    # PacketMathFP16.h specialisations break), so -march=native on a CPU that
+    # has it (Sapphire Rapids and later) turns that extension off again.
+    return ["-march=native", "-mno-avx512fp16"] if native_has_avx512fp16(cxx) else ["-march=native"]
+
+
 def cxx_sources() -> list[Path]:
     return sorted(p for p in CC_DIR.rglob("*.cc") if not p.name.endswith(".cu.cc"))
 
@@ -152,8 +174,12 @@ def nvcc_command(nvcc: str) -> list[str]:
     return [nvcc, *nvcc_base_flags(), *nvcc_arch_flags()]
 
 
-def build(output: Path | None = None, verbose: bool = True) -> Path:
-    """Compiles the op library to ``output`` (default: in the package)."""
+def build(output: Path | None = None, verbose: bool = True, native: bool | None = None) -> Path:
+    """Compiles the op library to ``output`` (default: in the package).
+
+    ``native``: -march=native (True) or the portable baseline (False); None
+    reads TF_SPARSECONV_NATIVE (default: native).
+    """
     output = Path(output) if output else ROOT / "tf_sparseconv" / LIBRARY_NAME
     compile_flags, link_flags, info = tf_flags()
     use_cuda, why = cuda_wanted(info["tf_cuda"])
@@ -165,11 +191,8 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
         "-Wno-interference-size",
         "-Wno-unknown-warning-option",
     ]
-    # TensorFlow's bundled Eigen does not compile with AVX512-FP16 enabled (its
-    # PacketMathFP16.h specialisations break), so -march=native on a CPU that
-    # has it (Sapphire Rapids and later) turns that extension off again.
-    native = ["-march=native", "-mno-avx512fp16"] if native_has_avx512fp16(cxx) else ["-march=native"]
-    opt += native if _env("TF_SPARSECONV_NATIVE", "1") == "1" else ["-march=x86-64-v2"]
+    march = cpu_flags(native_wanted() if native is None else native, cxx)
+    opt += march
     asan = _env("TF_SPARSECONV_ASAN", "0") == "1"
     if asan:
         opt += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
@@ -210,6 +233,7 @@ def build(output: Path | None = None, verbose: bool = True) -> Path:
         "cuda": use_cuda,
         "cuda_reason": why,
         "asan": asan,
+        "cpu_flags": march,
         "compile_flags": compile_flags,
         "link_flags": link_flags,
     }
