@@ -213,10 +213,11 @@ def export_litert(
       path: the `.tflite` file to write.
       quantize: "auto" (default): "int8" when the model holds `tsc.quantization`
         layers (`quantize_model` or `convert`), else None. "int8": a full-integer
-        model from the fake-quantisation ranges (int8 CONV_2D /
-        DEPTHWISE_CONV_2D / FULLY_CONNECTED; weights per channel); ranges the
-        model does not track (its inputs) are calibrated on
-        `representative_data`. "dynamic": int8 weights, float activations.
+        model (int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED): the QAT
+        model's weight grids and activation ranges (TensorFlow `FakeQuant` ops
+        in the portable graph), and ranges it does not track (its inputs; a
+        convolution's output before a separate bias add) calibrated on
+        `representative_data`, which int8 needs. "dynamic": int8 weights, float activations.
         None: a float model.
       integer_io: for "int8": int8 model inputs and outputs (else float, with
         QUANTIZE/DEQUANTIZE at the edges).
@@ -230,6 +231,12 @@ def export_litert(
         raise ValueError(f"`quantize` must be 'auto', 'int8', 'dynamic' or None, got {quantize!r}")
     if quantize == "auto":
         quantize = "int8" if is_quantized(model) else None
+    if quantize == "int8" and representative_data is None:
+        raise ValueError(
+            "`representative_data` is needed for an int8 model: a few hundred input samples, from "
+            "which the converter calibrates the ranges the quantised model does not track (its "
+            "inputs'); or pass quantize='dynamic' (int8 weights, float activations) or None (float)"
+        )
     if integer_io and quantize != "int8":
         raise ValueError("`integer_io=True` needs quantize='int8'")
     with tempfile.TemporaryDirectory(prefix="tsc_litert_") as tmp:
@@ -240,10 +247,9 @@ def export_litert(
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         elif quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if representative_data is not None:
-                signature = tf.saved_model.load(tmp).signatures[key]
-                names = sorted(signature.structured_input_signature[1])
-                converter.representative_dataset = _representative(representative_data, names)
+            signature = tf.saved_model.load(tmp).signatures[key]
+            names = sorted(signature.structured_input_signature[1])
+            converter.representative_dataset = _representative(representative_data, names)
             if integer_io:
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8

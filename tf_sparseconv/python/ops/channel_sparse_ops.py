@@ -317,8 +317,34 @@ def dense_kernel(kernel, connections, in_channels):
 def _same_padding(n, k, stride, dilation):
     span = (k - 1) * dilation + 1
     out = (n + stride - 1) // stride
-    total = tf.maximum((out - 1) * stride + span - n, 0)
+    total = (out - 1) * stride + span - n
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
     return total // 2, total - total // 2
+
+
+def _zero_pad(x, axis: int, before, after):
+    """`tf.pad` with zeros along `axis`; amounts known only at run time as concatenated zeros
+    (the LiteRT converter fails on a Pad of run-time amounts feeding a VALID convolution)."""
+    if isinstance(before, int) and isinstance(after, int):
+        if before == after == 0:
+            return x
+        paddings = [[0, 0]] * 4
+        paddings[axis] = [before, after]
+        return tf.pad(x, paddings)
+    parts = []
+    for amount in (before, after):
+        shape = tf.unstack(tf.shape(x))
+        shape[axis] = amount
+        parts.append(tf.zeros(tf.stack(shape), x.dtype))
+    y = tf.concat([parts[0], x, parts[1]], axis)
+    static = x.shape.as_list()
+    static[axis] = None
+    y.set_shape(static)
+    return y
+
+
+def _max0(value):
+    return max(value, 0) if isinstance(value, int) else tf.maximum(value, 0)
 
 
 def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="SAME", dilations=1):
@@ -326,19 +352,21 @@ def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="
     x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
     (sh, sw), (dh, dw) = _pair(strides, "strides"), _pair(dilations, "dilations")
     padding = _padding(padding)
-    shape = tf.shape(x)
-    batch, h, w, cin = shape[0], shape[1], shape[2], shape[3]
-    kh, kw, cout = tf.shape(kernel)[0], tf.shape(kernel)[1], tf.shape(kernel)[3]
-    dense = dense_kernel(kernel, connections, x.shape[-1] if x.shape[-1] is not None else cin)
+    # Static sizes where known (Python ints: padding a known axis stays known, which the LiteRT
+    # converter needs for the convolution).
+    shape, kshape = tf.shape(x), tf.shape(kernel)
+    batch, h, w, cin = (x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4))
+    kh, kw, cout = (kernel.shape[i] if kernel.shape[i] is not None else kshape[i] for i in (0, 1, 3))
+    dense = dense_kernel(kernel, connections, cin)
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     if padding == "SAME":
         (pt, pb), (pl, pr) = _same_padding(h, kh, sh, dh), _same_padding(w, kw, sw, dw)
         out_h, out_w = (h + sh - 1) // sh, (w + sw - 1) // sw
     else:  # pad the end only so that an image smaller than the kernel still convolves
-        (pt, pb), (pl, pr) = (0, tf.maximum(span_h - h, 0)), (0, tf.maximum(span_w - w, 0))
-        out_h = tf.maximum((h - span_h) // sh + 1, 0)
-        out_w = tf.maximum((w - span_w) // sw + 1, 0)
-    x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        (pt, pb), (pl, pr) = (0, _max0(span_h - h)), (0, _max0(span_w - w))
+        out_h = _max0((h - span_h) // sh + 1)
+        out_w = _max0((w - span_w) // sw + 1)
+    x = _zero_pad(_zero_pad(x, 1, pt, pb), 2, pl, pr)
     # Stride-1 dilated VALID convolution, then subsampling: exact for any
     # stride/dilation combination (tf.nn.conv2d rejects strides > 1 with
     # dilations > 1, and its CPU gradient rejects dilations > 1;

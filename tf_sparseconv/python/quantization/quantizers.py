@@ -163,6 +163,54 @@ def fake_quant_activations(x, lo, hi, bits: int):
     return tf.stop_gradient(q) + (clipped - tf.stop_gradient(clipped))
 
 
+# --- TensorFlow's fake-quantisation ops (for the LiteRT converter) --------------------------
+#
+# Under `tsc.export.for_converters()` the wrappers express the same quantisation with
+# TensorFlow's `FakeQuantWithMinMaxVars(PerChannel)` ops, which `TFLiteConverter` turns into
+# int8 tensors. Their grids are ours: weights `narrow_range` 8-bit over `[-127 s, 127 s]`
+# (our `b`-bit grid `{-qmax..qmax} * s` is a subset of it for every b <= 8, so a 2-4-bit model's
+# weights are exact in int8), activations over our nudged range (the 8-bit grid of the same
+# range; for 2 and 4 bits it contains the b-bit grid, as 255 / (2^b - 1) is an integer).
+# TensorFlow rounds halves away from zero where we round them to even: outputs can differ by
+# one step on exact ties.
+
+
+def tf_fake_quant_weights(kernel, scales, channel_axes):
+    """`kernel` (already on the grid `values * scales`) through TensorFlow's fake-quant op.
+
+    Per channel when the scales vary along the last axis only (the layout of Dense/Conv
+    kernels); per tensor when there is one scale. Other layouts (depthwise, transposed
+    convolutions) are returned as they are: the converter quantises those weights per channel
+    itself, exactly for 8-bit grids.
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    scales = tf.cast(tf.convert_to_tensor(scales), tf.float32)
+    rank = len(kernel.shape)
+    x = tf.cast(kernel, tf.float32)
+    if channel_axes is None or int(np.prod(scales.shape)) == 1:
+        bound = 127.0 * tf.reshape(scales, [])
+        y = tf.quantization.fake_quant_with_min_max_vars(x, -bound, bound, num_bits=8, narrow_range=True)
+    elif {a % rank for a in channel_axes} == {rank - 1}:
+        bound = 127.0 * tf.reshape(scales, [-1])
+        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            x, -bound, bound, num_bits=8, narrow_range=True
+        )
+    else:
+        return kernel
+    return tf.cast(y, kernel.dtype)
+
+
+def tf_fake_quant_activations(x, lo, hi, bits: int):
+    """`fake_quant_activations` (inference) as TensorFlow's `FakeQuantWithMinMaxVars` (8 bits)."""
+    bits = check_bits(bits, "bits")
+    x = tf.convert_to_tensor(x)
+    scale, zero_point = activation_qparams(tf.cast(lo, tf.float32), tf.cast(hi, tf.float32), bits)
+    levels = float(2**bits - 1)
+    low, high = -zero_point * scale, (levels - zero_point) * scale
+    y = tf.quantization.fake_quant_with_min_max_vars(tf.cast(x, tf.float32), low, high, num_bits=8)
+    return tf.cast(y, x.dtype)
+
+
 # --- integer storage ------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python.ops._loader import converting
 from tf_sparseconv.python.quantization import quantizers
 
 # --- which weights of a layer are quantised ---------------------------------------------
@@ -111,6 +112,37 @@ def _kernels_replaced(layer, replacements: dict[KernelSpec, object]):
             object.__setattr__(layer, attr, value)
 
 
+def _kernel_feeds_op(layer) -> bool:
+    """Whether the layer hands its kernel, unchanged, to one convolution or matmul op (Keras'
+    Dense/Conv1D-3D, BlockSparseConv2D): only then may a `FakeQuant` op sit on the kernel for
+    the TFLite converter, which wants it right before the op. Other layers (channel-sparse
+    ones expand their kernel to a dense one first, sparse-map convolutions slice it per
+    offset) get float weights on the quantisation grid, which the converter quantises per
+    channel itself (exactly, at 8 bits)."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    from tf_sparseconv.python.layers.block_sparse import BlockSparseConv2D
+
+    if isinstance(layer, (BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)):
+        return False
+    return isinstance(layer, (BaseConv, BlockSparseConv2D))
+
+
+def converter_kernel(layer, values, scales, channel_axes):
+    """The kernel `values * scales` (NumPy) as a graph constant for the LiteRT/ONNX converters:
+    through TensorFlow's `FakeQuant` op where the kernel feeds its op directly (the TFLite
+    converter then stores these int8 values and scales), plain otherwise (the converter
+    quantises it per channel itself). A constant, not variable reads and arithmetic, so that
+    no converter computes weights at run time."""
+    kernel = tf.constant(np.asarray(values, np.float32) * np.asarray(scales, np.float32))
+    if _kernel_feeds_op(layer):
+        kernel = quantizers.tf_fake_quant_weights(kernel, scales, channel_axes)
+    return tf.cast(kernel, _compute_dtype_of(layer))
+
+
 def _main_output(outputs):
     """(tensor to quantise, rebuild function): a tensor itself, or the first entry of a list
     (the features of a sparse map `[features, coords, shape]`)."""
@@ -163,6 +195,14 @@ class _ActivationRangeMixin:
             self.activation_min.assign(lo)
             self.activation_max.assign(hi)
             self.range_initialized.assign(tf.cast(initialized, tf.float32))
+        if converting() and not training:
+            # TensorFlow's fake-quant op (the TFLite converter's int8 ranges); an unset range
+            # (never trained) leaves the output in float, as below.
+            with tf.init_scope():  # the variable's value now (a Python decision, no Select op)
+                initialized = bool(np.asarray(self.range_initialized.value.numpy()) > 0.5)
+            if not initialized:
+                return outputs
+            return rebuild(quantizers.tf_fake_quant_activations(x, lo, hi, self.activation_bits))
         q = quantizers.fake_quant_activations(x, lo, hi, self.activation_bits)
         return rebuild(tf.where(initialized, q, x))
 
@@ -305,7 +345,16 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
                 kernel, self.weight_bits, axes, rounding="stochastic", seed=self.seed_generator
             )
             q = tf.where(tf.convert_to_tensor(self.stochastic_rounding) > 0.5, q_stochastic, q)
+        elif converting() and not training:
+            return self._converter_kernel(spec)
         return tf.cast(q, _compute_dtype_of(self.layer))
+
+    def _converter_kernel(self, spec: KernelSpec):
+        """The inference kernel for `for_converters()` graphs (see `converter_kernel`)."""
+        with tf.init_scope():
+            values, scales = self.integer_kernel(spec)
+            values, scales = values.numpy(), scales.numpy()
+        return converter_kernel(self.layer, values, scales, self.channel_axes(spec))
 
     def integer_kernel(self, spec: KernelSpec):
         """`(values, scales)` of the kernel with nearest rounding (what `convert` stores)."""
@@ -431,8 +480,16 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.scales[spec.key].assign(np.asarray(scales, np.float32).reshape(self.scales[spec.key].shape))
 
     def dequantized_kernel(self, spec: KernelSpec):
+        shape = self.kernel_shapes[spec.key]
+        if converting():
+            with tf.init_scope():
+                packed = self.values[spec.key].value.numpy()
+                scales = self.scales[spec.key].value.numpy()
+            values = quantizers.unpack_int(packed, self.weight_bits, int(np.prod(shape))).reshape(shape)
+            axes = spec.channel_axes if self.per_channel else None
+            return converter_kernel(self.layer, values, scales, axes)
         values = quantizers.unpack_int_tf(
-            tf.convert_to_tensor(self.values[spec.key]), self.weight_bits, self.kernel_shapes[spec.key]
+            tf.convert_to_tensor(self.values[spec.key]), self.weight_bits, shape
         )
         kernel = values * tf.convert_to_tensor(self.scales[spec.key])
         return tf.cast(kernel, _compute_dtype_of(self.layer))

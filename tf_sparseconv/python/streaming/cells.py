@@ -20,11 +20,19 @@ import tensorflow as tf
 
 from tf_sparseconv.python.layers.channel_sparse import ChannelSparseConv1D
 from tf_sparseconv.python.layers.topk import KWinners
+from tf_sparseconv.python.ops._loader import converting
 from tf_sparseconv.python.streaming.layers import StreamingConv1D, conv_step, valid_conv
 
 
 class StreamingError(ValueError):
     """A layer (or model structure) that cannot run frame by frame."""
+
+
+def _at_least_one_frame(frames, t):
+    """`frames` `[B, T, C]`, with one zero frame appended when `t` is 0."""
+    shape = tf.shape(frames)
+    zeros = tf.zeros(tf.stack([shape[0], tf.maximum(1 - t, 0), shape[2]]), frames.dtype)
+    return tf.concat([frames, zeros], axis=1)
 
 
 class Cell:
@@ -99,6 +107,12 @@ class WindowCell(Cell):
             kept = frames[:, -(self.span - 1) :] if self.span > 1 else frames[:, :0]
             kept.set_shape([None, self.span - 1, self.channels])  # (loop-invariant state shapes)
         if self.every_frame:
+            if converting():
+                # At least one window: onnxruntime's Conv rejects an empty time axis, which a
+                # step of 0 frames (after a stride) hands on.
+                t = tf.shape(x)[1]
+                padded = _at_least_one_frame(frames, t)
+                return self.valid(padded)[:, :t], [] if self.stateless else [kept]
             return self.valid(frames), [] if self.stateless else [kept]
         # The frame count, int32 and bounded (< first + stride): only whether it has reached
         # `first` and its phase modulo the stride matter, so it never overflows however long
@@ -136,9 +150,8 @@ class ConvStepCell(WindowCell):
         x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
         kernel = tf.expand_dims(layer.kernel, 0) if self.per_frame else layer.kernel
         activation = getattr(layer, "activation", None)
-        y, history = conv_step(
-            self._history(x, state), x, kernel, getattr(layer, "bias", None), activation, self.dilation
-        )
+        bias = getattr(layer, "bias", None)
+        y, history = conv_step(self._history(x, state), x, kernel, bias, activation, self.dilation)
         return y, [] if self.stateless else [history]
 
 
