@@ -89,11 +89,17 @@ def _built_for(path: Path) -> str | None:
         return None
 
 
+def _minor(version: str) -> tuple[str, ...]:
+    """`(major, minor)`: TensorFlow keeps its op ABI within a minor release (2.21.0 -> 2.21.1),
+    which is also the range a wheel of this package requires."""
+    return tuple(version.split(".")[:2])
+
+
 def _load(path: Path) -> tuple[ModuleType | None, str | None]:
     if not path.exists():
         return None, f"the op library {path} does not exist (the package was not built)"
     built_for = _built_for(path)
-    if built_for is not None and built_for != tf.__version__:
+    if built_for is not None and _minor(built_for) != _minor(tf.__version__):
         return None, (
             f"the op library was built for TensorFlow {built_for} but TensorFlow "
             f"{tf.__version__} is installed"
