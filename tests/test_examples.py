@@ -89,6 +89,14 @@ def test_quickstart_quick():
         out,
     )
     assert portable and float(portable.group(1)) > 0.6 and float(portable.group(2)) < 1e-4, out
+    litert = re.search(
+        r"LiteRT int8 model: .*int8 CONV_2D, FULLY_CONNECTED\): test accuracy ([\d.]+) "
+        r"\(Keras QAT model ([\d.]+)\)",
+        out,
+    )
+    assert litert and abs(float(litert.group(1)) - float(litert.group(2))) <= 0.02, out
+    onnx = re.search(r"ONNX model: .*max \|onnxruntime - Keras\| = ([\d.e+-]+)", out)
+    assert onnx and float(onnx.group(1)) < 0.05, out
 
 
 def test_qat_experiment_quick():
@@ -122,3 +130,9 @@ def test_keyword_spotting_streaming_quick():
     assert re.search(r"latency per frame: streaming step [\d.]+ ms", out), out
     served = re.search(r"max \|served - full\| = ([\d.e+-]+)", out)
     assert served and float(served.group(1)) <= 1e-5, out
+    litert = re.search(
+        r"LiteRT step \([\d.]+ KiB \.tflite, external state\): (\d+) frames one at a time, "
+        r"max \|LiteRT - full\| / max \|full\| = ([\d.e+-]+)",
+        out,
+    )
+    assert litert and int(litert.group(1)) >= 200 and float(litert.group(2)) <= 1e-5, out
