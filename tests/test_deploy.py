@@ -269,7 +269,7 @@ def test_export_litert_arguments(tmp_path, qat):
 
 def _streaming_model():
     """Every streamable layer kind: causal StreamingConv1D (stride 1 and strided + dilated),
-    k-WTA over channels, valid max pooling, valid Conv1D, ChannelSparseConv1D, causal strided
+    k-WTA over channels, valid max pooling, ChannelSparseConv1D, valid Conv1D, causal dilated
     Conv1D, average pooling, Dense."""
     S = tsc.streaming
     inputs = keras.Input((None, 6))
@@ -277,8 +277,8 @@ def _streaming_model():
     h = S.StreamingConv1D(8, 3, strides=2, dilation_rate=2)(h)
     h = tsc.layers.KWinners(k=3)(h)
     h = keras.layers.MaxPooling1D(2)(h)
+    h = tsc.layers.ChannelSparseConv1D(8, 1, density=0.25, activation="relu")(h)  # after a stride
     h = keras.layers.Conv1D(8, 2, padding="valid", activation="relu")(h)
-    h = tsc.layers.ChannelSparseConv1D(8, 1, density=0.25, activation="relu")(h)
     h = keras.layers.Conv1D(8, 3, padding="causal", dilation_rate=2)(h)
     h = keras.layers.AveragePooling1D(1)(h)
     return keras.Model(inputs, keras.layers.Dense(4)(h))

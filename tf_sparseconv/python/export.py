@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._loader import for_converters, references_only
+from tf_sparseconv.python.ops._loader import for_converters, for_onnx, references_only
 
 OP_PREFIX = "TfSparseConv>"
 
@@ -301,7 +301,8 @@ def export_onnx(model, path: str, *, opset: int = 17) -> str:
     if not isinstance(opset, (int, np.integer)) or opset < 13:
         raise ValueError(f"`opset` must be an int >= 13, got {opset!r}")
     with tempfile.TemporaryDirectory(prefix="tsc_onnx_") as tmp:
-        key = _portable_saved_model(model, tmp)
+        with for_onnx():
+            key = _portable_saved_model(model, tmp)
         loaded = tf.saved_model.load(tmp)  # (kept alive: the signature reads its variables)
         signature = loaded.signatures[key]
         inputs = signature.structured_input_signature[1]

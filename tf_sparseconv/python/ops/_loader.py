@@ -72,6 +72,23 @@ def converting() -> bool:
     return getattr(_local, "for_converters", False)
 
 
+@contextlib.contextmanager
+def for_onnx():
+    """Marks graphs traced inside as meant for ONNX (onnxruntime rejects some empty tensors
+    that TensorFlow and LiteRT take, e.g. a convolution over 0 frames)."""
+    previous = getattr(_local, "for_onnx", False)
+    _local.for_onnx = True
+    try:
+        yield
+    finally:
+        _local.for_onnx = previous
+
+
+def converting_for_onnx() -> bool:
+    """True inside both `for_converters()` and `for_onnx()` (in this thread)."""
+    return converting() and getattr(_local, "for_onnx", False)
+
+
 class LibraryWarning(RuntimeWarning):
     """The compiled op library could not be used; ops run their references."""
 

@@ -316,9 +316,11 @@ def dense_kernel(kernel, connections, in_channels):
 
 def _same_padding(n, k, stride, dilation):
     span = (k - 1) * dilation + 1
-    out = (n + stride - 1) // stride
-    total = (out - 1) * stride + span - n
-    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    if stride == 1 and isinstance(span, int):  # independent of the length: static
+        total = span - 1
+    else:
+        out = (n + stride - 1) // stride
+        total = _max0((out - 1) * stride + span - n)
     return total // 2, total - total // 2
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tf_sparseconv.python.layers.channel_sparse import ChannelSparseConv1D
 from tf_sparseconv.python.layers.topk import KWinners
-from tf_sparseconv.python.ops._loader import converting
+from tf_sparseconv.python.ops._loader import converting_for_onnx
 from tf_sparseconv.python.streaming.layers import StreamingConv1D, conv_step, valid_conv
 
 
@@ -28,11 +28,18 @@ class StreamingError(ValueError):
     """A layer (or model structure) that cannot run frame by frame."""
 
 
+def _append_zero_frames(frames, count):
+    """`frames` `[B, T, C]` with `count` zero frames appended (C stays static)."""
+    shape = tf.shape(frames)
+    zeros = tf.zeros(tf.stack([shape[0], count, shape[2]]), frames.dtype)
+    out = tf.concat([frames, zeros], axis=1)
+    out.set_shape([frames.shape[0], None, frames.shape[2]])
+    return out
+
+
 def _at_least_one_frame(frames, t):
     """`frames` `[B, T, C]`, with one zero frame appended when `t` is 0."""
-    shape = tf.shape(frames)
-    zeros = tf.zeros(tf.stack([shape[0], tf.maximum(1 - t, 0), shape[2]]), frames.dtype)
-    return tf.concat([frames, zeros], axis=1)
+    return _append_zero_frames(frames, tf.maximum(1 - t, 0))
 
 
 class Cell:
@@ -107,9 +114,10 @@ class WindowCell(Cell):
             kept = frames[:, -(self.span - 1) :] if self.span > 1 else frames[:, :0]
             kept.set_shape([None, self.span - 1, self.channels])  # (loop-invariant state shapes)
         if self.every_frame:
-            if converting():
+            if converting_for_onnx():
                 # At least one window: onnxruntime's Conv rejects an empty time axis, which a
-                # step of 0 frames (after a stride) hands on.
+                # step of 0 frames (after a stride) hands on. (Not for LiteRT: its converter
+                # rejects a convolution of such run-time padded frames.)
                 t = tf.shape(x)[1]
                 padded = _at_least_one_frame(frames, t)
                 return self.valid(padded)[:, :t], [] if self.stateless else [kept]
@@ -130,7 +138,9 @@ class WindowCell(Cell):
         count = tf.where(available >= self.span, (available - self.span) // self.stride + 1, 0)
         window = frames[:, tf.minimum(start, self.span - 1 + t) :]
         # At least one full window, so that the op always has a valid shape.
-        window = tf.pad(window, [[0, 0], [0, tf.maximum(self.span - available, 0)], [0, 0]])
+        # (zeros concatenated, not tf.pad: a Pad of run-time amounts loses the channel count in
+        # the LiteRT converter's shape inference, and a convolution downstream then fails)
+        window = _append_zero_frames(window, tf.maximum(self.span - available, 0))
         return self.valid(window)[:, :count], new_state
 
 
