@@ -327,3 +327,25 @@ def test_export_streaming_portable_names(tmp_path):
     assert not tsc.export.custom_ops_in(step)
     with pytest.raises(ValueError, match="portable"):
         tsc.streaming.export_streaming(model, str(tmp_path / "t"), portable="yes")
+
+
+def test_qat_depthwise_and_per_tensor_to_integer_litert(tmp_path, rng):
+    """Depthwise convolutions (their kernels are quantised per channel by the converter, on
+    the QAT grid) and per-tensor weight scales also give int8 kernels."""
+    x = rng.random((64, 12, 12, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 64)
+    inputs = keras.Input((12, 12, 3), name="image")
+    h = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    h = keras.layers.DepthwiseConv2D(3, activation="relu")(h)
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(h))
+    for per_channel in (True, False):
+        qat = tsc.quantization.quantize_model(keras.Model(inputs, outputs), per_channel=per_channel)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        path = tsc.export.export_litert(qat, str(tmp_path / f"dw{per_channel}.tflite"), representative_data=x)
+        types = _litert_op_input_types(path)
+        for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            assert types[op] and all(t == ["int8", "int8", "int32"] for t in types[op]), (op, types)
+        got = run_litert(path, {"image": x})["output_0"]
+        want = qat.predict(x, verbose=0)
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max() + 1e-3

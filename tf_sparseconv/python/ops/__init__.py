@@ -6,7 +6,7 @@ The references are public (``*_reference``) as test oracles and for portable
 export.
 """
 
-from tf_sparseconv.python.ops._loader import is_library_loaded, load_library
+from tf_sparseconv.python.ops._loader import for_converters, is_library_loaded, load_library, references_only
 from tf_sparseconv.python.ops.block_sparse_ops import (
     block_sparse_conv2d,
     block_sparse_conv2d_reference,
@@ -81,6 +81,8 @@ __all__ = [
     "topk_sites_rows_reference",
     "random_connections",
     "is_library_loaded",
+    "for_converters",
+    "references_only",
     "kwinners",
     "kwinners_reference",
     "load_library",
