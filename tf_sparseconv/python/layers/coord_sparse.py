@@ -25,6 +25,7 @@ from keras import activations, regularizers
 
 from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
 from tf_sparseconv.python.ops import coord_sparse_ops
+from tf_sparseconv.python.ops._loader import converting
 
 # --- the sparse map in Keras ---------------------------------------------------------
 
@@ -232,6 +233,10 @@ class SparseGlobalPooling(_SparseLayer):
             return tf.math.unsorted_segment_mean(features, segment, shape[0])
         pooled = tf.math.unsorted_segment_max(features, segment, shape[0])
         count = tf.math.unsorted_segment_sum(tf.ones_like(segment), segment, shape[0])
+        if converting():
+            # ONNX Runtime's segment max leaves -inf in an empty segment (TF: the lowest float),
+            # and tf2onnx turns a float select into x * cond + y * !cond: -inf * 0 = NaN.
+            pooled = tf.maximum(pooled, pooled.dtype.min)
         return tf.where(count[:, None] > 0, pooled, tf.zeros_like(pooled))
 
     def compute_output_shape(self, input_shape):
@@ -458,7 +463,9 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
             fine_coords, fine_shape, self.kernel_size, self.strides, (1,) * self.rank, False
         )
         # The coarse features in the rulebook's output order (zeros at sites the coarse map lacks).
-        aligned = _align_rows(features, coarse_coords, rulebook.out_coords, rulebook.out_spatial_shape)
+        aligned = coord_sparse_ops.align_rows(
+            features, coarse_coords, rulebook.out_coords, rulebook.out_spatial_shape
+        )
         kernel = tf.cast(self.kernel, features.dtype)
         kernel = tf.transpose(kernel, [*range(self.rank), self.rank + 1, self.rank])  # [..., Cin, filters]
         out = coord_sparse_ops.sparse_conv_transpose(aligned, kernel, rulebook, fine_coords)
@@ -489,30 +496,6 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
             }
         )
         return config
-
-
-def _align_rows(features, coords, target_coords, spatial_shape):
-    """`features` (rows at `coords`) reordered to the rows of `target_coords` (both sorted or
-    not); rows of `target_coords` that `coords` lacks get zeros; sites of `coords` outside
-    `target_coords` are dropped."""
-    dims = target_coords.shape[-1] - 1
-    shape = tf.cast(spatial_shape, tf.int64)
-
-    def pack(c):
-        c = tf.cast(c, tf.int64)
-        key = c[:, 0]
-        for a in range(dims):
-            key = key * shape[a] + c[:, 1 + a]
-        return key
-
-    keys, target = pack(coords), pack(target_coords)
-    order = tf.argsort(keys)
-    sorted_keys = tf.gather(keys, order)
-    at = tf.minimum(tf.searchsorted(sorted_keys, target), tf.maximum(tf.size(keys) - 1, 0))
-    found = tf.logical_and(tf.size(keys) > 0, tf.gather(sorted_keys, at, batch_dims=0) == target)
-    rows = tf.gather(order, at)
-    gathered = tf.gather(features, tf.where(found, rows, 0))
-    return tf.where(found[:, None], gathered, tf.zeros_like(gathered))
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")

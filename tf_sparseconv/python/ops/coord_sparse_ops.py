@@ -20,6 +20,16 @@ computed once and reused by every layer at the same resolution, and the
 rulebook of a downsampling convolution, transposed, gives the inverse
 (upsampling) convolution of a U-Net (`sparse_conv_transpose`). `topk_sites` is
 the attention step that bounds the number of active sites.
+
+Every op has a pure-TF reference (`*_reference`); inside
+`_loader.for_converters()` (`tsc.export.export_litert` / `export_onnx`) the
+references use only ops that the LiteRT builtins and tf2onnx + ONNX Runtime
+both run correctly: stable sorts (TopKV2) instead of LowerBound, Unique and
+SegmentMin; int32 per-axis geometry with nothing negative divided (no int64
+FloorDiv; tf2onnx divides integers by truncation); segment sums instead of
+scatters that add duplicate indices (tf2onnx's ScatterND keeps the last).
+The outputs are the same, the rulebook entry for entry. The converted models
+need at least one site per call (LiteRT's kernels fail on empty tensors).
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import tensor_util
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
-from tf_sparseconv.python.ops._loader import compiled_library, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, converting, load_library
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -148,7 +159,10 @@ def _pack(batch, positions, shape, dims: int):
 
 
 def _check_sites(coords64, shape64, dims: int):
-    """Asserts (InvalidArgumentError naming `coords`) that the sites are valid and unique."""
+    """Asserts (InvalidArgumentError naming `coords`) that the sites are valid and unique.
+
+    (The converters drop the asserts, and with them the ops only the asserts read.)
+    """
     checks = [
         tf.debugging.assert_non_negative(coords64[:, 0], message="coords: negative batch index"),
         tf.debugging.assert_non_negative(
@@ -160,34 +174,112 @@ def _check_sites(coords64, shape64, dims: int):
     ]
     with tf.control_dependencies(checks):
         keys = _pack(coords64[:, 0], coords64[:, 1:], shape64, dims)
-    unique = tf.size(tf.unique(keys).y)
-    dup = tf.debugging.assert_equal(unique, tf.size(keys), message="coords has duplicate sites")
+    distinct = tf.size(tf.unique(keys).y)
+    dup = tf.debugging.assert_equal(distinct, tf.size(keys), message="coords has duplicate sites")
     with tf.control_dependencies([dup]):
         return tf.identity(keys)
+
+
+def _match_keys(in_keys, queries):
+    """Row of `in_keys` (int64 [N], unique, >= 0) equal to each query (int64 [Q]); -1 where none.
+
+    Binary search (`tf.searchsorted`), or, inside `for_converters()`, a merge of both key sets
+    by one stable sort (TopKV2; neither converter takes LowerBound): with the inputs placed
+    first, an input sorts before the queries with its key, so a query's match can only be the
+    last input before it, and the inputs before it are counted by a cumulative sum.
+    """
+    n = tf.shape(in_keys, out_type=tf.int32)[0]
+    if not converting():
+        order = tf.argsort(in_keys, stable=True)
+        sentinel = tf.constant([np.iinfo(np.int64).max], tf.int64)
+        sorted_keys = tf.concat([tf.gather(in_keys, order), sentinel], 0)
+        rows = tf.concat([order, [-1]], 0)
+        at = tf.searchsorted(sorted_keys, queries, side="left", out_type=tf.int32)
+        return tf.where(tf.gather(sorted_keys, at) == queries, tf.gather(rows, at), -1)
+    merged = tf.concat([in_keys, queries], 0)
+    order = tf.argsort(merged, stable=True)  # int32
+    is_input = order < n
+    count = tf.cumsum(tf.cast(is_input, tf.int32))  # inputs at or before each sorted position
+    in_rows = tf.concat([tf.boolean_mask(order, is_input), [-1]], 0)  # by ascending key
+    in_sorted = tf.concat([tf.gather(in_keys, in_rows[:-1]), tf.constant([-1], tf.int64)], 0)
+    last = tf.maximum(count - 1, 0)  # the last input at or before (the -1 sentinel when none)
+    hit = (count > 0) & (tf.gather(in_sorted, last) == tf.gather(merged, order))
+    row_sorted = tf.where(hit, tf.gather(in_rows, last), -1)
+    # Back to the merged order (a permutation: scatter_nd without duplicate indices).
+    row = tf.scatter_nd(order[:, None], row_sorted, tf.shape(order))
+    return row[n:]
+
+
+def _check_int32_geometry(shape, kernel, stride, dilation) -> None:
+    """ValueError when the converter form's int32 index arithmetic could overflow (for the
+    spatial dims known at trace time: a SparseMap's or Sparsify's are)."""
+    known = tensor_util.constant_value_as_shape(shape).as_list()
+    for n, k, s, d in zip(known, kernel, stride, dilation):
+        if n is not None and int(n) + (k - 1) * d + s > _INT32_MAX:
+            raise ValueError(
+                f"spatial_shape {known} is too large for the LiteRT / ONNX form of the rulebook: "
+                "its index arithmetic is int32, and spatial_shape + (kernel_size - 1) * dilations "
+                "+ strides must stay below 2^31 on every axis"
+            )
 
 
 def sparse_conv_rulebook_reference(
     coords, spatial_shape, kernel_size, strides=1, dilations=1, submanifold: bool = True
 ):
-    """Pure-TensorFlow `sparse_conv_rulebook` (same outputs, stock ops only)."""
+    """Pure-TensorFlow `sparse_conv_rulebook` (same outputs, stock ops only).
+
+    Inside `for_converters()` it uses ops that the LiteRT builtins and tf2onnx both take: no
+    LowerBound (`_match_keys`), no Unique outside the asserts (the converters drop both), no
+    int64 FloorDiv and no division of negative numbers (the per-axis geometry is int32; the
+    sites are still keyed in int64, so the batch size times the grid volume is not bounded).
+    The outputs are the same, in the same order.
+    """
     args = _rulebook_args(coords, spatial_shape, kernel_size, strides, dilations, submanifold)
     coords, shape, dims, kernel, stride, dilation, submanifold = args
-    c = tf.cast(coords, tf.int64)
-    in_shape = tf.cast(shape, tf.int64)
-    k = tf.constant(kernel, tf.int64)
-    s = tf.constant(stride, tf.int64)
-    d = tf.constant(dilation, tf.int64)
+    convert = converting()
+    # Geometry in int32 for the converters (TFLite has no int64 FloorDiv; tf2onnx lowers an
+    # integer FloorDiv to a truncating Div, so nothing negative is ever divided), else int64.
+    index = tf.int32 if convert else tf.int64
+    if convert:
+        _check_int32_geometry(shape, kernel, stride, dilation)
+    c = tf.cast(coords, index)
+    in_shape = tf.cast(shape, index)
+    k = tf.constant(kernel, index)
+    s = tf.constant(stride, index)
+    d = tf.constant(dilation, index)
     out_shape = (in_shape + s - 1) // s
     pad = tf.maximum((out_shape - 1) * s + (k - 1) * d + 1 - in_shape, 0) // 2
     # Taps of every offset, row-major over the kernel dims: [K, D].
-    taps = tf.reshape(
-        tf.stack(tf.meshgrid(*[tf.range(n, dtype=tf.int64) for n in kernel], indexing="ij"), -1), [-1, dims]
-    )
+    taps = np.stack(np.meshgrid(*[np.arange(n) for n in kernel], indexing="ij"), -1)
+    taps = tf.constant(taps.reshape([-1, dims]), index)
     num_offsets = int(np.prod(kernel))
-    in_keys = _check_sites(c, in_shape, dims)
+    c64 = tf.cast(coords, tf.int64)
+    in_keys = _check_sites(c64, tf.cast(shape, tf.int64), dims)
+    out_shape64 = tf.cast(out_shape, tf.int64)
 
     if submanifold:
         out_coords = coords
+    elif convert:
+        # Every (site, offset) proposes the output position that reads it; the sorted distinct
+        # proposals (a stable sort, then the first of each run) are the output sites.
+        num = c[:, None, 1:] + pad - taps * d  # [N, K, D]
+        if all(v == 1 for v in stride):
+            o, ok = num, num >= 0
+        else:
+            whole = tf.maximum(num, 0)
+            o = whole // s
+            ok = (num >= 0) & (whole - o * s == 0)
+        ok = tf.reduce_all(ok & (o < out_shape), axis=-1)  # [N, K]
+        batch = tf.broadcast_to(c[:, None, :1], tf.concat([tf.shape(o)[:2], [1]], 0))
+        proposals = tf.boolean_mask(tf.concat([batch, o], -1), ok)  # [P, 1 + D]
+        keys = _pack(
+            tf.cast(proposals[:, 0], tf.int64), tf.cast(proposals[:, 1:], tf.int64), out_shape64, dims
+        )
+        order = tf.argsort(keys, stable=True)
+        keys = tf.gather(keys, order)
+        first = keys != tf.concat([tf.constant([-1], tf.int64), keys], 0)[:-1]
+        out_coords = tf.cast(tf.boolean_mask(tf.gather(proposals, order), first), tf.int32)
+        out_coords = tf.reshape(out_coords, [-1, dims + 1])
     else:
         # Every (site, offset) proposes the output position that reads it.
         num = c[:, None, 1:] + pad - taps * d  # [N, K, D]
@@ -203,22 +295,16 @@ def sparse_conv_rulebook_reference(
         out_coords = tf.cast(tf.reshape(tf.stack(cols[::-1], axis=-1), [-1, dims + 1]), tf.int32)
 
     # Every (output site, offset) reads one position; match it against the inputs.
-    oc = tf.cast(out_coords, tf.int64)
+    oc = tf.cast(out_coords, index)
     p = oc[:, None, 1:] * s - pad + taps * d  # [M, K, D]
     inside = tf.reduce_all((p >= 0) & (p < in_shape), axis=-1)
-    query = tf.where(inside, _pack(oc[:, None, 0], p, in_shape, dims), -1)
-    order = tf.argsort(in_keys, stable=True)
-    sentinel = tf.constant([np.iinfo(np.int64).max], tf.int64)
-    sorted_keys = tf.concat([tf.gather(in_keys, order), sentinel], 0)
-    rows = tf.concat([tf.cast(order, tf.int64), [-1]], 0)
-    flat = tf.reshape(query, [-1])
-    at = tf.searchsorted(sorted_keys, flat, side="left", out_type=tf.int64)
-    found = tf.reshape(tf.gather(sorted_keys, at) == flat, tf.shape(query)) & inside  # [M, K]
-    in_row = tf.reshape(tf.gather(rows, at), tf.shape(query))
-    found_t = tf.transpose(found)  # [K, M]: tf.where lists (offset, out_row) row-major
+    keys = _pack(tf.cast(oc[:, None, 0], tf.int64), tf.cast(p, tf.int64), tf.cast(in_shape, tf.int64), dims)
+    query = tf.where(inside, keys, -1)
+    in_row = tf.reshape(_match_keys(in_keys, tf.reshape(query, [-1])), tf.shape(query))  # [M, K]
+    found_t = tf.transpose(in_row >= 0)  # [K, M]: tf.where lists (offset, out_row) row-major
     where = tf.where(found_t)
     in_rows = tf.gather_nd(tf.transpose(in_row), where)
-    pairs = tf.cast(tf.reshape(tf.stack([in_rows, where[:, 1]], axis=1), [-1, 2]), tf.int32)
+    pairs = tf.reshape(tf.stack([in_rows, tf.cast(where[:, 1], tf.int32)], axis=1), [-1, 2])
     counts = tf.reduce_sum(tf.cast(found_t, tf.int32), axis=1)
     pair_ptr = tf.reshape(tf.concat([[0], tf.cumsum(counts)], 0), [num_offsets + 1])
     out_spatial_shape = tf.cast(out_shape, tf.int32)
@@ -468,6 +554,29 @@ def sparse_conv_transpose(features, kernel, rulebook: Rulebook, coords, name: st
         return _features_op(features, flat, rulebook.pair_ptr, transposed, num_out)
 
 
+def align_rows(features, coords, target_coords, spatial_shape):
+    """`features` (rows at the sites `coords`) on the rows of `target_coords` instead.
+
+    Rows of `target_coords` that `coords` lacks get zeros; sites of `coords` outside
+    `target_coords` are dropped. Neither needs to be sorted; `spatial_shape` (D ints) is the
+    grid both live in. Gradients flow to the kept rows.
+    """
+    features = float_tensor(features, "features")
+    shape, dims = _spatial_shape(spatial_shape)
+    coords, target_coords = _coords(coords, dims), _coords(target_coords, dims)
+    shape64 = tf.cast(shape, tf.int64)
+
+    def pack(c):
+        c = tf.cast(c, tf.int64)
+        return _pack(c[:, 0], c[:, 1:], shape64, dims)
+
+    rows = _match_keys(pack(coords), pack(target_coords))
+    n = tf.shape(features)[0]
+    # A zero row to read for the missing sites (also when `features` has no rows).
+    padded = tf.concat([features, tf.zeros(tf.stack([1, tf.shape(features)[1]]), features.dtype)], 0)
+    return tf.gather(padded, tf.where(rows >= 0, rows, n))
+
+
 _SCORES = ("l2", "abs_max")
 
 
@@ -557,12 +666,17 @@ def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out):
         tf.debugging.assert_less(pairs[:, 1], num_out, message="pairs: dst outside [0, num_out)"),
     ]
     with tf.control_dependencies(checks):
-        out = tf.zeros(tf.stack([num_out, tf.shape(kernel)[2]]), features.dtype)
-    for k in range(num_offsets):
-        seg = pairs[pair_ptr[k] : pair_ptr[k + 1]]
-        product = tf.matmul(tf.gather(features, seg[:, 0]), kernel[k])
-        out = tf.tensor_scatter_nd_add(out, seg[:, 1:2], product)
-    return out
+        pairs = tf.identity(pairs)
+    if num_offsets == 0:
+        return tf.zeros(tf.stack([num_out, tf.shape(kernel)[2]]), features.dtype)
+    # Per offset: gather its sources, one GEMM; then one segment sum over all pairs, offset by
+    # offset in row order (the additions, in their order, of a scatter-add per offset). One
+    # SplitV and one Unpack instead of K slices keep the graph small (the converters' time), and
+    # tf2onnx's ScatterND would not sum duplicate indices.
+    sources = tf.split(pairs[:, 0], pair_ptr[1:] - pair_ptr[:-1], num=num_offsets)
+    kernels = tf.unstack(kernel, num=num_offsets)
+    products = [tf.matmul(tf.gather(features, src), w) for src, w in zip(sources, kernels)]
+    return tf.math.unsorted_segment_sum(tf.concat(products, 0), pairs[:, 1], num_out)
 
 
 def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
@@ -619,6 +733,8 @@ def topk_sites_rows_reference(features, coords, k, score: str = "l2"):
     batch = tf.gather(coords[:, 0], order)
     first = tf.concat([tf.ones([tf.minimum(n, 1)], tf.bool), batch[1:] != batch[:-1]], 0)
     segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
-    rank = tf.range(n) - tf.gather(tf.math.segment_min(tf.range(n), segment), segment)
+    # Rank within the sample: the position minus where its run starts (no SegmentMin: neither
+    # converter takes it).
+    rank = tf.range(n) - tf.gather(tf.boolean_mask(tf.range(n), first), segment)
     kept = tf.boolean_mask(order, rank < k)
     return tf.sort(kept)
