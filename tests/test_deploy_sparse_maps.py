@@ -3,9 +3,10 @@
 `tsc.export.export_litert` / `export_onnx` trace the model under `for_converters()`, where the
 rulebook, the convolution, the attention step (`max_active_sites`) and the transposed
 convolution's row alignment take forms both converters support (no LowerBound, SegmentMin or
-int64 FloorDiv, no scatter that sums duplicate indices). Those forms must give the compiled
-ops' outputs exactly (the rulebook in the same order), and each converted model the Keras
-model's outputs on batches of several samples and on a sample with few sites.
+int64 FloorDiv, no scatter that sums duplicate indices, no empty tensor). Those forms must give
+the compiled ops' outputs exactly (the rulebook in the same order), and each converted model the
+Keras model's outputs on a batch of several samples (one with very few sites), on a sample with
+few sites, and on a map with no site at all.
 
 (The fresh-process load of a portable SavedModel of a sparse map is in test_export.py.)
 """
@@ -175,12 +176,12 @@ def dense_io_pooling_model():
 
 
 def _map_batch(rng, dims, shape, channels, sites_per_sample):
-    """Sites of several samples (unsorted rows), one of them with very few sites."""
+    """Random sites (unsorted rows) and features; `sites_per_sample` sites in sample 0, 1, ...."""
     parts = []
     for b, n in enumerate(sites_per_sample):
         flat = rng.choice(int(np.prod(shape)), size=n, replace=False)
         parts.append(np.concatenate([np.full([n, 1], b), np.stack(np.unravel_index(flat, shape), 1)], 1))
-    coords = np.concatenate(parts).astype(np.int32).reshape(-1, 1 + dims)
+    coords = np.concatenate([np.zeros([0, 1 + dims]), *parts]).astype(np.int32)
     coords = coords[rng.permutation(len(coords))]
     features = rng.uniform(-2, 2, (len(coords), channels)).astype(np.float32)
     return {"features": features, "coords": coords}
@@ -189,9 +190,9 @@ def _map_batch(rng, dims, shape, channels, sites_per_sample):
 def _batches(name, rng):
     if name == "dense_io_pooling":
         x = rng.uniform(-2, 2, (3, 23, 3)).astype(np.float32) * (rng.random((3, 23, 1)) < 0.3)
-        one = np.zeros((1, 23, 3), np.float32)
-        one[0, 11] = rng.uniform(-2, 2, 3)
-        return [{"signal": x}, {"signal": one}]
+        one = np.zeros((2, 23, 3), np.float32)
+        one[1, 11] = rng.uniform(-2, 2, 3)
+        return [{"signal": x}, {"signal": one}, {"signal": np.zeros((1, 23, 3), np.float32)}]
     dims, shape, channels = {
         "submanifold": (3, (8, 7, 6), 3),
         "strided_attention": (2, (11, 9), 2),
@@ -199,7 +200,7 @@ def _batches(name, rng):
     }[name]
     several = _map_batch(rng, dims, shape, channels, [40, 2, 25] if dims == 3 else [20, 1, 12])
     few = _map_batch(rng, dims, shape, channels, [1] if name != "strided_attention" else [0, 3])
-    return [several, few]
+    return [several, few, _map_batch(rng, dims, shape, channels, [])]  # and no site at all
 
 
 MODELS = {

@@ -230,9 +230,9 @@ class SparseGlobalPooling(_SparseLayer):
         features, coords, shape = _split(inputs, "SparseGlobalPooling")
         segment = coords[:, 0]
         if self.mode == "avg":
-            return tf.math.unsorted_segment_mean(features, segment, shape[0])
-        pooled = tf.math.unsorted_segment_max(features, segment, shape[0])
-        count = tf.math.unsorted_segment_sum(tf.ones_like(segment), segment, shape[0])
+            return coord_sparse_ops.unsorted_segment(features, segment, shape[0], "mean")
+        pooled = coord_sparse_ops.unsorted_segment(features, segment, shape[0], "max")
+        count = coord_sparse_ops.unsorted_segment(tf.ones_like(segment), segment, shape[0], "sum")
         if converting():
             # ONNX Runtime's segment max leaves -inf in an empty segment (TF: the lowest float),
             # and tf2onnx turns a float select into x * cond + y * !cond: -inf * 0 = NaN.
@@ -544,10 +544,8 @@ class SparsePooling(_SparseLayer):
         rulebook = _RULEBOOKS.get(coords, shape, self.pool_size, self.strides, (1,) * self.rank, False)
         num_out = tf.shape(rulebook.out_coords)[0]
         values = tf.gather(features, rulebook.pairs[:, 0])
-        if self.mode == "max":
-            out = tf.math.unsorted_segment_max(values, rulebook.pairs[:, 1], num_out)
-        else:
-            out = tf.math.unsorted_segment_mean(values, rulebook.pairs[:, 1], num_out)
+        reduce = "max" if self.mode == "max" else "mean"
+        out = coord_sparse_ops.unsorted_segment(values, rulebook.pairs[:, 1], num_out, reduce)
         return [out, rulebook.out_coords, tf.concat([shape[:1], rulebook.out_spatial_shape], 0)]
 
     def compute_output_shape(self, input_shape):

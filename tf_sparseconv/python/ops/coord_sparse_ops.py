@@ -27,9 +27,10 @@ references use only ops that the LiteRT builtins and tf2onnx + ONNX Runtime
 both run correctly: stable sorts (TopKV2) instead of LowerBound, Unique and
 SegmentMin; int32 per-axis geometry with nothing negative divided (no int64
 FloorDiv; tf2onnx divides integers by truncation); segment sums instead of
-scatters that add duplicate indices (tf2onnx's ScatterND keeps the last).
-The outputs are the same, the rulebook entry for entry. The converted models
-need at least one site per call (LiteRT's kernels fail on empty tensors).
+scatters that add duplicate indices (tf2onnx's ScatterND keeps the last);
+and a sentinel entry wherever a sort, scatter or segment op could see an empty
+map (LiteRT's kernels fail or crash on empty tensors, tf2onnx's segment ops
+too). The outputs are the same, the rulebook entry for entry.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def _match_keys(in_keys, queries):
         rows = tf.concat([order, [-1]], 0)
         at = tf.searchsorted(sorted_keys, queries, side="left", out_type=tf.int32)
         return tf.where(tf.gather(sorted_keys, at) == queries, tf.gather(rows, at), -1)
-    merged = tf.concat([in_keys, queries], 0)
+    # (A last, unmatched query keeps every tensor non-empty: LiteRT's kernels fail on empty ones.)
+    merged = tf.concat([in_keys, queries, tf.constant([np.iinfo(np.int64).max], tf.int64)], 0)
     order = tf.argsort(merged, stable=True)  # int32
     is_input = order < n
     count = tf.cumsum(tf.cast(is_input, tf.int32))  # inputs at or before each sorted position
@@ -207,7 +209,7 @@ def _match_keys(in_keys, queries):
     row_sorted = tf.where(hit, tf.gather(in_rows, last), -1)
     # Back to the merged order (a permutation: scatter_nd without duplicate indices).
     row = tf.scatter_nd(order[:, None], row_sorted, tf.shape(order))
-    return row[n:]
+    return row[n:-1]
 
 
 def _check_int32_geometry(shape, kernel, stride, dilation) -> None:
@@ -275,10 +277,13 @@ def sparse_conv_rulebook_reference(
         keys = _pack(
             tf.cast(proposals[:, 0], tf.int64), tf.cast(proposals[:, 1:], tf.int64), out_shape64, dims
         )
+        # A last proposal with the largest key (sorted last, dropped) keeps the sort non-empty.
+        keys = tf.concat([keys, tf.constant([np.iinfo(np.int64).max], tf.int64)], 0)
+        proposals = tf.concat([proposals, tf.zeros([1, dims + 1], index)], 0)
         order = tf.argsort(keys, stable=True)
         keys = tf.gather(keys, order)
         first = keys != tf.concat([tf.constant([-1], tf.int64), keys], 0)[:-1]
-        out_coords = tf.cast(tf.boolean_mask(tf.gather(proposals, order), first), tf.int32)
+        out_coords = tf.cast(tf.boolean_mask(tf.gather(proposals, order), first)[:-1], tf.int32)
         out_coords = tf.reshape(out_coords, [-1, dims + 1])
     else:
         # Every (site, offset) proposes the output position that reads it.
@@ -358,6 +363,9 @@ def to_dense(features, coords, spatial_shape, batch_size):
             ),
         ]
         with tf.control_dependencies(checks):
+            if converting():  # one more sample, dropped: LiteRT's SCATTER_ND dies on an empty output
+                dense_shape = tf.concat([[batch + 1], shape, tf.shape(features)[1:]], 0)
+                return tf.scatter_nd(coords, features, dense_shape)[:-1]
             dense_shape = tf.concat([[batch], shape, tf.shape(features)[1:]], 0)
             return tf.scatter_nd(coords, features, dense_shape)
 
@@ -676,7 +684,30 @@ def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out):
     sources = tf.split(pairs[:, 0], pair_ptr[1:] - pair_ptr[:-1], num=num_offsets)
     kernels = tf.unstack(kernel, num=num_offsets)
     products = [tf.matmul(tf.gather(features, src), w) for src, w in zip(sources, kernels)]
-    return tf.math.unsorted_segment_sum(tf.concat(products, 0), pairs[:, 1], num_out)
+    return unsorted_segment(tf.concat(products, 0), pairs[:, 1], num_out, "sum")
+
+
+_SEGMENT_OPS = {
+    "sum": tf.math.unsorted_segment_sum,
+    "max": tf.math.unsorted_segment_max,
+    "mean": tf.math.unsorted_segment_mean,
+}
+
+
+def unsorted_segment(data, segment_ids, num_segments, reduce: str):
+    """`tf.math.unsorted_segment_{reduce}` (sum, max or mean) over the rows of `data`.
+
+    Inside `for_converters()`, one zero row in one more segment (dropped) keeps `data` non-empty:
+    LiteRT's and tf2onnx's segment kernels fail on an empty map.
+    """
+    op = _SEGMENT_OPS[reduce]
+    if not converting():
+        return op(data, segment_ids, num_segments)
+    num_segments = tf.cast(num_segments, segment_ids.dtype)
+    pad = tf.zeros(tf.concat([[1], tf.shape(data)[1:]], 0), data.dtype)
+    data = tf.concat([data, pad], 0)
+    segment_ids = tf.concat([segment_ids, tf.reshape(num_segments, [1])], 0)
+    return op(data, segment_ids, num_segments + 1)[:-1]
 
 
 def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
@@ -685,7 +716,11 @@ def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
     num_src = tf.cast(num_src, tf.int64)
     offset = tf.repeat(tf.range(tf.shape(pair_ptr)[0] - 1), pair_ptr[1:] - pair_ptr[:-1])
     key = tf.cast(offset, tf.int64) * (num_src + 1) + tf.cast(pairs[:, 0], tf.int64)
-    order = tf.argsort(key, stable=True)
+    if converting():  # a last, largest key (sorted last, dropped): no empty sort for LiteRT
+        key = tf.concat([key, tf.constant([np.iinfo(np.int64).max], tf.int64)], 0)
+        order = tf.argsort(key, stable=True)[:-1]
+    else:
+        order = tf.argsort(key, stable=True)
     return tf.reverse(tf.gather(pairs, order), [1])
 
 
