@@ -11,7 +11,10 @@ libasan="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)
 # TensorFlow itself is not built with ASan: leak checking would report its
 # intentional process-lifetime allocations, so only memory errors are checked.
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1
-if [ "$#" -eq 0 ]; then set -- tests/test_topk_ops.py tests/test_channel_sparse_ops.py; fi
+if [ "$#" -eq 0 ]; then  # the op tests of all five families
+  set -- tests/test_topk_ops.py tests/test_channel_sparse_ops.py tests/test_block_sparse_ops.py \
+    tests/test_coord_sparse_ops.py tests/test_coord_sparse_conv.py tests/test_streaming_ops.py
+fi
 LD_PRELOAD="$libasan" TF_SPARSECONV_LIBRARY="$PWD/build/asan/_tf_sparseconv_ops.so" .venv/bin/python -c "
 import tf_sparseconv as tsc
 assert tsc.ops.is_library_loaded(), 'the ASan library did not load'
