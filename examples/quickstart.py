@@ -194,9 +194,9 @@ def main() -> None:
     expected = final.predict(x_test, verbose=0)
     x_path, y_path = os.path.join(out, "x_test.npy"), os.path.join(out, "served.npy")
     np.save(x_path, x_test)
-    subprocess.run([sys.executable, "-c", RELOAD, portable_dir, x_path, y_path, "portable"], check=True)
+    _reload(portable_dir, x_path, y_path, "portable")
     portable = np.load(y_path)
-    subprocess.run([sys.executable, "-c", RELOAD, export_dir, x_path, y_path, "native"], check=True)
+    _reload(export_dir, x_path, y_path, "native")
     served = np.load(y_path)
     served_accuracy = float(np.mean(served.argmax(-1) == y_test))
     print(f"\nexported SavedModel: {export_dir}")
@@ -246,6 +246,22 @@ def main() -> None:
         f"{float(np.mean(onnx_out.argmax(-1) == y_test)):.4f}, "
         f"max |onnxruntime - Keras| = {np.abs(onnx_out - expected).max():.2e}"
     )
+
+
+def _reload(export_dir: str, x_path: str, y_path: str, kind: str) -> None:
+    """Runs RELOAD in a fresh process; its TensorFlow start-up log lines (printed before
+    TF_CPP_MIN_LOG_LEVEL is read) are shown only if it fails."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, export_dir, x_path, y_path, kind],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise RuntimeError(f"reloading the {kind} SavedModel in a fresh process failed")
 
 
 def _variables_kib(export_dir: str) -> float:

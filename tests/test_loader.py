@@ -83,3 +83,50 @@ print("bazel library ok")
         env={"TF_SPARSECONV_LIBRARY": str(BAZEL_LIBRARY)},
     )
     assert "bazel library ok" in proc.stdout
+
+
+def test_explain_records_each_implementation_and_why():
+    import logging
+
+    import numpy as np
+
+    x = np.random.default_rng(0).random((2, 6, 6, 16)).astype(np.float32)
+    kernel = np.ones((3, 3, 8, 4), np.float32)
+    connections = tsc.ops.random_connections(16, 4, fan_in=8, seed=0)
+    with tsc.ops.explain() as calls:
+        tsc.ops.kwinners(x, 3)
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections)  # fan-in 1/2: dense dispatch
+        with tsc.ops.references_only():
+            tsc.ops.topk_attention(x, 5)
+    assert [(c.op, c.implementation) for c in calls] == [
+        ("kwinners", "compiled" if tsc.ops.is_library_loaded() else "reference"),
+        ("channel_sparse_conv2d", "dense"),
+        ("topk_attention", "reference"),
+    ]
+    assert "DENSE_DISPATCH_DENSITY" in calls[1].reason and "references_only" in calls[2].reason
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tf_sparseconv")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        tsc.ops.kwinners(x, 3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert any("kwinners:" in r.getMessage() for r in records)
+
+
+def test_explain_names_the_load_problem_in_fallback(tmp_path):
+    out = run_python(
+        """
+import warnings; warnings.simplefilter("ignore")
+import numpy as np, tf_sparseconv as tsc
+with tsc.ops.explain() as calls:
+    tsc.ops.kwinners(np.ones((2, 4), np.float32), 1)
+print(calls[0])
+""",
+        env={"TF_SPARSECONV_LIBRARY": str(tmp_path / "missing.so")},
+    ).stdout
+    assert "kwinners: reference (the op library is not loaded:" in out and "does not exist" in out

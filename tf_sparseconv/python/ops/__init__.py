@@ -6,7 +6,14 @@ The references are public (``*_reference``) as test oracles and for portable
 export.
 """
 
-from tf_sparseconv.python.ops._loader import for_converters, is_library_loaded, load_library, references_only
+from tf_sparseconv.python.ops._loader import (
+    Dispatch,
+    explain,
+    for_converters,
+    is_library_loaded,
+    load_library,
+    references_only,
+)
 from tf_sparseconv.python.ops.block_sparse_ops import (
     block_sparse_conv2d,
     block_sparse_conv2d_reference,
@@ -82,6 +89,8 @@ __all__ = [
     "random_connections",
     "is_library_loaded",
     "for_converters",
+    "Dispatch",
+    "explain",
     "references_only",
     "kwinners",
     "kwinners_reference",

@@ -11,6 +11,10 @@ Environment:
                                  one in the package.
   TF_SPARSECONV_FORCE_REFERENCE  "1": never load; use the pure-TF references.
 
+Which implementation an op call takes (the compiled kernel, a dense dispatch,
+or the pure-TF reference, and why) is logged at DEBUG level on the
+``"tf_sparseconv"`` logger and recorded inside ``explain()``.
+
 ``references_only()`` is a context manager under which ``load_library()``
 returns ``None`` in the current thread, so that the functions traced inside it
 (for a portable SavedModel) hold stock TensorFlow ops only. ``for_converters()``
@@ -25,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -166,3 +172,81 @@ def compiled_library() -> ModuleType | None:
 def is_library_loaded() -> bool:
     """True when the compiled kernels (not the references) run the ops."""
     return load_library() is not None
+
+
+# --- which implementation ran -----------------------------------------------------------------
+
+logger = logging.getLogger("tf_sparseconv")
+
+
+class Dispatch(NamedTuple):
+    """One op call's implementation: `op` (the `tsc.ops` function), `implementation`
+    ("compiled", "dense" or "reference") and `reason`."""
+
+    op: str
+    implementation: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.implementation} ({self.reason})"
+
+
+def _recorders() -> list:
+    if not hasattr(_local, "recorders"):
+        _local.recorders = []
+    return _local.recorders
+
+
+@contextlib.contextmanager
+def explain():
+    """Records which implementation each op call takes, in this thread.
+
+    ```python
+    with tsc.ops.explain() as calls:
+        model.predict(x)  # or a direct op call, or tf.function tracing
+    for call in calls:
+        print(call)  # e.g. "channel_sparse_conv2d: dense (fan-in 12 of 16 > 0.3 x Cin ...)"
+    ```
+
+    The choice is made in Python when an op is called eagerly or when a `tf.function` (a
+    Keras `predict`/`fit` step, an export) is traced: inside a compiled function the record
+    says what the traced graph holds, once per trace. The same lines go to the
+    `"tf_sparseconv"` logger at DEBUG level
+    (`logging.getLogger("tf_sparseconv").setLevel(logging.DEBUG)`).
+    """
+    records: list[Dispatch] = []
+    stack = _recorders()
+    stack.append(records)
+    try:
+        yield records
+    finally:
+        stack.remove(records)
+
+
+def record(op: str, implementation: str, reason: str) -> None:
+    """Logs (DEBUG) and records (inside `explain()`) one op call's implementation."""
+    stack = _recorders()
+    if not stack and not logger.isEnabledFor(logging.DEBUG):
+        return
+    entry = Dispatch(op, implementation, reason)
+    logger.debug("%s", entry)
+    for records in stack:
+        records.append(entry)
+
+
+def dispatch(op: str) -> ModuleType | None:
+    """`load_library()` for the op `op`, recording which implementation it takes and why."""
+    library = load_library()
+    if not _recorders() and not logger.isEnabledFor(logging.DEBUG):
+        return library
+    if library is not None:
+        record(op, "compiled", f"C++/CUDA kernel from {library_path().name}")
+    elif converting():
+        record(op, "reference", "inside for_converters(): the converter-friendly pure-TF form")
+    elif getattr(_local, "references_only", False):
+        record(op, "reference", "inside references_only(): stock TensorFlow ops")
+    elif os.environ.get("TF_SPARSECONV_FORCE_REFERENCE", "0") == "1":
+        record(op, "reference", "TF_SPARSECONV_FORCE_REFERENCE=1")
+    else:
+        record(op, "reference", f"the op library is not loaded: {_state['problem']}")
+    return library

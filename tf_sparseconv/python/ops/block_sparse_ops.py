@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import compiled_library, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, dispatch
 
 
 def _pair(value, name: str, minimum: int | None = 1) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def reduce_mask(mask, block_size, block_stride, block_offset=(0, 0), threshold=0
         raise ValueError(f"`threshold` must be a number, got {threshold!r}")
     with tf.name_scope(name or "reduce_mask"):
         mask = _mask(mask)
-        library = load_library()
+        library = dispatch("reduce_mask")
         if library is None:
             return reduce_mask_reference(mask, size, stride, offset, threshold, avgpool)
         return library.tf_sparse_conv_reduce_mask(
@@ -166,7 +166,7 @@ def sparse_gather(x, indices, block_size, block_stride, block_offset=(0, 0), nam
         x = float_tensor(x, "x")
         _check_rank(x, 4, "x", "[B, H, W, C]")
         indices = _indices(indices)
-        library = load_library()
+        library = dispatch("sparse_gather")
         if library is None:
             return sparse_gather_reference(x, indices, size, stride, offset)
         return library.tf_sparse_conv_sparse_gather(
@@ -185,7 +185,7 @@ def sparse_scatter(blocks, indices, base, block_stride, block_offset=(0, 0), add
     offset = _pair(block_offset, "block_offset", minimum=None)
     with tf.name_scope(name or "sparse_scatter"):
         blocks, indices, base = _check_scatter_operands(blocks, indices, base)
-        library = load_library()
+        library = dispatch("sparse_scatter")
         if library is None:
             return sparse_scatter_reference(blocks, indices, base, stride, offset, add)
         return library.tf_sparse_conv_sparse_scatter(
@@ -363,7 +363,7 @@ def _blocks_conv2d(x, kernel, indices, block_size, strides, padding, bias, activ
 def scatter_into_zeros(blocks, indices, shape, block_stride, block_offset=(0, 0), add=False):
     """`sparse_scatter(blocks, indices, tf.zeros(shape), ...)` without materialising the zeros
     first (the output is written once)."""
-    library = load_library()
+    library = dispatch("sparse_scatter")
     shape = tf.cast(shape, tf.int32)
     if library is None:
         base = tf.zeros(shape, blocks.dtype)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import compiled_library, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, dispatch, record
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -168,8 +168,15 @@ def channel_sparse_conv2d(
         strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
         padding = _padding(padding)
         if _use_dense(x, kernel, connections, padding, dilations):
+            record(
+                "channel_sparse_conv2d",
+                "dense",
+                f"fan-in {kernel.shape[-2]} of {x.shape[-1]} input channels > DENSE_DISPATCH_DENSITY "
+                f"{DENSE_DISPATCH_DENSITY} x Cin (dilation 1, constant connections): tf.nn.conv2d on "
+                "the equivalent dense kernel is faster there",
+            )
             return _apply_epilogue(_dense_conv2d(x, kernel, connections, strides, padding), bias, activation)
-        library = load_library()
+        library = dispatch("channel_sparse_conv2d")
         if library is None:
             y = channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
             return _apply_epilogue(y, bias, activation)

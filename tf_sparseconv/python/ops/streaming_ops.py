@@ -14,7 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import load_library
+from tf_sparseconv.python.ops._loader import dispatch
 
 ACTIVATIONS = (None, "linear", "relu")
 
@@ -78,7 +78,7 @@ def streaming_conv_step(history, frames, kernel, bias=None, dilation=1, activati
         history, frames, kernel, bias, dilation, activation = _check(
             history, frames, kernel, bias, dilation, activation
         )
-        library = load_library()
+        library = dispatch("streaming_conv_step")
         if library is None:
             return streaming_conv_step_reference(history, frames, kernel, bias, dilation, activation)
         return tuple(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, normalize_axis, positive_count
-from tf_sparseconv.python.ops._loader import compiled_library, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, dispatch
 
 
 def kwinners(x, k, axis: int = -1, name: str | None = None) -> tf.Tensor:
@@ -35,7 +35,7 @@ def kwinners(x, k, axis: int = -1, name: str | None = None) -> tf.Tensor:
         if rank == 0:
             raise ValueError("`x` must have rank >= 1, got a scalar")
         axis = normalize_axis(axis, rank)
-        library = load_library()
+        library = dispatch("kwinners")
         if library is None:
             return kwinners_reference(x, k, axis)
         y, _ = library.tf_sparse_conv_k_winners(x, k, axis=axis)
@@ -65,7 +65,7 @@ def topk_attention(x, k, mode: str = "abs", per: str = "channel", name: str | No
         rank = x.shape.rank
         if rank is not None and not 3 <= rank <= 5:
             raise ValueError(f"`x` must be [B, *spatial, C] with 1 to 3 spatial dims, got shape {x.shape}")
-        library = load_library()
+        library = dispatch("topk_attention")
         if library is None:
             return topk_attention_reference(x, k, mode, per)
         y, _ = library.tf_sparse_conv_top_k_attention(x, k, mode=mode, per=per)
