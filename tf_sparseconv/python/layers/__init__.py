@@ -1,4 +1,10 @@
-"""Keras 3 layers of tf_sparseconv (TensorFlow backend)."""
+"""Keras 3 layers of tf_sparseconv (TensorFlow backend).
+
+Every layer class of the package is reachable here, including those that live with their
+training tools: `StreamingConv1D` (`tsc.streaming`), `PruneLowMagnitude` (`tsc.pruning`),
+`QuantizeWrapper` and `IntegerWeightsWrapper` (`tsc.quantization`). Those are imported on first
+access (they import this module themselves).
+"""
 
 from tf_sparseconv.python.layers.block_sparse import BlockSparseConv2D, BlockSparseResidualBlock
 from tf_sparseconv.python.layers.channel_sparse import (
@@ -52,4 +58,27 @@ __all__ = [
     "Sparsify",
     "TopKAttention",
     "channel_sparse_from_conv",
+    "IntegerWeightsWrapper",
+    "PruneLowMagnitude",
+    "QuantizeWrapper",
+    "StreamingConv1D",
 ]
+
+_ELSEWHERE = {
+    "StreamingConv1D": "tf_sparseconv.python.streaming.layers",
+    "PruneLowMagnitude": "tf_sparseconv.python.pruning.wrapper",
+    "QuantizeWrapper": "tf_sparseconv.python.quantization.wrappers",
+    "IntegerWeightsWrapper": "tf_sparseconv.python.quantization.wrappers",
+}
+
+
+def __getattr__(name: str):
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ELSEWHERE))
