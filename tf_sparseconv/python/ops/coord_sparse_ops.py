@@ -43,7 +43,7 @@ import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
-from tf_sparseconv.python.ops._loader import compiled_library, converting, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, converting, converting_for_onnx, load_library
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -678,12 +678,20 @@ def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out):
     if num_offsets == 0:
         return tf.zeros(tf.stack([num_out, tf.shape(kernel)[2]]), features.dtype)
     # Per offset: gather its sources, one GEMM; then one segment sum over all pairs, offset by
-    # offset in row order (the additions, in their order, of a scatter-add per offset). One
-    # SplitV and one Unpack instead of K slices keep the graph small (the converters' time), and
-    # tf2onnx's ScatterND would not sum duplicate indices.
-    sources = tf.split(pairs[:, 0], pair_ptr[1:] - pair_ptr[:-1], num=num_offsets)
+    # offset in row order (the additions, in their order, of a scatter-add per offset; one
+    # UNSORTED_SEGMENT_SUM in LiteRT). One SplitV and one Unpack instead of K slices keep the
+    # graph small (the converters' time).
+    counts = pair_ptr[1:] - pair_ptr[:-1]
+    sources = tf.split(pairs[:, 0], counts, num=num_offsets)
     kernels = tf.unstack(kernel, num=num_offsets)
     products = [tf.matmul(tf.gather(features, src), w) for src, w in zip(sources, kernels)]
+    if converting_for_onnx():
+        # A scatter-add per offset (ScatterND, reduction "add"): tf2onnx lowers a segment sum to
+        # a sort, a Unique and a [segments, max count] gather grid, twice as slow in onnxruntime.
+        out = tf.zeros(tf.stack([num_out, tf.shape(kernel)[2]]), features.dtype)
+        for dst, product in zip(tf.split(pairs[:, 1:], counts, num=num_offsets), products):
+            out = tf.tensor_scatter_nd_add(out, dst, product)
+        return out
     return unsorted_segment(tf.concat(products, 0), pairs[:, 1], num_out, "sum")
 
 
