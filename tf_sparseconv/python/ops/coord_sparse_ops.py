@@ -43,7 +43,7 @@ import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 
 from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
-from tf_sparseconv.python.ops._loader import compiled_library, converting, converting_for_onnx, load_library
+from tf_sparseconv.python.ops._loader import compiled_library, converting, converting_for_onnx, dispatch
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -136,7 +136,7 @@ def sparse_conv_rulebook(
     args = _rulebook_args(coords, spatial_shape, kernel_size, strides, dilations, submanifold)
     coords, shape, _, kernel, stride, dilation, submanifold = args
     with tf.name_scope(name or "sparse_conv_rulebook"):
-        library = load_library()
+        library = dispatch("sparse_conv_rulebook")
         if library is None:
             return sparse_conv_rulebook_reference(coords, shape, kernel, stride, dilation, submanifold)
         return tuple(
@@ -424,7 +424,7 @@ def _is_symmetric(kernel_size, dilations, submanifold: bool) -> bool:
 
 
 def _features_op(features, kernel, pair_ptr, pairs, num_out, symmetric=False):
-    library = load_library()
+    library = dispatch("sparse_conv_features")
     if library is None:
         return sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out)
     return library.tf_sparse_conv_sparse_conv_features(
@@ -485,7 +485,7 @@ def sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src):
     """
     pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
     num_src = _num_rows(num_src, "num_src")
-    library = load_library()
+    library = dispatch("sparse_conv_rulebook_transpose")
     if library is None:
         return sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src)
     return library.tf_sparse_conv_sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src)
@@ -607,7 +607,7 @@ def topk_sites(features, coords, k, score: str = "l2", name: str | None = None):
             raise ValueError(f"topk_sites: `features` must be [N, C], got shape {features.shape}")
         coords = _coords(coords, None)
         k = positive_count(k, "k")
-        library = load_library()
+        library = dispatch("topk_sites")
         if library is None:
             rows = topk_sites_rows_reference(features, coords, k, score)
         else:
