@@ -14,6 +14,11 @@ unbiased). Gradients are straight-through, written as
 (so a converted integer model reproduces it bit for bit) and the gradient is
 the identity; for activations `x` is first clipped to the representable range,
 so the gradient is 1 inside the range and 0 outside (clip-aware STE).
+
+Mixed precision: the arithmetic is done in float32 for float16/bfloat16
+inputs (scales, ranges and the rounding grid never depend on half-precision
+rounding), and fake-quantised values are returned in the input's dtype;
+scales and integer values come back in float32.
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _quant_dtype(dtype) -> tf.DType:
+    """The dtype quantisation arithmetic runs in for inputs of `dtype`: float32 for half
+    precision (float16, bfloat16) and non-float inputs, the dtype itself otherwise (float32,
+    float64)."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating or dtype in (tf.float16, tf.bfloat16):
+        return tf.float32
+    return dtype
+
+
+def _to_quant_dtype(x):
+    """`x` as a tensor in `_quant_dtype(x.dtype)`."""
+    x = tf.convert_to_tensor(x)
+    return tf.cast(x, _quant_dtype(x.dtype))
+
+
 def _reduce_axes(rank: int, channel_axes: Sequence[int] | None) -> list[int]:
     """The axes a scale is taken over: all of them, or all but the channel axes."""
     if channel_axes is None:
@@ -66,10 +87,11 @@ def weight_scales(w, bits: int, channel_axes: Sequence[int] | None = (-1,)):
         None for one scale per tensor.
 
     Returns:
-      float scales with `w`'s rank (size 1 on the reduced axes); an all-zero
-      channel gets scale 1 (its weights quantise to 0).
+      float scales with `w`'s rank (size 1 on the reduced axes), float32 for
+      half-precision `w`; an all-zero channel gets scale 1 (its weights quantise
+      to 0).
     """
-    w = tf.convert_to_tensor(w)
+    w = _to_quant_dtype(w)
     axes = _reduce_axes(len(w.shape), channel_axes)
     amax = tf.reduce_max(tf.abs(w), axis=axes, keepdims=True)
     scale = amax / tf.cast(weight_qmax(bits), w.dtype)
@@ -93,12 +115,13 @@ def quantize_weights_int(
       seed: for stochastic rounding, an int or a `keras.random.SeedGenerator`.
 
     Returns:
-      `(values, scales)`: `values` in `w`'s float dtype holding integers in
-      `[-qmax, qmax]`, `scales` as from `weight_scales`.
+      `(values, scales)`: `values` in `w`'s float dtype (float32 for float16 and
+      bfloat16) holding integers in `[-qmax, qmax]`, `scales` as from
+      `weight_scales`.
     """
     bits = check_bits(bits, "bits")
     check_rounding(rounding)
-    w = tf.convert_to_tensor(w)
+    w = _to_quant_dtype(w)
     scales = tf.stop_gradient(weight_scales(w, bits, channel_axes))
     scaled = tf.stop_gradient(w) / scales
     if rounding == "stochastic":
@@ -119,12 +142,14 @@ def fake_quant_weights(
 ):
     """Symmetric fake quantisation of weights with a straight-through gradient.
 
-    Returns `values * scales` (see `quantize_weights_int`); the gradient with
-    respect to `w` is the identity (every weight is inside the range).
+    Returns `values * scales` (see `quantize_weights_int`; computed in float32
+    for half-precision `w`, returned in `w`'s dtype); the gradient with respect
+    to `w` is the identity (every weight is inside the range).
     """
     w = tf.convert_to_tensor(w)
-    values, scales = quantize_weights_int(w, bits, channel_axes, rounding, seed)
-    return tf.stop_gradient(values * scales) + (w - tf.stop_gradient(w))
+    wq = _to_quant_dtype(w)
+    values, scales = quantize_weights_int(wq, bits, channel_axes, rounding, seed)
+    return tf.cast(tf.stop_gradient(values * scales) + (wq - tf.stop_gradient(wq)), w.dtype)
 
 
 def activation_qparams(lo, hi, bits: int):
@@ -133,10 +158,13 @@ def activation_qparams(lo, hi, bits: int):
     The range is widened to contain 0; the zero point `round(-lo / scale)` is
     an integer in `[0, 2**bits - 1]`, so the representable range is
     `[-zero_point * scale, (2**bits - 1 - zero_point) * scale]` ("nudged").
-    A degenerate range (`lo == hi == 0`) gets scale 1.
+    A degenerate range (`lo == hi == 0`) gets scale 1. Computed in float32 for
+    half-precision `lo` (both are cast to `lo`'s quantisation dtype).
     """
-    lo = tf.minimum(tf.convert_to_tensor(lo), 0.0)
-    hi = tf.maximum(tf.convert_to_tensor(hi), 0.0)
+    lo = _to_quant_dtype(lo)
+    hi = tf.cast(tf.convert_to_tensor(hi), lo.dtype)
+    lo = tf.minimum(lo, tf.zeros([], lo.dtype))
+    hi = tf.maximum(hi, tf.zeros([], lo.dtype))
     levels = tf.cast(2**bits - 1, lo.dtype)
     scale = (hi - lo) / levels
     scale = tf.where(scale > 0, scale, tf.ones_like(scale))
@@ -148,19 +176,23 @@ def fake_quant_activations(x, lo, hi, bits: int):
     """Affine fake quantisation of `x` over `[lo, hi]` with a clip-aware straight-through gradient.
 
     Values outside the (nudged) range saturate; the gradient is 1 inside the
-    range and 0 outside. `lo`/`hi` get no gradient.
+    range and 0 outside. `lo`/`hi` get no gradient. For float16/bfloat16 `x`
+    the range, the rounding and the dequantisation are computed in float32
+    (`lo`/`hi` are not rounded to half precision) and the result is cast to
+    `x`'s dtype.
     """
     bits = check_bits(bits, "bits")
     x = tf.convert_to_tensor(x)
+    xq = _to_quant_dtype(x)
     scale, zero_point = activation_qparams(
-        tf.stop_gradient(tf.cast(lo, x.dtype)), tf.stop_gradient(tf.cast(hi, x.dtype)), bits
+        tf.stop_gradient(tf.cast(lo, xq.dtype)), tf.stop_gradient(tf.cast(hi, xq.dtype)), bits
     )
-    levels = tf.cast(2**bits - 1, x.dtype)
+    levels = tf.cast(2**bits - 1, xq.dtype)
     low, high = -zero_point * scale, (levels - zero_point) * scale
-    clipped = tf.clip_by_value(x, low, high)
-    q = tf.clip_by_value(tf.round(tf.stop_gradient(x) / scale) + zero_point, 0.0, levels)
+    clipped = tf.clip_by_value(xq, low, high)
+    q = tf.clip_by_value(tf.round(tf.stop_gradient(xq) / scale) + zero_point, 0.0, levels)
     q = (q - zero_point) * scale
-    return tf.stop_gradient(q) + (clipped - tf.stop_gradient(clipped))
+    return tf.cast(tf.stop_gradient(q) + (clipped - tf.stop_gradient(clipped)), x.dtype)
 
 
 # --- TensorFlow's fake-quantisation ops (for the LiteRT converter) --------------------------

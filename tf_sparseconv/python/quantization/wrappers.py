@@ -7,6 +7,13 @@ layer's code is untouched, so any layer that reads its kernels from its
 attributes (`layer.kernel`, ...) is covered. Their outputs (for a sparse map
 `[features, coords, shape]`: the features) are then fake-quantised over a
 range tracked by an exponential moving average.
+
+Mixed precision (`mixed_float16`, `mixed_bfloat16`): as in Keras, the variables
+(the wrapped layer's float kernels, the activation ranges, masks, integer
+scales) stay float32 and the layer computes in its compute dtype. The kernels
+are read in float32 (not autocast), fake-quantised in float32 and cast to the
+compute dtype; outputs are fake-quantised over the float32 range in float32
+and cast back. A wrapper takes the wrapped layer's dtype policy.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend import AutocastScope
 
 from tf_sparseconv.python.ops._loader import converting
 from tf_sparseconv.python.quantization import quantizers
@@ -87,6 +95,13 @@ def kernel_specs(layer: keras.layers.Layer) -> list[KernelSpec]:
 def _read(layer, spec: KernelSpec):
     value = layer.__dict__[spec.attr]
     return value if spec.index is None else value[spec.index]
+
+
+def _float32_value(variable):
+    """The variable's value in its own dtype (float32 under a mixed policy): not autocast to
+    the compute dtype of the layer being called, as Keras does with variables read in `call`."""
+    with AutocastScope(None):
+        return tf.convert_to_tensor(variable)
 
 
 @contextlib.contextmanager
@@ -164,14 +179,15 @@ class _ActivationRangeMixin:
     """
 
     def _add_range_variables(self):
+        # float32 under mixed precision, and not autocast (like BatchNormalization's statistics).
         self.activation_min = self.add_weight(
-            name="activation_min", shape=(), initializer="zeros", trainable=False
+            name="activation_min", shape=(), initializer="zeros", trainable=False, autocast=False
         )
         self.activation_max = self.add_weight(
-            name="activation_max", shape=(), initializer="zeros", trainable=False
+            name="activation_max", shape=(), initializer="zeros", trainable=False, autocast=False
         )
         self.range_initialized = self.add_weight(
-            name="range_initialized", shape=(), initializer="zeros", trainable=False
+            name="range_initialized", shape=(), initializer="zeros", trainable=False, autocast=False
         )
 
     def _quantize_output(self, outputs, training: bool):
@@ -180,8 +196,8 @@ class _ActivationRangeMixin:
         x, rebuild = _main_output(outputs)
         if not x.dtype.is_floating:
             return outputs
-        lo, hi = tf.convert_to_tensor(self.activation_min), tf.convert_to_tensor(self.activation_max)
-        initialized = tf.convert_to_tensor(self.range_initialized) > 0.5
+        lo, hi = _float32_value(self.activation_min), _float32_value(self.activation_max)
+        initialized = _float32_value(self.range_initialized) > 0.5
         if training:
             has_values = tf.size(x) > 0
             safe = tf.where(has_values, tf.stop_gradient(tf.cast(x, tf.float32)), tf.zeros([], tf.float32))
@@ -209,6 +225,14 @@ class _ActivationRangeMixin:
 
 def _compute_dtype_of(layer):
     return keras.backend.standardize_dtype(layer.compute_dtype)
+
+
+def _with_layer_dtype(layer, kwargs: dict) -> dict:
+    """`kwargs` with the wrapped layer's dtype policy unless one is given: a wrapper computes
+    in its layer's dtype (a float32 output layer in a mixed-precision model stays float32)."""
+    if kwargs.get("dtype") is None:
+        kwargs["dtype"] = layer.dtype_policy
+    return kwargs
 
 
 # --- quantisation-aware training ----------------------------------------------------------
@@ -258,7 +282,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         seed: int | None = None,
         **kwargs,
     ):
-        super().__init__(layer, **kwargs)
+        super().__init__(layer, **_with_layer_dtype(layer, kwargs))
         self.weight_bits = quantizers.check_bits(weight_bits, "weight_bits")
         self.activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
         if not isinstance(per_channel, (bool, np.bool_)):
@@ -296,11 +320,12 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
                     shape=kernel.shape,
                     initializer="ones",
                     trainable=False,
+                    autocast=False,
                 )
         self._add_range_variables()
         if self.rounding == "stochastic":
             self.stochastic_rounding = self.add_weight(
-                name="stochastic_rounding", shape=(), initializer="ones", trainable=False
+                name="stochastic_rounding", shape=(), initializer="ones", trainable=False, autocast=False
             )
         self.built = True
 
@@ -325,17 +350,23 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         for spec in self.specs:
             if spec.key in self.masks:
                 mask = self.masks[spec.key]
-                kernel = tf.convert_to_tensor(_read(self.layer, spec))
+                kernel = _float32_value(_read(self.layer, spec))
                 mask.assign(tf.cast(tf.not_equal(kernel, 0), mask.dtype))
 
     def channel_axes(self, spec: KernelSpec):
         return spec.channel_axes if self.per_channel else None
 
-    def quantized_kernel(self, spec: KernelSpec, training: bool = False):
-        """The fake-quantised kernel the layer runs with (float, straight-through gradient)."""
-        kernel = tf.convert_to_tensor(_read(self.layer, spec))
+    def _masked_kernel(self, spec: KernelSpec):
+        """The float kernel (in its variable dtype, float32 under mixed precision) times its mask."""
+        kernel = _float32_value(_read(self.layer, spec))
         if spec.key in self.masks:
-            kernel = kernel * tf.cast(self.masks[spec.key], kernel.dtype)
+            kernel = kernel * tf.cast(_float32_value(self.masks[spec.key]), kernel.dtype)
+        return kernel
+
+    def quantized_kernel(self, spec: KernelSpec, training: bool = False):
+        """The fake-quantised kernel the layer runs with (in the layer's compute dtype, from
+        float32 arithmetic; straight-through gradient)."""
+        kernel = self._masked_kernel(spec)
         axes = self.channel_axes(spec)
         q = quantizers.fake_quant_weights(kernel, self.weight_bits, axes)
         if training and self.rounding == "stochastic":
@@ -344,7 +375,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             q_stochastic = quantizers.fake_quant_weights(
                 kernel, self.weight_bits, axes, rounding="stochastic", seed=self.seed_generator
             )
-            q = tf.where(tf.convert_to_tensor(self.stochastic_rounding) > 0.5, q_stochastic, q)
+            q = tf.where(_float32_value(self.stochastic_rounding) > 0.5, q_stochastic, q)
         elif converting() and not training:
             return self._converter_kernel(spec)
         return tf.cast(q, _compute_dtype_of(self.layer))
@@ -358,10 +389,9 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
 
     def integer_kernel(self, spec: KernelSpec):
         """`(values, scales)` of the kernel with nearest rounding (what `convert` stores)."""
-        kernel = tf.convert_to_tensor(_read(self.layer, spec))
-        if spec.key in self.masks:
-            kernel = kernel * tf.cast(self.masks[spec.key], kernel.dtype)
-        return quantizers.quantize_weights_int(kernel, self.weight_bits, self.channel_axes(spec))
+        return quantizers.quantize_weights_int(
+            self._masked_kernel(spec), self.weight_bits, self.channel_axes(spec)
+        )
 
     def call(self, inputs, training=None):
         training = bool(training)
@@ -418,7 +448,7 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         per_channel: bool = True,
         **kwargs,
     ):
-        super().__init__(layer, **kwargs)
+        super().__init__(layer, **_with_layer_dtype(layer, kwargs))
         self.weight_bits = quantizers.check_bits(weight_bits, "weight_bits")
         self.activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
         self.per_channel = bool(per_channel)
@@ -458,7 +488,11 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             axes = quantizers._reduce_axes(len(shape), spec.channel_axes if self.per_channel else None)
             scale_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
             self.scales[spec.key] = self.add_weight(
-                name=f"{spec.key}_scale", shape=scale_shape, initializer="ones", trainable=False
+                name=f"{spec.key}_scale",
+                shape=scale_shape,
+                initializer="ones",
+                trainable=False,
+                autocast=False,
             )
         for attr, value in attrs.items():
             delattr(self.layer, attr)  # removes TensorFlow's tracking of the attribute too
@@ -491,7 +525,7 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         values = quantizers.unpack_int_tf(
             tf.convert_to_tensor(self.values[spec.key]), self.weight_bits, shape
         )
-        kernel = values * tf.convert_to_tensor(self.scales[spec.key])
+        kernel = values * _float32_value(self.scales[spec.key])  # float32, cast once
         return tf.cast(kernel, _compute_dtype_of(self.layer))
 
     def call(self, inputs):
