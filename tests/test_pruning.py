@@ -92,6 +92,33 @@ SCHEDULES = [
 ]
 STEPS = list(range(0, 130))
 
+# tfmot's step semantics: wrapper arguments (`P` is the pruning module) -> (step, zero fraction
+# of the mask) after each of 102 batches of one `fit`.
+STEP_CASES = {
+    "default": "{}",  # ConstantSparsity(0.5, 0): every 100 steps, the first at step 100
+    "constant_f3": "dict(pruning_schedule=P.ConstantSparsity(0.5, 0, frequency=3))",
+    "constant_b2": "dict(pruning_schedule=P.ConstantSparsity(0.5, np.int64(2), frequency=1))",
+    "poly": "dict(pruning_schedule=P.PolynomialDecay(0.0, 0.75, 1, np.int32(7), frequency=2))",
+    "m_by_n": "dict(sparsity_m_by_n=(2, 4))",  # tfmot: the m:n mask once, at step 1
+}
+RECORD_STEPS = """
+def record_steps(P, keras, case):
+    keras.utils.set_random_seed(0)
+    layer = P.prune_low_magnitude(keras.layers.Dense(8), **eval(case))
+    model = keras.Sequential([keras.Input((16,)), layer])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    mask = lambda: (layer.pruning_vars[0][1] if hasattr(layer, "pruning_vars") else layer.mask).numpy()
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([int(layer.pruning_step.numpy()), float(np.mean(mask() == 0))])
+
+    x = np.random.default_rng(0).standard_normal((102, 16)).astype("float32")
+    model.fit(x, x[:, :8], batch_size=1, verbose=0, callbacks=[P.UpdatePruningStep(), Record()])
+    return seen
+"""
+
 
 def test_schedules_match_tfmot_and_tfmot_schedules_are_accepted():
     ours = []
@@ -104,12 +131,16 @@ def test_schedules_match_tfmot_and_tfmot_schedules_are_accepted():
 import json
 import numpy as np, keras, tensorflow as tf
 import tensorflow_model_optimization as tfmot
+import tf_keras
 from tf_sparseconv.python import pruning
 out = []
 for name, config in {SCHEDULES!r}:
     schedule = getattr(tfmot.sparsity.keras, name)(**config)
     out.append([[bool(p), float(v)] for p, v in
                 (schedule(tf.constant(s, tf.int64)) for s in {STEPS!r})])
+{RECORD_STEPS}
+steps = {{name: record_steps(tfmot.sparsity.keras, tf_keras, case) for name, case in {STEP_CASES!r}.items()}}
+print("STEPS" + json.dumps(steps))
 # tfmot's own schedule objects drive our wrapper as they are, and serialise as ours.
 keras.utils.set_random_seed(0)
 layer = keras.layers.Dense(8)
@@ -131,6 +162,17 @@ print("RESULT" + json.dumps(out))
         assert [p for p, _ in a] == [p for p, _ in b], (name, config)
         np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6, atol=1e-7)
 
+    # tfmot's step semantics: the same step numbers, and each mask first changes (and then
+    # changes) at the same batch; ours prunes ceil(s * size) weights, tfmot round(s * size).
+    their_steps = json.loads(proc.stdout.split("STEPS")[-1].split("RESULT")[0])
+    scope = {"np": np}
+    exec(RECORD_STEPS, scope)
+    for name, case in STEP_CASES.items():
+        our_steps = scope["record_steps"](pruning, keras, case)
+        assert [s for s, _ in our_steps] == [s for s, _ in their_steps[name]] == list(range(1, 103)), name
+        for (step, a), (_, b) in zip(our_steps, their_steps[name]):
+            assert abs(a - b) <= 1 / 128 + 1e-9 and (a == 0) == (b == 0), (name, step, a, b)
+
 
 def test_importing_pruning_does_not_import_tfmot():
     run_python(
@@ -143,6 +185,48 @@ bad = [m for m in sys.modules if m.startswith(("tensorflow_model_optimization", 
 assert not bad, bad
 """
     )
+
+
+def test_numpy_integers_and_tfmot_arguments():
+    # tfmot's pruning example: end_step = np.ceil(num_images / batch_size).astype(np.int32) * epochs
+    end_step = np.ceil(54000 / 128).astype(np.int32) * 2
+    schedule = pruning.PolynomialDecay(np.float32(0.5), 0.8, np.int64(0), end_step, frequency=np.int16(50))
+    assert schedule.end_step == 844 and type(schedule.end_step) is int and type(schedule.frequency) is int
+    assert pruning.ConstantSparsity(0.5, np.array(3)).begin_step == 3
+    wrapper = pruning.prune_low_magnitude(
+        keras.layers.Dense(8), schedule, block_shape=(np.int64(2), 4), channel_group=np.int32(2)
+    )
+    assert wrapper.block_shape == (2, 4) and type(wrapper.channel_group) is int
+    # block_size= is granularity="block"; sparsity_m_by_n= is "m_by_n", its mask set once at step 1.
+    wrapper = pruning.prune_low_magnitude(keras.layers.Dense(8), block_size=[1, 16], block_pooling_type="MAX")
+    assert (wrapper.granularity, wrapper.block_shape, wrapper.block_pooling_type) == ("block", (1, 16), "MAX")
+    assert pruning.prune_low_magnitude(keras.layers.Dense(8), block_size=(1, 1)).granularity == "weight"
+    wrapper = pruning.prune_low_magnitude(keras.layers.Dense(8), sparsity_m_by_n=(2, 4))
+    assert (wrapper.granularity, wrapper.m_by_n) == ("m_by_n", (2, 4))
+    assert wrapper.pruning_schedule == pruning.ConstantSparsity(0.5, 1, end_step=1)
+    # a list of layers gives a list of wrappers (tfmot)
+    layers = pruning.prune_low_magnitude([keras.layers.Dense(4), keras.layers.Conv2D(4, 3)])
+    assert [type(layer) for layer in layers] == [pruning.PruneLowMagnitude] * 2
+    # block_pooling_type="MAX": the blocks with the largest |w| survive
+    kernel = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    mask = pruning.compute_mask(kernel, 0.5, "block", block_shape=(4, 4), block_pooling="MAX")
+    block_max = np.abs(kernel).reshape(2, 4, 2, 4).max(axis=(1, 3))
+    keep = mask.reshape(2, 4, 2, 4)[:, 0, :, 0] == 1
+    assert keep.sum() == 2 and block_max[keep].min() > block_max[~keep].max()
+
+
+def test_training_without_update_pruning_step_raises(rng):
+    x, y = data(rng, 16)
+    model = pruning.prune_low_magnitude(conv_model(), pruning.ConstantSparsity(0.5, 0, frequency=1))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(RuntimeError, match="UpdatePruningStep"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    with pytest.raises(RuntimeError, match="UpdatePruningStep"):  # an eager custom loop
+        model(x[:2], training=True)
+    model(x[:2])  # inference needs no callback
+    fit(model, x, y, epochs=1)  # with the callback, the same model trains (a new train function)
+    for wrapper in pruning.collect_pruned_layers(model):
+        assert int(wrapper.pruning_step.numpy()) == 2 and wrapper.sparsity() == pytest.approx(0.5, abs=0.05)
 
 
 def test_schedule_values_and_config():
@@ -195,11 +279,11 @@ def test_fit_reaches_final_sparsity(rng, granularity, final):
         pruning.PolynomialDecay(0.0, final, 0, 10, frequency=2),
         granularity=granularity,
     )
-    fit(model, x, y, epochs=2)  # 16 steps; the last pruning step is 10
+    fit(model, x, y, epochs=2)  # steps 1-16 (tfmot's numbering); the last pruning step is 10
     wrappers = pruning.collect_pruned_layers(model)
     assert len(wrappers) == 3
     for wrapper in wrappers:
-        assert int(wrapper.pruning_step.numpy()) == 15
+        assert int(wrapper.pruning_step.numpy()) == 16
         assert final <= zero_fraction(wrapper) <= final + 0.05, (wrapper.name, zero_fraction(wrapper))
         bias = wrapper.layer.bias.numpy()
         assert np.all(bias != 0)  # biases are trained, never pruned
@@ -316,7 +400,7 @@ def test_wrapped_layer_in_functional_model_config_and_keras_round_trip(rng, tmp_
     inputs = keras.Input((8, 8, 8))
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(layer(inputs))))
     fit(model, x, y, epochs=1)
-    assert int(layer.pruning_step.numpy()) == 3 and layer.sparsity() > 0
+    assert int(layer.pruning_step.numpy()) == 4 and layer.sparsity() > 0
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -344,13 +428,13 @@ def test_checkpoint_restore_resumes_exactly(rng, tmp_path):
     tf.train.Checkpoint(model=b).restore(path).assert_existing_objects_matched()
     assert len(masks_of(a)) == len(masks_of(b)) == 3
     for (mask_a, step_a), (mask_b, step_b) in zip(masks_of(a), masks_of(b)):
-        assert step_a == step_b == 7
+        assert step_a == step_b == 8
         np.testing.assert_array_equal(mask_a, mask_b)
     assert_same_weights(a, b, rtol=0, atol=0)
     fit(a, x, y, epochs=2)
     fit(b, x, y, epochs=2)
     assert_same_weights(a, b, rtol=1e-6, atol=1e-7)
-    assert all(step == 23 for _, step in masks_of(b))
+    assert all(step == 24 for _, step in masks_of(b))
 
 
 def test_keras_round_trip_mid_schedule(rng, tmp_path):
@@ -364,7 +448,7 @@ def test_keras_round_trip_mid_schedule(rng, tmp_path):
     loaded = keras.saving.load_model(path)
     assert all(isinstance(w, pruning.PruneLowMagnitude) for w in pruning.collect_pruned_layers(loaded))
     for (mask_a, step_a), (mask_b, step_b) in zip(masks_of(model), masks_of(loaded)):
-        assert step_a == step_b == 7
+        assert step_a == step_b == 8
         np.testing.assert_array_equal(mask_a, mask_b)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
     fit(model, x, y, epochs=2)
@@ -492,12 +576,15 @@ def test_pruning_summaries_write_sparsity_scalars(rng, tmp_path):
     tags = [t for t in values if "sparsity" in t and "target" not in t]
     assert len(tags) == 3, values.keys()
     for tag in tags:
-        assert len(values[tag]) == 2 and values[tag][-1] == pytest.approx(0.5, abs=0.05)
+        # at the begin (as tfmot) and end of each epoch, once per optimizer step: 0, 4, 8
+        assert len(values[tag]) == 3 and values[tag][-1] == pytest.approx(0.5, abs=0.05)
 
 
 def test_mixed_precision(rng):
     x, y = data(rng, 16)
-    wrapper = pruning.prune_low_magnitude(keras.layers.Conv2D(8, 3, dtype="mixed_float16"))
+    wrapper = pruning.prune_low_magnitude(
+        keras.layers.Conv2D(8, 3, dtype="mixed_float16"), pruning.ConstantSparsity(0.5, 0, frequency=1)
+    )
     assert wrapper(tf.constant(x[:2])).dtype == tf.float16
     model = keras.Sequential(
         [
@@ -538,6 +625,22 @@ class _Subclassed(keras.Model):
         (lambda: pruning.prune_low_magnitude(pruning.prune_low_magnitude(keras.layers.Dense(2))), "to_prune"),
         (lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), channel_group=0), "channel_group"),
         (lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), channel_group=2.0), "channel_group"),
+        (lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), block_size=(0, 4)), "block_size"),
+        (
+            lambda: pruning.prune_low_magnitude(
+                keras.layers.Dense(2), granularity="kernel", block_size=(2, 2)
+            ),
+            "block_size",
+        ),
+        (
+            lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), sparsity_m_by_n=(4, 4)),
+            "sparsity_m_by_n",
+        ),
+        (
+            lambda: pruning.prune_low_magnitude(keras.layers.Dense(2), block_pooling_type="SUM"),
+            "block_pooling",
+        ),
+        (lambda: pruning.ConstantSparsity(0.5, 2.5), "begin_step"),
         (lambda: pruning.ConstantSparsity(1.0, 0), "target_sparsity"),
         (lambda: pruning.ConstantSparsity(0.5, -1), "begin_step"),
         (lambda: pruning.ConstantSparsity(0.5, 10, end_step=5), "end_step"),

@@ -2,8 +2,8 @@
 
 Every granularity groups the weights of a kernel into units (single weights,
 whole k×k kernels of one (in, out) pair, blocks), scores each unit by its mean
-|w|, and prunes the lowest-scoring units (ties to the lower index) until at
-least `ceil(sparsity * size)` weights are pruned, so the zero fraction of a
+|w| (a block optionally by its largest |w|), and prunes the lowest-scoring units
+(ties to the lower index) until at least `ceil(sparsity * size)` weights are pruned, so the zero fraction of a
 tensor lands in [s, s + one unit]. "kernel" balances the pruned kernels over the
 output channels (each loses the same number first), so that the stripped
 channel-sparse layer's fan-in is as small as the sparsity allows. "m_by_n" first
@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 GRANULARITIES = ("weight", "kernel", "block", "m_by_n")
+BLOCK_POOLINGS = ("AVG", "MAX")
 
 
 def _target_count(sparsity: float, size: int) -> int:
@@ -89,7 +90,9 @@ def _kernel_mask(
     return np.broadcast_to(keep, kernel.shape)
 
 
-def _block_mask(kernel: np.ndarray, sparsity: float, block_shape: tuple[int, int]) -> np.ndarray:
+def _block_mask(
+    kernel: np.ndarray, sparsity: float, block_shape: tuple[int, int], pooling: str = "AVG"
+) -> np.ndarray:
     shape = kernel.shape if kernel.ndim >= 2 else (1, *kernel.shape)
     w = np.abs(kernel).reshape(-1, *shape[-2:])  # [lead, A, B]
     lead, a, b = w.shape
@@ -99,9 +102,11 @@ def _block_mask(kernel: np.ndarray, sparsity: float, block_shape: tuple[int, int
     padded[:, :a, :b] = w
     ones = np.zeros((nh * bh, nw * bw))
     ones[:a, :b] = 1.0
-    blocks = padded.reshape(lead, nh, bh, nw, bw).sum(axis=(2, 4))
     sizes = ones.reshape(nh, bh, nw, bw).sum(axis=(1, 3))
-    scores = blocks / sizes  # mean |w| over the in-range part of each block
+    if pooling == "MAX":  # the largest |w| of each block (the padding is 0, below any |w|)
+        scores = padded.reshape(lead, nh, bh, nw, bw).max(axis=(2, 4))
+    else:  # mean |w| over the in-range part of each block
+        scores = padded.reshape(lead, nh, bh, nw, bw).sum(axis=(2, 4)) / sizes
     sizes = np.broadcast_to(sizes, scores.shape).astype(np.int64)
     keep = _prune_units(scores, sizes, _target_count(sparsity, kernel.size)).reshape(lead, nh, nw)
     full = np.repeat(np.repeat(keep, bh, axis=1), bw, axis=2)[:, :a, :b]
@@ -135,16 +140,18 @@ def compute_mask(
     m_by_n: tuple[int, int] = (2, 4),
     in_axis: int = -2,
     channel_group: int = 1,
+    block_pooling: str = "AVG",
 ) -> np.ndarray:
     """The 0/1 mask (kernel's dtype) pruning `kernel` to `sparsity` at `granularity`
-    (`channel_group`: output channels per group for "kernel")."""
+    (`channel_group`: output channels per group for "kernel"; `block_pooling`: "AVG" or "MAX",
+    how a "block" is scored from its |w|)."""
     kernel = np.asarray(kernel)
     if granularity == "weight":
         keep = _weight_mask(kernel, sparsity)
     elif granularity == "kernel":
         keep = _kernel_mask(kernel, sparsity, in_axis, channel_group)
     elif granularity == "block":
-        keep = _block_mask(kernel, sparsity, block_shape)
+        keep = _block_mask(kernel, sparsity, block_shape, block_pooling)
     elif granularity == "m_by_n":
         keep = _m_by_n_mask(kernel, sparsity, m_by_n, in_axis if kernel.ndim > 1 else -1)
     else:

@@ -9,13 +9,25 @@ accepted by `prune_low_magnitude`, including tfmot's own schedule objects
 
 from __future__ import annotations
 
+import numbers
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer (also a 0-d integer array, as `np.ceil(x).astype(np.int32)`
+    gives), not a bool."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_step(value, name: str, allow_minus_one: bool = False) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise ValueError(f"`{name}` must be an int, got {value!r}")
+    value = int(value)
     if value < 0 and not (allow_minus_one and value == -1):
         extra = " (or -1)" if allow_minus_one else ""
         raise ValueError(f"`{name}` must be >= 0{extra}, got {value}")
@@ -136,7 +148,7 @@ class PolynomialDecay(PruningSchedule):
         if self.end_step <= self.begin_step:
             raise ValueError(f"`end_step` ({end_step}) must be > `begin_step` ({begin_step})")
         try:
-            self.power = float(power) if not isinstance(power, int) else power
+            self.power = int(power) if is_int(power) else float(power)
         except (TypeError, ValueError):
             raise ValueError(f"`power` must be a number, got {power!r}") from None
 

@@ -14,11 +14,24 @@ from tf_sparseconv.python.pruning.wrapper import (
 )
 
 
+def masked_weights(wrapper: PruneLowMagnitude) -> list[np.ndarray]:
+    """weight * mask for each pruned weight of a built wrapper (the kernel first), as NumPy."""
+    out = []
+    for variable, mask in zip(wrapper.pruned_weights, wrapper.masks):
+        weight = np.asarray(keras.ops.convert_to_numpy(variable))
+        out.append(weight * np.asarray(keras.ops.convert_to_numpy(mask)).astype(weight.dtype))
+    return out
+
+
 def masked_kernel(wrapper: PruneLowMagnitude) -> np.ndarray:
     """kernel * mask of a built wrapper, as NumPy."""
-    kernel = np.asarray(keras.ops.convert_to_numpy(wrapper.pruned_weight))
-    mask = np.asarray(keras.ops.convert_to_numpy(wrapper.mask)).astype(kernel.dtype)
-    return kernel * mask
+    return masked_weights(wrapper)[0]
+
+
+def _assign_masked(wrapper: PruneLowMagnitude, layer) -> None:
+    """Sets `layer`'s copies of the wrapper's pruned weights to their masked values."""
+    for attr, value in zip(wrapper.pruned_attributes, masked_weights(wrapper)):
+        getattr(layer, attr).assign(value)
 
 
 def connections_from_kernel(kernel: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -64,7 +77,7 @@ def _to_channel_sparse(wrapper: PruneLowMagnitude):
     dense = _default_clone(wrapper.layer)
     dense.build((None, *([None] * (kernel.ndim - 2)), cin))
     copy_layer_weights(wrapper.layer, dense)
-    dense.kernel.assign(kernel)
+    _assign_masked(wrapper, dense)
     return channel_sparse_from_conv(dense, connections)
 
 
@@ -102,7 +115,7 @@ def strip_pruning(model, to_sparse_layers: bool = False):
         if isinstance(old, PruneLowMagnitude):
             copy_layer_weights(old.layer, new)
             if old.built:
-                getattr(new, old.kernel_attribute).assign(masked_kernel(old))
+                _assign_masked(old, new)
         else:
             copy_layer_weights(old, new)
 
