@@ -611,3 +611,43 @@ def test_composes_with_pruning(rng):
     np.testing.assert_allclose(
         converted.predict(x, verbose=0), qat.predict(x, verbose=0), rtol=1e-6, atol=1e-6
     )
+
+
+def test_annotate_then_apply_quantises_exactly_the_marked_layers(rng, tmp_path):
+    pruning = pytest.importorskip("tf_sparseconv.python.pruning")
+    keras.utils.set_random_seed(7)
+    x = rng.standard_normal((16, 12)).astype(np.float32)
+    model = keras.Sequential(
+        [keras.Input((12,)), keras.layers.Dense(16, name="a"), keras.layers.Dense(8, name="b")]
+        + [keras.layers.Flatten(name="f"), keras.layers.Dense(3, name="c")]
+    )
+    marked = keras.models.clone_model(
+        model, clone_function=lambda layer: tq.quantize_annotate_layer(layer) if layer.name != "c" else layer
+    )
+    path = str(tmp_path / "annotated.keras")
+    marked.save(path)
+    with tq.quantize_scope():
+        marked = keras.models.load_model(path)
+    qat = tq.quantize_apply(marked, weight_bits=4, quantized_layer_name_prefix="q_")
+    assert [(type(layer).__name__, layer.name) for layer in qat.layers] == [
+        ("QuantizeWrapper", "q_a"),
+        ("QuantizeWrapper", "q_b"),
+        ("Flatten", "f"),  # marked, but no kernel: copied as it is
+        ("Dense", "c"),  # not marked
+    ]
+    assert qat.layers[0].weight_bits == 4
+    np.testing.assert_array_equal(qat.layers[3].kernel.numpy(), model.layers[-1].kernel.numpy())
+    # A marked pruning wrapper becomes a QuantizeWrapper keeping its mask frozen.
+    pruned = pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    pruned.compile(optimizer="sgd", loss="mse")
+    pruned.fit(x, x[:, :3], epochs=1, verbose=0, callbacks=[pruning.UpdatePruningStep()])
+    qat = tq.quantize_apply(tq.quantize_annotate_model(pruned))
+    assert [type(layer).__name__ for layer in qat.layers] == ["QuantizeWrapper"] * 2 + [
+        "Flatten",
+        "QuantizeWrapper",
+    ]
+    for wrapper in (qat.layers[0], qat.layers[-1]):
+        assert np.mean(wrapper.masks["kernel"].numpy() == 0) == 0.5
+    np.testing.assert_allclose(qat(x), pruned(x), atol=0.05)  # only 8-bit weight rounding apart
+    with pytest.raises(ValueError, match="quantize_config"):
+        tq.quantize_annotate_layer(keras.layers.Dense(2), quantize_config={})

@@ -12,13 +12,24 @@ With `rounding="stochastic"`, pass `FinishWithNearestRounding(nearest_epochs=1)`
 to `fit` so that the last epochs train (and calibrate the activation ranges)
 with the nearest-rounded weights that inference uses.
 
+tfmot's annotate-then-apply API works too: `quantize_annotate_layer(layer)` marks
+a layer, `quantize_annotate_model(model)` marks all, `quantize_apply(model)`
+quantises exactly the marked layers (with `quantize_model`'s defaults), and
+`quantize_scope()` is the custom-object scope for loading.
+
 Where activations are quantised: at the outputs of the quantised layers
 (after their bias and activation function; for a sparse map, its features).
 The model's input and the outputs of other layers stay float.
 """
 
+from tf_sparseconv.python.quantization.annotate import (
+    QuantizeAnnotate,
+    quantize_annotate_layer,
+    quantize_annotate_model,
+    quantize_scope,
+)
 from tf_sparseconv.python.quantization.callbacks import FinishWithNearestRounding
-from tf_sparseconv.python.quantization.model import convert, quantize_model
+from tf_sparseconv.python.quantization.model import convert, quantize_apply, quantize_model
 from tf_sparseconv.python.quantization.quantizers import (
     activation_qparams,
     fake_quant_activations,
@@ -34,6 +45,7 @@ from tf_sparseconv.python.quantization.wrappers import IntegerWeightsWrapper, Qu
 __all__ = [
     "FinishWithNearestRounding",
     "IntegerWeightsWrapper",
+    "QuantizeAnnotate",
     "QuantizeWrapper",
     "activation_qparams",
     "convert",
@@ -41,7 +53,11 @@ __all__ = [
     "fake_quant_weights",
     "kernel_specs",
     "pack_int",
+    "quantize_annotate_layer",
+    "quantize_annotate_model",
+    "quantize_apply",
     "quantize_model",
+    "quantize_scope",
     "quantize_weights_int",
     "unpack_int",
     "unpack_int_tf",
