@@ -349,3 +349,25 @@ def test_qat_depthwise_and_per_tensor_to_integer_litert(tmp_path, rng):
         got = run_litert(path, {"image": x})["output_0"]
         want = qat.predict(x, verbose=0)
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max() + 1e-3
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_model_exports_in_float32(target, tmp_path, x, policy):
+    """A mixed-precision model converts (its layers computing in float32 for the export: the
+    converters reject half-precision convolutions and top-k): its outputs are the model's
+    computed in float32 (from the same float32 variables)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs = image_input()
+        h = tsc.layers.ChannelSparseConv2D(8, 3, density=0.25, activation="relu")(inputs)
+        h = tsc.layers.KWinners(k=3)(keras.layers.Conv2D(8, 3, padding="same")(h))
+        model = keras.Model(inputs, keras.layers.Dense(4, dtype="float32")(h))
+        with tsc.export.float32_compute(model):
+            want = model(x).numpy()
+        assert model(x).dtype == "float32" and model.layers[1].compute_dtype == policy.split("_")[1]
+        got, _ = deploy(model, target, tmp_path, {"image": x})
+        assert model.layers[1].compute_dtype == policy.split("_")[1]  # restored after export
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert_close(got["output_0"], want)

@@ -178,13 +178,6 @@ def test_export_saved_model(trained, tmp_path, portable):
             assert {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel"} <= ops, ops
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="export_litert traces the portable graph in the model's compute dtype, and "
-    "TFLiteConverter rejects float16/bfloat16 Conv2D/TopKV2 (a plain float mixed model too); "
-    "needs tf_sparseconv/python/export.py to trace converter graphs with float32 compute",
-)
 def test_export_litert_int8(trained, tmp_path):
     """The int8 LiteRT model: int8 kernels and activations in every convolution and matmul;
     its outputs within the int8 error of the Keras model's."""

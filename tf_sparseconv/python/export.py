@@ -182,15 +182,36 @@ def is_quantized(model) -> bool:
     )
 
 
+@contextlib.contextmanager
+def float32_compute(model):
+    """Within the block, the layers of `model` that compute in float16/bfloat16 (mixed
+    precision) compute in float32 (their variables are float32 already): the LiteRT converter
+    rejects half-precision convolutions and top-k, and integer conversion starts from float32."""
+    changed = []
+    try:
+        for layer in model._flatten_layers(include_self=True):
+            policy = getattr(layer, "dtype_policy", None)
+            if policy is not None and policy.compute_dtype in ("float16", "bfloat16"):
+                changed.append((layer, layer._dtype_policy))
+                layer._dtype_policy = keras.dtype_policies.get("float32")
+        yield
+    finally:
+        for layer, policy in changed:
+            layer._dtype_policy = policy
+
+
 def _portable_saved_model(model, path: str) -> str:
-    """Writes the portable SavedModel the converters read; returns its signature key."""
+    """Writes the portable SavedModel the converters read (float32 compute); returns its
+    signature key."""
     if _is_streaming(model):
         from tf_sparseconv.python.streaming.model import export_streaming
 
-        export_streaming(model, path, portable=True)
+        with float32_compute(model.model):
+            export_streaming(model, path, portable=True)
         return "step"
     _check_model(model)
-    export_saved_model(model, path, portable=True)
+    with float32_compute(model):
+        export_saved_model(model, path, portable=True)
     return "serving_default"
 
 
