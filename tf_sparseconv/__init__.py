@@ -12,9 +12,9 @@ missing or mismatched library it warns and falls back to the pure-TF
 references), so that SavedModels which use the ops can be loaded afterwards.
 """
 
-from tf_sparseconv.python import export, layers, ops, pruning, quantization, streaming
+from tf_sparseconv.python import data, export, layers, ops, pruning, quantization, streaming
 from tf_sparseconv.version import __version__
 
 ops.load_library()
 
-__all__ = ["__version__", "export", "layers", "ops", "pruning", "quantization", "streaming"]
+__all__ = ["__version__", "data", "export", "layers", "ops", "pruning", "quantization", "streaming"]

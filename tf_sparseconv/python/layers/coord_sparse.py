@@ -129,13 +129,46 @@ class Sparsify(_SparseLayer):
         return {**super().get_config(), "threshold": self.threshold}
 
 
+def _first_row(where):
+    """The first row (int32) where the bool vector `where` holds; its length when none does."""
+    padded = tf.concat([tf.cast(where, tf.int32), [1]], 0)
+    return tf.argmax(padded, output_type=tf.int32)
+
+
+def _assert(condition, data):
+    """`tf.debugging.Assert`; eagerly, an `InvalidArgumentError` whose message reads as a sentence."""
+    if tf.executing_eagerly():
+        if not bool(condition):
+            words = [str(d.numpy()) if tf.is_tensor(d) else str(d) for d in data]
+            raise tf.errors.InvalidArgumentError(None, None, " ".join(words))
+        return None
+    # int32 and string data only: tf.debugging.Assert then needs no cond, so the graph stays one
+    # the LiteRT and ONNX converters take (they drop the Assert ops and the ops only they read).
+    return tf.debugging.Assert(condition, data, summarize=1)
+
+
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
 class SparseMap(_SparseLayer):
-    """`[features, coords]` (e.g. batches from a `tf.data` pipeline) -> sparse map.
+    """`[features, coords]` or `[features, coords, num_sites]` (batches from a `tf.data`
+    pipeline, e.g. `tsc.data.sparse_batches`) -> sparse map.
 
-    `spatial_shape` is the grid (D ints). The batch size is
-    `max(coords[:, 0]) + 1` (0 for an empty map); pass `batch_size` when the
-    last samples of a batch may have no site at all.
+    `spatial_shape` is the grid (D ints). The batch size, the map's `shape[0]`, is
+    - the length of `num_sites` (int `[B]`, the sites of each sample, as
+      `tsc.data.sparse_batches` yields them) when the layer is called on three inputs; the
+      rows of `coords` must then hold exactly `num_sites[b]` sites of each sample `b`, which
+      also catches site rows that were sliced into batches as if they were samples (Keras'
+      `fit`/`predict`/`evaluate` on NumPy arrays do that: feed sparse maps as a `tf.data`
+      pipeline);
+    - else `batch_size` when given;
+    - else inferred as `max(coords[:, 0]) + 1` (0 for an empty map), which misses samples
+      without a site at the end of a batch; an inferred batch larger than the number of sites
+      is an error asking for `batch_size` (or `num_sites`) — it cannot be told from a corrupt
+      index, and a corrupt index would make the layers after allocate `[index + 1, C]`.
+
+    Checked at run time (`InvalidArgumentError` naming the layer, the argument and the row;
+    the checks stay in traced graphs and SavedModels, the LiteRT/ONNX converters drop them):
+    `features` and `coords` have the same number of rows, batch indices are in `[0, batch)`,
+    `num_sites` matches `coords` and, with both given, has `batch_size` entries.
     """
 
     def __init__(self, spatial_shape, batch_size: int | None = None, **kwargs):
@@ -146,29 +179,124 @@ class SparseMap(_SparseLayer):
             raise ValueError(f"`spatial_shape` must have 1, 2 or 3 entries, got {spatial_shape!r}")
         self.batch_size = positive_int(batch_size, "batch_size", allow_none=True)
 
+    def _inputs(self, inputs):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) not in (2, 3):
+            raise ValueError(
+                f"SparseMap '{self.name}' is called on [features, coords] or "
+                f"[features, coords, num_sites], got {inputs!r}"
+            )
+        return inputs[0], inputs[1], (inputs[2] if len(inputs) == 3 else None)
+
     def call(self, inputs):
-        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
-            raise ValueError(f"SparseMap is called on [features, coords], got {inputs!r}")
-        features, coords = inputs
+        features, coords, num_sites = self._inputs(inputs)
         coords = tf.cast(coords, tf.int32)
-        if self.batch_size is not None:
-            batch = tf.constant([self.batch_size], tf.int32)
+        who = f"SparseMap `{self.name}`"
+        n_f, n_c = features.shape[0], coords.shape[0]
+        if n_f is not None and n_c is not None and n_f != n_c:
+            raise ValueError(f"{who}: `features` has {n_f} rows but `coords` has {n_c} (one row per site)")
+        n = tf.shape(coords)[0]
+        index = coords[:, 0]
+        low_row = _first_row(index < 0)
+        high_row = tf.argmax(tf.concat([index, [-1]], 0), output_type=tf.int32)
+        high = tf.concat([index, [-1]], 0)[high_row]
+        checks = [
+            _assert(
+                tf.equal(tf.shape(features)[0], n),
+                [f"{who}: `features` has", tf.shape(features)[0], "rows but `coords` has", n],
+            ),
+            _assert(
+                low_row >= n,
+                [
+                    f"{who}: `coords` row",
+                    low_row,
+                    "has batch index",
+                    tf.concat([index, [0]], 0)[low_row],
+                    "< 0",
+                ],
+            ),
+        ]
+        if num_sites is not None:
+            num_sites = tf.reshape(tf.cast(num_sites, tf.int32), [-1])
+            batch = tf.shape(num_sites)[0]
+            if self.batch_size is not None:
+                checks.append(
+                    _assert(
+                        tf.equal(batch, self.batch_size),
+                        [f"{who}: `num_sites` has", batch, "samples but batch_size is", self.batch_size],
+                    )
+                )
+            bound = "the number of samples (the length of `num_sites`)"
+        elif self.batch_size is not None:
+            batch = tf.constant(self.batch_size, tf.int32)
+            bound = "batch_size"
         else:
-            batch = tf.reshape(tf.reduce_max(tf.concat([coords[:, 0], [-1]], 0)) + 1, [1])
-        return [features, coords, tf.concat([batch, tf.constant(self.spatial_shape, tf.int32)], 0)]
+            batch = high + 1
+            bound = None
+        if bound is not None:
+            checks.append(
+                _assert(
+                    high < batch,
+                    [f"{who}: `coords` row", high_row, "has batch index", high, f">= {bound}", batch],
+                )
+            )
+        else:
+            checks.append(
+                _assert(
+                    batch <= n,
+                    [
+                        f"{who}: `coords` row",
+                        high_row,
+                        "has batch index",
+                        high,
+                        "but the map has only",
+                        n,
+                        "sites: an inferred batch size larger than the number of sites is taken for a "
+                        "corrupt index; pass `batch_size` to SparseMap, or call it on "
+                        "[features, coords, num_sites] (tsc.data.sparse_batches yields them)",
+                    ],
+                )
+            )
+        if num_sites is not None:
+            with tf.control_dependencies([c for c in checks if c is not None]):
+                counts = tf.math.unsorted_segment_sum(tf.ones_like(index), index, batch)
+            wrong = _first_row(tf.not_equal(counts, num_sites))
+            checks.append(
+                _assert(
+                    wrong >= batch,
+                    [
+                        f"{who}: sample",
+                        wrong,
+                        "has",
+                        tf.concat([counts, [0]], 0)[wrong],
+                        "rows in `coords` but `num_sites` says",
+                        tf.concat([num_sites, [0]], 0)[wrong],
+                        "- were the site rows sliced into batches as if they were samples "
+                        "(model.fit/predict/evaluate on NumPy arrays)? Feed sparse maps as a "
+                        "tf.data pipeline, e.g. tsc.data.sparse_batches",
+                    ],
+                )
+            )
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            shape = tf.concat([tf.reshape(batch, [1]), tf.constant(self.spatial_shape, tf.int32)], 0)
+            return [tf.identity(features), tf.identity(coords), shape]
 
     def compute_output_shape(self, input_shape):
-        features, coords = input_shape
+        features, coords, _ = self._inputs(input_shape)
         if coords[-1] is not None and coords[-1] != 1 + len(self.spatial_shape):
             raise ValueError(
                 f"SparseMap: coords must be [N, {1 + len(self.spatial_shape)}] for spatial_shape "
                 f"{self.spatial_shape}, got {coords}"
             )
+        if features[0] is not None and coords[0] is not None and features[0] != coords[0]:
+            raise ValueError(
+                f"SparseMap '{self.name}': `features` has {features[0]} rows but `coords` has {coords[0]}"
+            )
         return [tuple(features), (features[0], 1 + len(self.spatial_shape)), (1 + len(self.spatial_shape),)]
 
     def compute_output_spec(self, inputs):
-        shapes = self.compute_output_shape([inputs[0].shape, inputs[1].shape])
-        return _sparse_spec(shapes, inputs[0].dtype)
+        features, coords, _ = self._inputs(inputs)
+        shapes = self.compute_output_shape([features.shape, coords.shape])
+        return _sparse_spec(shapes, features.dtype)
 
     def get_config(self):
         return {**super().get_config(), "spatial_shape": self.spatial_shape, "batch_size": self.batch_size}
