@@ -71,7 +71,7 @@ def models():
     h = keras.layers.Conv2D(16, 3, padding="same", name="c2")(h)
     model = keras.Model(i, h)
     pruned = tsc.pruning.prune_low_magnitude(
-        model, tsc.pruning.ConstantSparsity(0.75, 0), granularity="kernel"
+        model, tsc.pruning.ConstantSparsity(0.75, 0, frequency=1), granularity="kernel"
     )
     pruned.compile("sgd", "mse")
     pruned.fit(

@@ -2,8 +2,8 @@
 
 Every layer class of the package is reachable here, including those that live with their
 training tools: `StreamingConv1D` (`tsc.streaming`), `PruneLowMagnitude` (`tsc.pruning`),
-`QuantizeWrapper` and `IntegerWeightsWrapper` (`tsc.quantization`). Those are imported on first
-access (they import this module themselves).
+`QuantizeWrapper`, `IntegerWeightsWrapper` and `QuantizeAnnotate` (`tsc.quantization`).
+Those are imported on first access (they import this module themselves).
 """
 
 from tf_sparseconv.python.layers.block_sparse import BlockSparseConv2D, BlockSparseResidualBlock
@@ -60,6 +60,7 @@ __all__ = [
     "channel_sparse_from_conv",
     "IntegerWeightsWrapper",
     "PruneLowMagnitude",
+    "QuantizeAnnotate",
     "QuantizeWrapper",
     "StreamingConv1D",
 ]
@@ -69,6 +70,7 @@ _ELSEWHERE = {
     "PruneLowMagnitude": "tf_sparseconv.python.pruning.wrapper",
     "QuantizeWrapper": "tf_sparseconv.python.quantization.wrappers",
     "IntegerWeightsWrapper": "tf_sparseconv.python.quantization.wrappers",
+    "QuantizeAnnotate": "tf_sparseconv.python.quantization.annotate",
 }
 
 
