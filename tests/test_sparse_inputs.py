@@ -6,6 +6,7 @@ SavedModels; `tsc.data.sparse_batches` feeds fit/evaluate/predict whole samples.
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -267,3 +268,21 @@ def test_checks_survive_export_saved_model(rng, tmp_path):
     coords[1, 0] = 2**30
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"SparseMap `voxels`: `coords` row.*1073741824"):
         served(features=tf.constant(features), coords=tf.constant(coords))
+
+
+@pytest.mark.slow
+def test_num_sites_model_converts_to_litert_and_onnx(rng, tmp_path):
+    """The converters drop SparseMap's checks (Assert ops) and the ops only they read."""
+    model = voxel_model()
+    features, coords = samples(rng, [3, 0, 4, 0])
+    x = {k: v.numpy() for k, v in next(iter(tsc.data.sparse_batches(features, coords, batch_size=4))).items()}
+    want = model(x).numpy()
+    path = tsc.export.export_litert(model, str(tmp_path / "voxels.tflite"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    np.testing.assert_allclose(next(iter(runner(**x).values())), want, rtol=1e-5, atol=1e-6)
+    ort = pytest.importorskip("onnxruntime")
+    path = tsc.export.export_onnx(model, str(tmp_path / "voxels.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, x)[0], want, rtol=1e-5, atol=1e-6)
