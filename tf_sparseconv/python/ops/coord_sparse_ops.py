@@ -403,8 +403,9 @@ def _flat_kernel(kernel, dims: int, cin, what: str):
     """`[k_1..k_D, Cin, Cout]` -> (`[K, Cin, Cout]`, kernel_size)."""
     if kernel.shape.rank is None or kernel.shape.rank != dims + 2:
         raise ValueError(
-            f"{what}: `kernel` must be [k_1, ..., k_{dims}, Cin, Cout] for D = {dims} spatial axes, "
-            f"got shape {kernel.shape}"
+            f"{what}: `kernel` must be [k_1, ..., k_{dims}, Cin, Cout] for the D = {dims} spatial axes "
+            f"of `spatial_shape` (or of `coords`), got shape {kernel.shape}: check `spatial_shape` "
+            "and the kernel's rank"
         )
     size = tuple(kernel.shape[:dims])
     if None in size or min(size) < 1:
