@@ -8,7 +8,8 @@ from batch to batch (Keras sees it as the leading, "batch" dimension of
 `features` and `coords`).
 
 Entry points: `Sparsify` (a dense `[B, *spatial, C]` tensor -> sparse map) and
-`SparseMap` (`[features, coords]` from a `tf.data` pipeline -> sparse map).
+`SparseMap` (`[features, coords]` or `[features, coords, num_sites]` from a `tf.data`
+pipeline such as `tsc.data.sparse_batches` -> sparse map, validated).
 Exits: `Densify` (-> dense) and `SparseGlobalPooling` (-> `[B, C]`).
 In between: `SparseConv1D/2D/3D`, `SparseMaxPooling*`/`SparseAveragePooling*`,
 `SparseBatchNormalization`. Layers at the same resolution share one rulebook
@@ -182,7 +183,7 @@ class SparseMap(_SparseLayer):
     def _inputs(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) not in (2, 3):
             raise ValueError(
-                f"SparseMap '{self.name}' is called on [features, coords] or "
+                f"SparseMap `{self.name}` is called on [features, coords] or "
                 f"[features, coords, num_sites], got {inputs!r}"
             )
         return inputs[0], inputs[1], (inputs[2] if len(inputs) == 3 else None)
@@ -289,7 +290,7 @@ class SparseMap(_SparseLayer):
             )
         if features[0] is not None and coords[0] is not None and features[0] != coords[0]:
             raise ValueError(
-                f"SparseMap '{self.name}': `features` has {features[0]} rows but `coords` has {coords[0]}"
+                f"SparseMap `{self.name}`: `features` has {features[0]} rows but `coords` has {coords[0]}"
             )
         return [tuple(features), (features[0], 1 + len(self.spatial_shape)), (1 + len(self.spatial_shape),)]
 
