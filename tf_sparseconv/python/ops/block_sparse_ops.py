@@ -89,7 +89,7 @@ def _check_scatter_operands(blocks, indices, base):
     return blocks, indices, base
 
 
-def index_limit(length, size: int, stride: int, offset: int):
+def index_limit(length, size: int, stride: int, offset: int) -> tf.Tensor:
     """Largest valid block index + 1 along an axis: the grid, plus any further block that
     still overlaps the image (`max(grid, ceil((length - offset) / stride))`)."""
     starts = tf.maximum(-((offset - length) // stride), 0)
@@ -115,7 +115,7 @@ def _assert_indices(indices, shape, size, stride, offset):
     )
 
 
-def grid_size(length, size: int, stride: int, offset: int):
+def grid_size(length, size: int, stride: int, offset: int) -> int | tf.Tensor:
     """Blocks along an axis: `max(1, ceil((length - offset - size) / stride) + 1)`."""
     if isinstance(length, (numbers.Integral, np.integer)):
         return max(1, -((size + offset - int(length)) // stride) + 1)
@@ -125,7 +125,9 @@ def grid_size(length, size: int, stride: int, offset: int):
 # --- ops ------------------------------------------------------------------------------
 
 
-def reduce_mask(mask, block_size, block_stride, block_offset=(0, 0), threshold=0.0, avgpool=False, name=None):
+def reduce_mask(
+    mask, block_size, block_stride, block_offset=(0, 0), threshold=0.0, avgpool=False, name=None
+) -> tf.Tensor:
     """The active blocks of a computation mask.
 
     Args:
@@ -158,7 +160,7 @@ def reduce_mask(mask, block_size, block_stride, block_offset=(0, 0), threshold=0
         )
 
 
-def sparse_gather(x, indices, block_size, block_stride, block_offset=(0, 0), name=None):
+def sparse_gather(x, indices, block_size, block_stride, block_offset=(0, 0), name=None) -> tf.Tensor:
     """Gathers blocks `[n, size_h, size_w, C]` of `x` `[B, H, W, C]` (zeros outside the image)."""
     size, stride = _pair(block_size, "block_size"), _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)
@@ -174,7 +176,9 @@ def sparse_gather(x, indices, block_size, block_stride, block_offset=(0, 0), nam
         )
 
 
-def sparse_scatter(blocks, indices, base, block_stride, block_offset=(0, 0), add=False, name=None):
+def sparse_scatter(
+    blocks, indices, base, block_stride, block_offset=(0, 0), add=False, name=None
+) -> tf.Tensor:
     """A copy of `base` `[B, H, W, C]` with `blocks` `[n, size_h, size_w, C]` written or added.
 
     With `add=False` the blocks overwrite `base` (overlapping blocks are an
@@ -263,7 +267,7 @@ def _check_conv_operands(x, kernel, mask, conv: str):
 
 def block_sparse_conv2d(
     x, kernel, mask, block_size, strides=1, padding="SAME", threshold=0.0, avgpool=False, name=None
-):
+) -> tf.Tensor:
     """Convolution computed only inside the active blocks of `mask` (SBNet).
 
     Args:
@@ -290,7 +294,9 @@ def block_sparse_conv2d(
         return block_conv2d_on_indices(x, kernel, indices, size, strides, padding)
 
 
-def block_conv2d_on_indices(x, kernel, indices, block_size, strides, padding, bias=None, activation=None):
+def block_conv2d_on_indices(
+    x, kernel, indices, block_size, strides, padding, bias=None, activation=None
+) -> tf.Tensor:
     """`block_sparse_conv2d` for given active blocks (`reduce_mask(mask, block_size, block_size)`).
 
     `bias` and `activation` (optional) are applied to the computed blocks only,
@@ -360,7 +366,7 @@ def _blocks_conv2d(x, kernel, indices, block_size, strides, padding, bias, activ
     return scatter_into_zeros(y, indices, shape, geo.out_block, (0, 0), add=False)
 
 
-def scatter_into_zeros(blocks, indices, shape, block_stride, block_offset=(0, 0), add=False):
+def scatter_into_zeros(blocks, indices, shape, block_stride, block_offset=(0, 0), add=False) -> tf.Tensor:
     """`sparse_scatter(blocks, indices, tf.zeros(shape), ...)` without materialising the zeros
     first (the output is written once)."""
     library = dispatch("sparse_scatter")
@@ -469,7 +475,9 @@ def _block_values(mask, size, stride, offset, avgpool):
     return pool(m, list(size), list(stride), "VALID")[..., 0]
 
 
-def reduce_mask_reference(mask, block_size, block_stride, block_offset=(0, 0), threshold=0.0, avgpool=False):
+def reduce_mask_reference(
+    mask, block_size, block_stride, block_offset=(0, 0), threshold=0.0, avgpool=False
+) -> tf.Tensor:
     """Pure-TF `reduce_mask` (pooling + `tf.where`)."""
     size, stride = _pair(block_size, "block_size"), _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)
@@ -490,7 +498,7 @@ def _block_coordinates(indices, x_shape, size, stride, offset):
     return tf.stack([b, rows, cols], -1), inside
 
 
-def sparse_gather_reference(x, indices, block_size, block_stride, block_offset=(0, 0)):
+def sparse_gather_reference(x, indices, block_size, block_stride, block_offset=(0, 0)) -> tf.Tensor:
     """Pure-TF `sparse_gather` (`tf.gather_nd` of every block element)."""
     size, stride = _pair(block_size, "block_size"), _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)
@@ -509,7 +517,9 @@ def _gather_reference(x, indices, size, stride, offset):
     return values * tf.cast(inside, x.dtype)[..., None]
 
 
-def sparse_scatter_reference(blocks, indices, base, block_stride, block_offset=(0, 0), add=False):
+def sparse_scatter_reference(
+    blocks, indices, base, block_stride, block_offset=(0, 0), add=False
+) -> tf.Tensor:
     """Pure-TF `sparse_scatter` (`tf.tensor_scatter_nd_add` / `_update` of the in-image elements)."""
     stride = _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)
@@ -547,7 +557,7 @@ def sparse_scatter_reference(blocks, indices, base, block_stride, block_offset=(
 
 def block_sparse_conv2d_reference(
     x, kernel, mask, block_size, strides=1, padding="SAME", threshold=0.0, avgpool=False
-):
+) -> tf.Tensor:
     """Pure-TF `block_sparse_conv2d`: the dense convolution times the upsampled block mask."""
     size, strides = _pair(block_size, "block_size"), _pair(strides, "strides")
     padding = choice(padding.upper() if isinstance(padding, str) else padding, "padding", ("SAME", "VALID"))

@@ -138,7 +138,7 @@ def _apply_epilogue(y, bias, activation):
 
 def channel_sparse_conv2d(
     x, kernel, connections, strides=1, padding="SAME", dilations=1, bias=None, activation=None, name=None
-):
+) -> tf.Tensor:
     """Channel-sparse 2-D convolution.
 
     Args:
@@ -191,7 +191,7 @@ def channel_sparse_conv2d(
 
 def channel_sparse_conv1d(
     x, kernel, connections, strides=1, padding="SAME", dilations=1, bias=None, activation=None, name=None
-):
+) -> tf.Tensor:
     """Channel-sparse 1-D convolution over `[B, L, Cin]` with kernel `[k, m, Cout]`.
 
     Same semantics as `channel_sparse_conv2d` (it is its `H = kh = 1` case).
@@ -213,7 +213,9 @@ def _single(value, name: str) -> int:
     return _pair(value, name)[0]
 
 
-def random_connections(in_channels: int, out_channels: int, density=None, fan_in=None, seed: int = 0):
+def random_connections(
+    in_channels: int, out_channels: int, density=None, fan_in=None, seed: int = 0
+) -> np.ndarray:
     """Random connection lists: int32 `[out_channels, m]`, rows sorted.
 
     `m = fan_in`, or `max(1, round(density * in_channels))`. Each row lists `m`
@@ -315,7 +317,7 @@ def _backprop_kernel_grad(op, grad):
 # --- pure-TensorFlow references -------------------------------------------------------
 
 
-def dense_kernel(kernel, connections, in_channels):
+def dense_kernel(kernel, connections, in_channels) -> tf.Tensor:
     """The dense `[kh, kw, Cin, Cout]` kernel equivalent to a channel-sparse one."""
     selection = tf.one_hot(connections, in_channels, dtype=kernel.dtype)  # [Cout, m, Cin]
     return tf.einsum("...eo,oec->...co", kernel, selection)
@@ -356,7 +358,9 @@ def _max0(value):
     return max(value, 0) if isinstance(value, int) else tf.maximum(value, 0)
 
 
-def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="SAME", dilations=1):
+def channel_sparse_conv2d_reference(
+    x, kernel, connections, strides=1, padding="SAME", dilations=1
+) -> tf.Tensor:
     """Pure-TF `channel_sparse_conv2d`: the dense-kernel convolution (stock ops only)."""
     x, kernel, connections = _check_operands(x, kernel, connections, 4, "channel_sparse_conv2d")
     (sh, sw), (dh, dw) = _pair(strides, "strides"), _pair(dilations, "dilations")
@@ -386,7 +390,9 @@ def channel_sparse_conv2d_reference(x, kernel, connections, strides=1, padding="
     return tf.reshape(y, [batch, out_h, out_w, cout])
 
 
-def channel_sparse_conv1d_reference(x, kernel, connections, strides=1, padding="SAME", dilations=1):
+def channel_sparse_conv1d_reference(
+    x, kernel, connections, strides=1, padding="SAME", dilations=1
+) -> tf.Tensor:
     """Pure-TF `channel_sparse_conv1d`."""
     x, kernel, connections = _check_operands(x, kernel, connections, 3, "channel_sparse_conv1d")
     stride, dilation = _single(strides, "strides"), _single(dilations, "dilations")

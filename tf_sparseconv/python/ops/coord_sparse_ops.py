@@ -115,7 +115,7 @@ def sparse_conv_rulebook(
     dilations=1,
     submanifold: bool = True,
     name: str | None = None,
-):
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """The rulebook of a `"SAME"` convolution on the sparse map `coords`.
 
     Args:
@@ -227,7 +227,7 @@ def _check_int32_geometry(shape, kernel, stride, dilation) -> None:
 
 def sparse_conv_rulebook_reference(
     coords, spatial_shape, kernel_size, strides=1, dilations=1, submanifold: bool = True
-):
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Pure-TensorFlow `sparse_conv_rulebook` (same outputs, stock ops only).
 
     Inside `for_converters()` it uses ops that the LiteRT builtins and tf2onnx both take: no
@@ -316,7 +316,7 @@ def sparse_conv_rulebook_reference(
     return out_coords, pair_ptr, pairs, out_spatial_shape
 
 
-def from_dense(x, threshold: float = 0.0):
+def from_dense(x, threshold: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
     """The sites of `x` `[B, *spatial, C]` (D = 1, 2, 3) where any channel has `|x| > threshold`.
 
     Returns:
@@ -333,7 +333,7 @@ def from_dense(x, threshold: float = 0.0):
         return tf.gather_nd(x, where), tf.cast(where, tf.int32)
 
 
-def to_dense(features, coords, spatial_shape, batch_size):
+def to_dense(features, coords, spatial_shape, batch_size) -> tf.Tensor:
     """The dense map `[batch_size, *spatial_shape, C]`: `features` at `coords`, zeros elsewhere."""
     features = float_tensor(features, "features")
     if features.shape.rank is not None and features.shape.rank != 2:
@@ -455,7 +455,7 @@ def _rulebook_tensors(pair_ptr, pairs):
     return tf.cast(pair_ptr, tf.int32), tf.cast(pairs, tf.int32)
 
 
-def sparse_conv_features(features, kernel, pair_ptr, pairs, num_out, name: str | None = None):
+def sparse_conv_features(features, kernel, pair_ptr, pairs, num_out, name: str | None = None) -> tf.Tensor:
     """Gather -> GEMM per kernel offset -> scatter-add along a rulebook.
 
     `out[dst] = sum_k sum_{(src, dst) in offset k} features[src] @ kernel[k]`.
@@ -479,7 +479,7 @@ def sparse_conv_features(features, kernel, pair_ptr, pairs, num_out, name: str |
         return _features_op(features, kernel, pair_ptr, pairs, _num_rows(num_out, "num_out"))
 
 
-def sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src):
+def sparse_conv_rulebook_transpose(pair_ptr, pairs, num_src) -> tf.Tensor:
     """The transposed rulebook: pairs `(src, dst)` -> `(dst, src)`, sorted by the new dst.
 
     `pair_ptr` is unchanged. `num_src` is the number of rows `src` indexes.
@@ -502,7 +502,7 @@ def sparse_conv(
     submanifold: bool = True,
     rulebook: Rulebook | None = None,
     name: str | None = None,
-):
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Sparse convolution of the map `(features, coords)` (padding "SAME").
 
     Args:
@@ -539,7 +539,7 @@ def sparse_conv(
         return out, rulebook.out_coords, rulebook.out_spatial_shape
 
 
-def sparse_conv_transpose(features, kernel, rulebook: Rulebook, coords, name: str | None = None):
+def sparse_conv_transpose(features, kernel, rulebook: Rulebook, coords, name: str | None = None) -> tf.Tensor:
     """Inverse (transposed) sparse convolution: back to the sites of a downsampling conv's input.
 
     `rulebook` is the rulebook of a (typically strided, non-submanifold)
@@ -563,7 +563,7 @@ def sparse_conv_transpose(features, kernel, rulebook: Rulebook, coords, name: st
         return _features_op(features, flat, rulebook.pair_ptr, transposed, num_out)
 
 
-def align_rows(features, coords, target_coords, spatial_shape):
+def align_rows(features, coords, target_coords, spatial_shape) -> tf.Tensor:
     """`features` (rows at the sites `coords`) on the rows of `target_coords` instead.
 
     Rows of `target_coords` that `coords` lacks get zeros; sites of `coords` outside
@@ -589,7 +589,9 @@ def align_rows(features, coords, target_coords, spatial_shape):
 _SCORES = ("l2", "abs_max")
 
 
-def topk_sites(features, coords, k, score: str = "l2", name: str | None = None):
+def topk_sites(
+    features, coords, k, score: str = "l2", name: str | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Attention step of a sparse map: per batch sample keep the `k` highest-scoring sites.
 
     Args:
@@ -654,7 +656,7 @@ def _sparse_conv_kernel_grad_grad(op, grad):
 # --- pure-TensorFlow references -------------------------------------------------------
 
 
-def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out):
+def sparse_conv_features_reference(features, kernel, pair_ptr, pairs, num_out) -> tf.Tensor:
     """Pure-TF `sparse_conv_features`: one gather / matmul / scatter-add per offset."""
     features, kernel = _features_operands(features, kernel, "sparse_conv_features")
     pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
@@ -703,7 +705,7 @@ _SEGMENT_OPS = {
 }
 
 
-def unsorted_segment(data, segment_ids, num_segments, reduce: str):
+def unsorted_segment(data, segment_ids, num_segments, reduce: str) -> tf.Tensor:
     """`tf.math.unsorted_segment_{reduce}` (sum, max or mean) over the rows of `data`.
 
     Inside `for_converters()`, one zero row in one more segment (dropped) keeps `data` non-empty:
@@ -719,7 +721,7 @@ def unsorted_segment(data, segment_ids, num_segments, reduce: str):
     return op(data, segment_ids, num_segments + 1)[:-1]
 
 
-def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
+def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src) -> tf.Tensor:
     """Pure-TF `sparse_conv_rulebook_transpose`."""
     pair_ptr, pairs = _rulebook_tensors(pair_ptr, pairs)
     num_src = tf.cast(num_src, tf.int64)
@@ -735,7 +737,7 @@ def sparse_conv_rulebook_transpose_reference(pair_ptr, pairs, num_src):
 
 def sparse_conv_reference(
     features, coords, kernel, spatial_shape, strides=1, dilations=1, submanifold: bool = True
-):
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Pure-TF `sparse_conv` (reference rulebook + per-offset gather/matmul/scatter)."""
     features, kernel = _features_operands(features, kernel, "sparse_conv")
     shape, dims = _spatial_shape(spatial_shape)
@@ -747,7 +749,7 @@ def sparse_conv_reference(
     return out, out_coords, out_shape
 
 
-def topk_sites_rows_reference(features, coords, k, score: str = "l2"):
+def topk_sites_rows_reference(features, coords, k, score: str = "l2") -> tf.Tensor:
     """Pure-TF rows kept by `topk_sites` (int32, ascending)."""
     choice(score, "score", _SCORES)
     features = float_tensor(features, "features")

@@ -59,7 +59,9 @@ def _check(history, frames, kernel, bias, dilation, activation):
     return history, frames, kernel, bias, dilation, "linear" if activation is None else activation
 
 
-def streaming_conv_step(history, frames, kernel, bias=None, dilation=1, activation=None, name=None):
+def streaming_conv_step(
+    history, frames, kernel, bias=None, dilation=1, activation=None, name=None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """`(y, new_history)` of one step of a causal 1-D convolution (stride 1).
 
     Args:
@@ -94,7 +96,9 @@ def _taps(z, taps: int, dilation: int):
     return [z[:, i * dilation : (i * dilation - hist) or None] for i in range(taps)]
 
 
-def streaming_conv_step_reference(history, frames, kernel, bias=None, dilation=1, activation=None):
+def streaming_conv_step_reference(
+    history, frames, kernel, bias=None, dilation=1, activation=None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Pure-TF `streaming_conv_step` (stock ops only)."""
     history, frames, kernel, bias, dilation, activation = _check(
         history, frames, kernel, bias, dilation, activation
