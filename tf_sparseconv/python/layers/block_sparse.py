@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 from keras import activations, regularizers
@@ -83,7 +85,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
         )
         self.supports_jit = False
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         x_shape, _ = _split_inputs(input_shape, type(self).__name__)
         if x_shape[-1] is None:
             raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {x_shape}")
@@ -91,7 +93,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
         self.bias = self._bias("bias", self.filters) if self.use_bias else None
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         x, mask = _split_inputs(inputs, type(self).__name__)
         kernel = tf.cast(self.kernel, x.dtype)
         bias = None if self.bias is None else tf.cast(self.bias, x.dtype)
@@ -110,7 +112,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
             activation=self.activation,
         )
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         x_shape, _ = _split_inputs(input_shape, type(self).__name__)
         spatial = []
         for n, k, s in zip(x_shape[1:3], self.kernel_size, self.strides):
@@ -122,7 +124,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
                 spatial.append(max((n - k) // s + 1, 0))
         return (x_shape[0], *spatial, self.filters)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             {
@@ -193,7 +195,7 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
         )
         self.supports_jit = False
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         x_shape, _ = _split_inputs(input_shape, type(self).__name__)
         channels = x_shape[-1]
         if channels is None:
@@ -211,7 +213,7 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
         )
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         x, mask = _split_inputs(inputs, type(self).__name__)
         x, _, mask = block_sparse_ops._check_conv_operands(
             x, tf.cast(self.kernels[0], x.dtype), mask, type(self).__name__
@@ -240,11 +242,11 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
         h = tf.reshape(h, [-1, self.block_size[0], self.block_size[1], tf.shape(x)[3]])  # static shape
         return block_sparse_ops.sparse_scatter(h, indices, x, self.block_size, (0, 0), add=True)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         x_shape, _ = _split_inputs(input_shape, type(self).__name__)
         return tuple(x_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             {

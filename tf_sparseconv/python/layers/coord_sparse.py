@@ -19,6 +19,7 @@ per traced graph (computed by the first of them).
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -112,21 +113,21 @@ class Sparsify(_SparseLayer):
             raise ValueError(f"`threshold` must be >= 0, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def call(self, x):
+    def call(self, x) -> Any:
         features, coords = coord_sparse_ops.from_dense(x, self.threshold)
         return [features, coords, tf.shape(x, out_type=tf.int32)[:-1]]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         dims = len(input_shape) - 2
         if dims not in (1, 2, 3):
             raise ValueError(f"Sparsify needs [B, *spatial, C] with 1-3 spatial axes, got {input_shape}")
         return [(None, input_shape[-1]), (None, 1 + dims), (1 + dims,)]
 
-    def compute_output_spec(self, x):
+    def compute_output_spec(self, x) -> Any:
         shapes = self.compute_output_shape(x.shape)
         return _sparse_spec(shapes, x.dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "threshold": self.threshold}
 
 
@@ -188,7 +189,7 @@ class SparseMap(_SparseLayer):
             )
         return inputs[0], inputs[1], (inputs[2] if len(inputs) == 3 else None)
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         features, coords, num_sites = self._inputs(inputs)
         coords = tf.cast(coords, tf.int32)
         who = f"SparseMap `{self.name}`"
@@ -281,7 +282,7 @@ class SparseMap(_SparseLayer):
             shape = tf.concat([tf.reshape(batch, [1]), tf.constant(self.spatial_shape, tf.int32)], 0)
             return [tf.identity(features), tf.identity(coords), shape]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         features, coords, _ = self._inputs(input_shape)
         if coords[-1] is not None and coords[-1] != 1 + len(self.spatial_shape):
             raise ValueError(
@@ -294,12 +295,12 @@ class SparseMap(_SparseLayer):
             )
         return [tuple(features), (features[0], 1 + len(self.spatial_shape)), (1 + len(self.spatial_shape),)]
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs) -> Any:
         features, coords, _ = self._inputs(inputs)
         shapes = self.compute_output_shape([features.shape, coords.shape])
         return _sparse_spec(shapes, features.dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "spatial_shape": self.spatial_shape, "batch_size": self.batch_size}
 
 
@@ -318,7 +319,7 @@ class Densify(_SparseLayer):
             spatial_shape = int_tuple(spatial_shape, len(spatial_shape), "spatial_shape")
         self.spatial_shape = spatial_shape
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         features, coords, shape = _split(inputs, "Densify")
         spatial = shape[1:]
         if self.spatial_shape is not None:
@@ -335,13 +336,13 @@ class Densify(_SparseLayer):
             dense = tf.ensure_shape(dense, [None, *self.spatial_shape, features.shape[-1]])
         return dense
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         features, coords, _ = input_shape
         dims = _dims_of(coords, "Densify")
         spatial = self.spatial_shape or (None,) * dims
         return (None, *spatial, features[-1])
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "spatial_shape": self.spatial_shape}
 
 
@@ -355,7 +356,7 @@ class SparseGlobalPooling(_SparseLayer):
             raise ValueError(f"`mode` must be 'avg' or 'max', got {mode!r}")
         self.mode = mode
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         features, coords, shape = _split(inputs, "SparseGlobalPooling")
         segment = coords[:, 0]
         if self.mode == "avg":
@@ -368,10 +369,10 @@ class SparseGlobalPooling(_SparseLayer):
             pooled = tf.maximum(pooled, pooled.dtype.min)
         return tf.where(count[:, None] > 0, pooled, tf.zeros_like(pooled))
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return (None, input_shape[0][-1])
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "mode": self.mode}
 
 
@@ -434,7 +435,7 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
             bias_constraint,
         )
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         features, coords, _ = _split(input_shape, type(self).__name__)
         if features[-1] is None:
             raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {features}")
@@ -444,7 +445,7 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
         self.bias = self._bias("bias", self.filters) if self.use_bias else None
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         features, coords, shape = _split(inputs, type(self).__name__)
         kernel = tf.cast(self.kernel, features.dtype)
         rulebook = _RULEBOOKS.get(
@@ -471,17 +472,17 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
             out, out_coords = coord_sparse_ops.topk_sites(out, out_coords, self.max_active_sites)
         return [out, out_coords, tf.concat([shape[:1], out_spatial], 0)]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         features, coords, shape = _split(input_shape, type(self).__name__)
         return [(None, self.filters), (None, 1 + self.rank), (1 + self.rank,)]
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs) -> Any:
         features, _, _ = _split(inputs, type(self).__name__)
         shapes = self.compute_output_shape([t.shape for t in inputs])
         dtype = self.compute_dtype if features.dtype != "float64" else "float64"
         return _sparse_spec(shapes, dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             {
@@ -575,7 +576,7 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
             raise ValueError(f"{type(self).__name__} is called on [coarse, fine] sparse maps, got {inputs!r}")
         return _split(inputs[0], type(self).__name__), _split(inputs[1], type(self).__name__)
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         (coarse, coarse_coords, _), (_, fine_coords, _) = self._maps(input_shape)
         if coarse[-1] is None:
             raise ValueError(f"{type(self).__name__} needs a known number of input channels, got {coarse}")
@@ -586,7 +587,7 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
         self.bias = self._bias("bias", self.filters) if self.use_bias else None
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         (features, coarse_coords, _), (_, fine_coords, fine_shape) = self._maps(inputs)
         rulebook = _RULEBOOKS.get(
             fine_coords, fine_shape, self.kernel_size, self.strides, (1,) * self.rank, False
@@ -602,16 +603,16 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
             out = out + tf.cast(self.bias, out.dtype)
         return [self.activation(out), fine_coords, fine_shape]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         (_, _, _), (_, fine_coords, fine_shape) = self._maps(input_shape)
         return [(None, self.filters), tuple(fine_coords), tuple(fine_shape)]
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs) -> Any:
         (features, _, _), _ = self._maps(inputs)
         shapes = self.compute_output_shape([[t.shape for t in m] for m in inputs])
         return _sparse_spec(shapes, self.compute_dtype if features.dtype != "float64" else "float64")
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             {
@@ -668,7 +669,7 @@ class SparsePooling(_SparseLayer):
         self.pool_size = int_tuple(pool_size, self.rank, "pool_size")
         self.strides = self.pool_size if strides is None else int_tuple(strides, self.rank, "strides")
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         features, coords, shape = _split(inputs, type(self).__name__)
         rulebook = _RULEBOOKS.get(coords, shape, self.pool_size, self.strides, (1,) * self.rank, False)
         num_out = tf.shape(rulebook.out_coords)[0]
@@ -677,15 +678,15 @@ class SparsePooling(_SparseLayer):
         out = coord_sparse_ops.unsorted_segment(values, rulebook.pairs[:, 1], num_out, reduce)
         return [out, rulebook.out_coords, tf.concat([shape[:1], rulebook.out_spatial_shape], 0)]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         features, _, _ = _split(input_shape, type(self).__name__)
         return [(None, features[-1]), (None, 1 + self.rank), (1 + self.rank,)]
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs) -> Any:
         shapes = self.compute_output_shape([t.shape for t in inputs])
         return _sparse_spec(shapes, inputs[0].dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides}
 
 
@@ -726,19 +727,19 @@ class SparseBatchNormalization(keras.layers.BatchNormalization):
             raise ValueError(f"SparseBatchNormalization normalises the channels (axis -1), got axis={axis!r}")
         super().__init__(axis=-1, **kwargs)
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         features, _, _ = _split(input_shape, "SparseBatchNormalization")
         super().build(tuple(features))
         self.input_spec = None  # BatchNormalization's spec describes the features alone
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None) -> Any:
         features, coords, shape = _split(inputs, "SparseBatchNormalization")
         return [super().call(features, training=training), coords, shape]
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return [tuple(s) for s in input_shape]
 
-    def compute_output_spec(self, inputs, training=None, mask=None):
+    def compute_output_spec(self, inputs, training=None, mask=None) -> Any:
         features, coords, shape = inputs
         dtype = self.compute_dtype if features.dtype != "float64" else "float64"
         return [
@@ -747,7 +748,7 @@ class SparseBatchNormalization(keras.layers.BatchNormalization):
             keras.KerasTensor(shape.shape, dtype=shape.dtype),
         ]
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.pop("axis", None)
         return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -48,26 +49,26 @@ class KWinners(keras.layers.Layer):
         self.axis = _common.normalize_axis(axis, None)
         self.supports_jit = False
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         _common.normalize_axis(self.axis, len(input_shape))
         self.built = True
 
-    def winners(self, size):
+    def winners(self, size) -> int | tf.Tensor:
         """Winners per slice for a slice of `size` entries (int or tensor)."""
         if self.k is not None:
             return self.k
         return count_from_fraction(1.0 - self.sparsity, size)
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         size = inputs.shape[self.axis]
         if size is None:
             size = tf.shape(inputs)[self.axis]
         return topk_ops.kwinners(inputs, self.winners(size), axis=self.axis)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "k": self.k, "sparsity": self.sparsity, "axis": self.axis}
 
 
@@ -105,7 +106,7 @@ class TopKAttention(keras.layers.Layer):
         self.per = _common.choice(per, "per", ("channel", "sample"))
         self.supports_jit = False
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         if not 3 <= len(input_shape) <= 5:
             raise ValueError(
                 f"{type(self).__name__} expects [B, *spatial, C] with 1 to 3 spatial dims, got {input_shape}"
@@ -119,14 +120,14 @@ class TopKAttention(keras.layers.Layer):
         dyn = tf.shape(inputs)
         return tf.reduce_prod(dyn[1:] if self.per == "sample" else dyn[1:-1])
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         k = self.k if self.k is not None else count_from_fraction(self.density, self._set_size(inputs))
         return topk_ops.topk_attention(inputs, k, mode=self.mode, per=self.per)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {
             **super().get_config(),
             "k": self.k,

@@ -25,7 +25,7 @@ from tf_sparseconv.python.pruning.wrapper import (
 )
 
 
-def prune_scope():
+def prune_scope() -> keras.saving.CustomObjectScope:
     """A Keras custom-object scope with the pruning classes (tfmot's `prune_scope`).
 
     Not needed with tf_sparseconv (its classes are registered Keras serialisables, so

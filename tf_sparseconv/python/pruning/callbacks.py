@@ -47,7 +47,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self.pruned_layers = []
         self._collected = False
 
-    def set_model(self, model):
+    def set_model(self, model) -> None:
         super().set_model(model)
         self._collected = False
 
@@ -55,7 +55,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self.pruned_layers = collect_pruned_layers(self.model)
         self._collected = True
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs=None) -> None:
         self._collect()
         for layer in self.pruned_layers:
             if layer.built and int(layer.pruning_step.numpy()) < 0:
@@ -69,7 +69,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             if make_train_function is not None:
                 make_train_function(force=True)
 
-    def on_train_batch_begin(self, batch=None, logs=None):
+    def on_train_batch_begin(self, batch=None, logs=None) -> None:
         if not self._collected:  # on_train_begin was not called (a hand-driven loop)
             self._collect()
         for layer in self.pruned_layers:
@@ -83,7 +83,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             if should_prune:
                 layer.update_mask(sparsity)
 
-    def on_epoch_end(self, epoch=None, logs=None, batch=None):
+    def on_epoch_end(self, epoch=None, logs=None, batch=None) -> None:
         # `batch=`: tfmot's name for this argument (its guide calls `on_epoch_end(batch=...)`).
         if not self._collected:
             self._collect()
@@ -121,7 +121,7 @@ class PruningSummaries(keras.callbacks.Callback):
         self._batches = 0
         self._last_step = None
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs=None) -> None:
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
@@ -150,19 +150,19 @@ class PruningSummaries(keras.callbacks.Callback):
                     _scalar_summary(f"pruning/{layer.name}/target_sparsity", target)
         self._writer.flush()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch, logs=None) -> None:
         self._batches += 1
         if self.update_freq != "epoch" and self._batches % self.update_freq == 0:
             self._write()
 
-    def on_epoch_begin(self, epoch=None, logs=None):
+    def on_epoch_begin(self, epoch=None, logs=None) -> None:
         if self.update_freq == "epoch":
             self._write()
 
-    def on_epoch_end(self, epoch=None, logs=None):
+    def on_epoch_end(self, epoch=None, logs=None) -> None:
         if self.update_freq == "epoch":
             self._write()
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs=None) -> None:
         if self._writer is not None:
             self._writer.flush()

@@ -179,7 +179,7 @@ class PolynomialDecay(PruningSchedule):
 _OURS = {"ConstantSparsity": ConstantSparsity, "PolynomialDecay": PolynomialDecay}
 
 
-def check_schedule(schedule, name: str = "pruning_schedule"):
+def check_schedule(schedule, name: str = "pruning_schedule") -> object:
     """`schedule` if it is a usable schedule (ours, tfmot's, any such callable), else ValueError."""
     if not callable(schedule) or isinstance(schedule, type):
         raise ValueError(
@@ -209,7 +209,7 @@ def serialize_schedule(schedule) -> dict:
         ) from err
 
 
-def deserialize_schedule(config):
+def deserialize_schedule(config) -> dict:
     if config is None or callable(config):
         return config
     return keras.saving.deserialize_keras_object(config)

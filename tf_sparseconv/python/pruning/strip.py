@@ -81,7 +81,7 @@ def _to_channel_sparse(wrapper: PruneLowMagnitude):
     return channel_sparse_from_conv(dense, connections)
 
 
-def strip_pruning(model, to_sparse_layers: bool = False):
+def strip_pruning(model, to_sparse_layers: bool = False) -> keras.Model:
     """A plain copy of a pruned model: wrappers removed, masked kernels baked in.
 
     Args:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -67,7 +69,7 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 def check_pruning_args(
     pruning_schedule, granularity, block_shape, m_by_n, channel_group=1, block_pooling_type="AVG"
-):
+) -> tuple:
     """Validated `(schedule, granularity, block_shape, m_by_n, channel_group, block_pooling_type)`;
     ValueError naming the argument."""
     if isinstance(pruning_schedule, dict):
@@ -90,7 +92,7 @@ def check_pruning_args(
 
 def tfmot_arguments(
     pruning_schedule, granularity, block_shape, m_by_n, block_size=None, sparsity_m_by_n=None
-):
+) -> tuple:
     """`(pruning_schedule, granularity, block_shape, m_by_n)` with tfmot's `block_size` and
     `sparsity_m_by_n` translated (None: not given).
 
@@ -237,7 +239,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             self._input_shape_arg = layer._input_shape_arg
 
     # ---- weights -----------------------------------------------------------------------------
-    def build(self, input_shape=None):
+    def build(self, input_shape=None) -> None:
         if not self.layer.built:
             self.layer.build(input_shape)
             self.layer.built = True
@@ -308,7 +310,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 self.failed_trace = True
             raise RuntimeError(_NOT_DRIVEN.format(name=self.name, step=step))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None) -> Any:
         if isinstance(training, (bool, np.bool_)) and training:
             self._check_step_advanced()
         originals = self.pruned_weights
@@ -329,7 +331,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             for attr, variable in zip(self._attrs, originals):
                 object.__setattr__(self.layer, attr, variable)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return self.layer.compute_output_shape(input_shape)
 
     # ---- pruning -----------------------------------------------------------------------------
@@ -369,7 +371,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     def from_config(cls, config, custom_objects=None):
         return super().from_config(dict(config), custom_objects=custom_objects)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             {
@@ -403,7 +405,7 @@ def collect_pruned_layers(model) -> list[PruneLowMagnitude]:
     return found
 
 
-def clone_with(model, clone_layer, copy_weights):
+def clone_with(model, clone_layer, copy_weights) -> keras.Model:
     """`keras.models.clone_model(recursive=True)` with `clone_layer(layer)` and weights copied.
 
     `copy_weights(old_layer, new_layer)` runs for each cloned layer after the new
@@ -458,7 +460,7 @@ def prune_low_magnitude(
     sparsity_m_by_n=None,
     pruning_policy=None,
     **kwargs,
-):
+) -> keras.layers.Layer | keras.Model:
     """Wraps a layer, or every prunable layer of a model, for magnitude pruning.
 
     Args:

@@ -11,6 +11,8 @@ tfmot's `QuantizeConfig` (custom quantisers per layer) is not supported.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 from tf_sparseconv.python._clone import is_cloneable
@@ -45,16 +47,16 @@ class QuantizeAnnotate(keras.layers.Wrapper):
         if getattr(layer, "_input_shape_arg", None) is not None:
             self._input_shape_arg = layer._input_shape_arg
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None) -> None:
         if not self.layer.built:
             self.layer.build(input_shape)
             self.layer.built = True
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None) -> Any:
         return self.layer(inputs, training=training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return self.layer.compute_output_shape(input_shape)
 
     @classmethod
@@ -110,7 +112,7 @@ def quantize_annotate_model(to_annotate: keras.Model) -> keras.Model:
     return keras.models.clone_model(to_annotate, clone_function=annotate)
 
 
-def quantize_scope(*args):
+def quantize_scope(*args) -> keras.saving.CustomObjectScope:
     """A Keras custom-object scope with the quantisation classes (tfmot's `quantize_scope`).
 
     tf_sparseconv's classes are registered Keras serialisables, so `.keras` and `.h5`

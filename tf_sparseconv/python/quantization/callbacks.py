@@ -61,7 +61,7 @@ class FinishWithNearestRounding(keras.callbacks.Callback):
         self.nearest_epochs = nearest_epochs
         self.wrappers: list[QuantizeWrapper] = []
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs=None) -> None:
         self.wrappers = stochastic_wrappers(self.model)
         if not self.wrappers:
             raise ValueError(
@@ -69,7 +69,7 @@ class FinishWithNearestRounding(keras.callbacks.Callback):
                 "(make it with tsc.quantization.quantize_model(..., rounding='stochastic'))"
             )
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None) -> None:
         stochastic = epoch < self.params["epochs"] - self.nearest_epochs
         for wrapper in self.wrappers:
             if wrapper.built:

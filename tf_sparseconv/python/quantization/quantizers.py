@@ -32,7 +32,7 @@ import tensorflow as tf
 ROUNDINGS = ("nearest", "stochastic")
 
 
-def check_bits(value, name: str, allow_none: bool = False):
+def check_bits(value, name: str, allow_none: bool = False) -> int | None:
     """`value` as an int bit width in [2, 8] (None passes when `allow_none`)."""
     if value is None and allow_none:
         return None
@@ -77,7 +77,7 @@ def _reduce_axes(rank: int, channel_axes: Sequence[int] | None) -> list[int]:
     return [a for a in range(rank) if a not in keep]
 
 
-def weight_scales(w, bits: int, channel_axes: Sequence[int] | None = (-1,)):
+def weight_scales(w, bits: int, channel_axes: Sequence[int] | None = (-1,)) -> tf.Tensor:
     """Symmetric scales `max|w| / qmax` (keepdims), over the tensor or per channel.
 
     Args:
@@ -104,7 +104,7 @@ def quantize_weights_int(
     channel_axes: Sequence[int] | None = (-1,),
     rounding: str = "nearest",
     seed=None,
-):
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The integer weights and their scales: `w ≈ values * scales`.
 
     Args:
@@ -139,7 +139,7 @@ def fake_quant_weights(
     channel_axes: Sequence[int] | None = (-1,),
     rounding: str = "nearest",
     seed=None,
-):
+) -> tf.Tensor:
     """Symmetric fake quantisation of weights with a straight-through gradient.
 
     Returns `values * scales` (see `quantize_weights_int`; computed in float32
@@ -152,7 +152,7 @@ def fake_quant_weights(
     return tf.cast(tf.stop_gradient(values * scales) + (wq - tf.stop_gradient(wq)), w.dtype)
 
 
-def activation_qparams(lo, hi, bits: int):
+def activation_qparams(lo, hi, bits: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Affine parameters `(scale, zero_point)` of the range `[lo, hi]` (0 made exact).
 
     The range is widened to contain 0; the zero point `round(-lo / scale)` is
@@ -172,7 +172,7 @@ def activation_qparams(lo, hi, bits: int):
     return scale, zero_point
 
 
-def fake_quant_activations(x, lo, hi, bits: int):
+def fake_quant_activations(x, lo, hi, bits: int) -> tf.Tensor:
     """Affine fake quantisation of `x` over `[lo, hi]` with a clip-aware straight-through gradient.
 
     Values outside the (nudged) range saturate; the gradient is 1 inside the
@@ -207,7 +207,7 @@ def fake_quant_activations(x, lo, hi, bits: int):
 # one step on exact ties.
 
 
-def tf_fake_quant_weights(kernel, scales, channel_axes):
+def tf_fake_quant_weights(kernel, scales, channel_axes) -> tf.Tensor:
     """`kernel` (already on the grid `values * scales`) through TensorFlow's fake-quant op.
 
     Per channel when the scales vary along the last axis only (the layout of Dense/Conv
@@ -232,7 +232,7 @@ def tf_fake_quant_weights(kernel, scales, channel_axes):
     return tf.cast(y, kernel.dtype)
 
 
-def tf_fake_quant_activations(x, lo, hi, bits: int):
+def tf_fake_quant_activations(x, lo, hi, bits: int) -> tf.Tensor:
     """`fake_quant_activations` (inference) as TensorFlow's `FakeQuantWithMinMaxVars` (8 bits)."""
     bits = check_bits(bits, "bits")
     x = tf.convert_to_tensor(x)
@@ -299,7 +299,7 @@ def unpack_int(packed, bits: int, size: int) -> np.ndarray:
     return fields[:size].astype(np.int8)
 
 
-def unpack_int_tf(packed, bits: int, shape: Sequence[int], dtype=tf.float32):
+def unpack_int_tf(packed, bits: int, shape: Sequence[int], dtype=tf.float32) -> tf.Tensor:
     """Inverse of `pack_int` in TensorFlow: the values as `dtype`, reshaped to `shape`."""
     width = field_bits(bits)
     size = int(np.prod(shape))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -146,7 +147,7 @@ def _kernel_feeds_op(layer) -> bool:
     return isinstance(layer, (BaseConv, BlockSparseConv2D))
 
 
-def converter_kernel(layer, values, scales, channel_axes):
+def converter_kernel(layer, values, scales, channel_axes) -> tf.Tensor:
     """The kernel `values * scales` (NumPy) as a graph constant for the LiteRT/ONNX converters:
     through TensorFlow's `FakeQuant` op where the kernel feeds its op directly (the TFLite
     converter then stores these int8 values and scales), plain otherwise (the converter
@@ -301,7 +302,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.specs: list[KernelSpec] = []
         self.stochastic_rounding = None  # the switch variable (built, rounding="stochastic")
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None) -> None:
         if not self.layer.built:
             self.layer.build(input_shape)
             self.layer.built = True
@@ -329,7 +330,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             )
         self.built = True
 
-    def set_stochastic_rounding(self, enabled: bool):
+    def set_stochastic_rounding(self, enabled: bool) -> None:
         """Switches training-time weight rounding between stochastic (True) and nearest (False).
 
         Only for `rounding="stochastic"` wrappers (built); inference always rounds to nearest.
@@ -345,7 +346,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             raise ValueError(f"set_stochastic_rounding: layer {self.name!r} is not built")
         self.stochastic_rounding.assign(1.0 if enabled else 0.0)
 
-    def set_masks_from_kernels(self):
+    def set_masks_from_kernels(self) -> None:
         """Sets each sparsity mask to `kernel != 0` (call after copying pruned weights in)."""
         for spec in self.specs:
             if spec.key in self.masks:
@@ -353,7 +354,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
                 kernel = _float32_value(_read(self.layer, spec))
                 mask.assign(tf.cast(tf.not_equal(kernel, 0), mask.dtype))
 
-    def channel_axes(self, spec: KernelSpec):
+    def channel_axes(self, spec: KernelSpec) -> tuple[int, ...] | None:
         return spec.channel_axes if self.per_channel else None
 
     def _masked_kernel(self, spec: KernelSpec):
@@ -363,7 +364,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             kernel = kernel * tf.cast(_float32_value(self.masks[spec.key]), kernel.dtype)
         return kernel
 
-    def quantized_kernel(self, spec: KernelSpec, training: bool = False):
+    def quantized_kernel(self, spec: KernelSpec, training: bool = False) -> tf.Tensor:
         """The fake-quantised kernel the layer runs with (in the layer's compute dtype, from
         float32 arithmetic; straight-through gradient)."""
         kernel = self._masked_kernel(spec)
@@ -387,26 +388,26 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             values, scales = values.numpy(), scales.numpy()
         return converter_kernel(self.layer, values, scales, self.channel_axes(spec))
 
-    def integer_kernel(self, spec: KernelSpec):
+    def integer_kernel(self, spec: KernelSpec) -> tuple[tf.Tensor, tf.Tensor]:
         """`(values, scales)` of the kernel with nearest rounding (what `convert` stores)."""
         return quantizers.quantize_weights_int(
             self._masked_kernel(spec), self.weight_bits, self.channel_axes(spec)
         )
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None) -> Any:
         training = bool(training)
         replacements = {spec: self.quantized_kernel(spec, training) for spec in self.specs}
         with _kernels_replaced(self.layer, replacements):
             outputs = self.layer(inputs)
         return self._quantize_output(outputs, training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return self.layer.compute_output_shape(input_shape)
 
-    def compute_output_spec(self, inputs, training=None):
+    def compute_output_spec(self, inputs, training=None) -> Any:
         return self.layer.compute_output_spec(inputs)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {
             **super().get_config(),
             "weight_bits": self.weight_bits,
@@ -456,7 +457,7 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.trainable = False
         self.specs: list[KernelSpec] = []
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None) -> None:
         if not self.layer.built:
             self.layer.build(input_shape)
             self.layer.built = True
@@ -507,13 +508,13 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self._add_range_variables()
         self.built = True
 
-    def set_integer_kernel(self, spec: KernelSpec, values, scales):
+    def set_integer_kernel(self, spec: KernelSpec, values, scales) -> None:
         self.values[spec.key].assign(
             quantizers.pack_int(np.rint(np.asarray(values)).astype(np.int64), self.weight_bits)
         )
         self.scales[spec.key].assign(np.asarray(scales, np.float32).reshape(self.scales[spec.key].shape))
 
-    def dequantized_kernel(self, spec: KernelSpec):
+    def dequantized_kernel(self, spec: KernelSpec) -> tf.Tensor:
         shape = self.kernel_shapes[spec.key]
         if converting():
             with tf.init_scope():
@@ -528,21 +529,21 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         kernel = values * _float32_value(self.scales[spec.key])  # float32, cast once
         return tf.cast(kernel, _compute_dtype_of(self.layer))
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         replacements = {spec: self.dequantized_kernel(spec) for spec in self.specs}
         with _kernels_replaced(self.layer, replacements):
             outputs = self.layer(inputs)
         return self._quantize_output(outputs, training=False)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         return self.layer.compute_output_shape(input_shape)
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs) -> Any:
         replacements = {spec: self.dequantized_kernel(spec) for spec in self.specs}
         with _kernels_replaced(self.layer, replacements):
             return self.layer.compute_output_spec(inputs)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {
             **super().get_config(),
             "weight_bits": self.weight_bits,

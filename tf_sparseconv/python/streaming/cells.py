@@ -55,7 +55,7 @@ class Cell:
     def initial_state(self, batch_size) -> list[tf.Tensor]:
         return []
 
-    def step(self, inputs, state):
+    def step(self, inputs, state) -> tuple:
         """`(outputs for the new frames, new state)`."""
         raise NotImplementedError
 
@@ -63,7 +63,7 @@ class Cell:
 class FrameCell(Cell):
     """A layer that maps each frame on its own (no state)."""
 
-    def step(self, inputs, state):
+    def step(self, inputs, state) -> tuple:
         return self.layer(inputs, training=False), []
 
 
@@ -88,13 +88,13 @@ class WindowCell(Cell):
         """One frame per window, every frame: nothing to keep (e.g. a Dense or 1-tap conv)."""
         return self.every_frame and self.span == 1
 
-    def state_specs(self):
+    def state_specs(self) -> list[tf.TensorSpec]:
         if self.stateless:
             return []
         specs = [tf.TensorSpec([None, self.span - 1, self.channels], self.dtype)]
         return specs if self.every_frame else specs + [tf.TensorSpec([], tf.int32)]
 
-    def initial_state(self, batch_size):
+    def initial_state(self, batch_size) -> list[tf.Tensor]:
         if self.stateless:
             return []
         state = [tf.zeros([batch_size, self.span - 1, self.channels], self.dtype)]
@@ -106,7 +106,7 @@ class WindowCell(Cell):
             return tf.zeros(tf.stack([tf.shape(x)[0], 0, tf.shape(x)[2]]), self.dtype)
         return state[0]
 
-    def step(self, inputs, state):
+    def step(self, inputs, state) -> tuple:
         x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
         frames = tf.concat([self._history(x, state), x], axis=1)  # [B, span - 1 + t, C]
         kept = frames[:, frames.shape[1] - (self.span - 1) :] if frames.shape[1] is not None else None
@@ -155,7 +155,7 @@ class ConvStepCell(WindowCell):
         self.dilation = int(dilation)
         self.per_frame = per_frame
 
-    def step(self, inputs, state):
+    def step(self, inputs, state) -> tuple:
         layer = self.layer
         x = inputs if inputs.dtype == self.dtype else tf.cast(inputs, self.dtype)
         kernel = tf.expand_dims(layer.kernel, 0) if self.per_frame else layer.kernel

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 from keras import activations, constraints, initializers, regularizers
@@ -14,7 +16,7 @@ def _positive(value, name: str) -> int:
     return int_tuple(value, 1, name)[0]
 
 
-def conv_step(history, frames, kernel, bias, activation, dilation: int):
+def conv_step(history, frames, kernel, bias, activation, dilation: int) -> tuple[tf.Tensor, tf.Tensor]:
     """`(y, new_history)` of a causal stride-1 convolution (kernel [k, C, F], optional bias, a
     Keras activation) on new `frames`: one `StreamingConvStep` op, with a linear or relu
     activation fused into it and any other applied after."""
@@ -30,7 +32,7 @@ def conv_step(history, frames, kernel, bias, activation, dilation: int):
     return (y if fused else activation(y)), new_history
 
 
-def valid_conv(x, kernel, bias, activation, stride: int, dilation: int):
+def valid_conv(x, kernel, bias, activation, stride: int, dilation: int) -> tf.Tensor:
     """Outputs of the windows `[j * stride, j * stride + span - 1]` of `x` (no padding), by the
     same op (`conv_step` on the window's first `span - 1` frames as history)."""
     span = (int(kernel.shape[0]) - 1) * dilation + 1
@@ -101,7 +103,7 @@ class StreamingConv1D(keras.layers.Layer):
         """Input frames one output reads: `(kernel_size - 1) * dilation_rate + 1`."""
         return (self.kernel_size - 1) * self.dilation_rate + 1
 
-    def build(self, input_shape):
+    def build(self, input_shape) -> None:
         channels = input_shape[-1]
         if channels is None:
             raise ValueError(
@@ -128,27 +130,27 @@ class StreamingConv1D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: channels})
         self.built = True
 
-    def step(self, history, frames):
+    def step(self, history, frames) -> tuple:
         """`(outputs at every new frame (stride 1), new history)`: one `StreamingConvStep`."""
         return conv_step(history, frames, self.kernel, self.bias, self.activation, self.dilation_rate)
 
-    def convolve_valid(self, x):
+    def convolve_valid(self, x) -> tf.Tensor:
         """Outputs of the windows `[j * strides, j * strides + span - 1]` of `x` (no padding)."""
         return valid_conv(x, self.kernel, self.bias, self.activation, self.strides, self.dilation_rate)
 
-    def call(self, inputs):
+    def call(self, inputs) -> Any:
         channels = inputs.shape[-1] if inputs.shape[-1] is not None else tf.shape(inputs)[-1]
         history = tf.zeros([tf.shape(inputs)[0], self.span - 1, channels], inputs.dtype)  # causal padding
         y, _ = self.step(history, inputs)
         return y[:, :: self.strides] if self.strides > 1 else y
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape) -> tuple | list:
         steps = input_shape[1]
         if steps is not None:
             steps = -(-steps // self.strides)
         return (input_shape[0], steps, self.filters)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {
             **super().get_config(),
             "filters": self.filters,

@@ -200,13 +200,13 @@ class StreamingModel(tf.Module):
             outputs = outputs[0]
         return outputs, new_state
 
-    def step_with_state_graph(self, frames, state):
+    def step_with_state_graph(self, frames, state) -> tuple:
         """`step_with_state` for use inside a tf.function or tf.while_loop the caller compiles
         (no nested tf.function call): frames a tensor (or list), state a list of tensors."""
         items = list(frames) if isinstance(frames, (list, tuple)) else [frames]
         return self._pure_step(items, list(state))
 
-    def step_with_state(self, frames, state):
+    def step_with_state(self, frames, state) -> tuple:
         """`(outputs, new_state)` for `frames` given `state` (from `initial_state` or a previous step)."""
         return self._step_fn(self._frames(frames), list(state))
 
@@ -216,7 +216,7 @@ class StreamingModel(tf.Module):
         with tf.control_dependencies([v.assign(s) for v, s in zip(self._variables, new_state)]):
             return tf.nest.map_structure(tf.identity, outputs)
 
-    def step(self, frames):
+    def step(self, frames) -> tuple:
         tensors = self._frames(frames)
         batch = int(tensors[0].shape[0])
         if self._variables is None:
