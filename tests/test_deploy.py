@@ -371,3 +371,21 @@ def test_mixed_precision_model_exports_in_float32(target, tmp_path, x, policy):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert_close(got["output_0"], want)
+
+
+def test_int8_representative_data_follows_the_model_input_order(tmp_path, rng):
+    """Two inputs whose names sort the other way round: `representative_data` is read in the
+    model's input order (a list), or by name (a dict), or from a dataset of (inputs, labels)."""
+    b_in, a_in = keras.Input((8,), name="b_in"), keras.Input((3,), name="a_in")
+    h = keras.layers.Concatenate()([keras.layers.Dense(4)(b_in), keras.layers.Dense(4)(a_in)])
+    model = keras.Model([b_in, a_in], keras.layers.Dense(2)(h))
+    xb, xa = rng.random((32, 8)).astype(np.float32), rng.random((32, 3)).astype(np.float32)
+    qat = tsc.quantization.quantize_model(model)
+    qat.compile("sgd", "mse")
+    qat.fit([xb, xa], rng.random((32, 2)).astype(np.float32), epochs=1, verbose=0)
+    want = qat.predict([xb, xa], verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices(((xb, xa), np.zeros((32, 2), np.float32))).batch(8)
+    for n, data in enumerate([[xb, xa], {"a_in": xa, "b_in": xb}, dataset]):
+        path = tsc.export.export_litert(qat, str(tmp_path / f"two{n}.tflite"), representative_data=data)
+        got = run_litert(path, {"b_in": xb, "a_in": xa})["output_0"]
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max() + 1e-3

@@ -104,6 +104,11 @@ def test_explain_records_each_implementation_and_why():
         ("topk_attention", "reference"),
     ]
     assert "DENSE_DISPATCH_DENSITY" in calls[1].reason and "references_only" in calls[2].reason
+    with tsc.ops.explain() as outer:
+        with tsc.ops.explain() as inner:  # nested, both empty on entry
+            pass
+        tsc.ops.kwinners(x, 3)
+    assert len(outer) == 1 and inner == []
     records = []
     handler = logging.Handler()
     handler.emit = records.append

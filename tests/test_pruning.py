@@ -723,3 +723,18 @@ def test_channel_group_strips_to_identical_connection_rows(rng, tmp_path):
     rows = np.asarray(conv.connections).reshape(3, 4, -1)
     assert (rows == rows[:, :1]).all()
     np.testing.assert_allclose(sparse.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wrapper_built_during_the_first_training_step_is_stepped():
+    """A model without an Input builds its wrappers while fit traces the first step, after
+    UpdatePruningStep stepped the built ones: that batch is step 1 there too (no false
+    missing-callback error), and pruning proceeds."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 10)).astype("float32"), rng.random((64, 4)).astype("float32")
+    schedule = tsc.pruning.ConstantSparsity(0.5, 0, frequency=1)
+    model = keras.Sequential([tsc.pruning.prune_low_magnitude(keras.layers.Dense(4), schedule)])
+    model.compile("sgd", "mse")
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[tsc.pruning.UpdatePruningStep()])
+    wrapper = model.layers[0]
+    assert int(wrapper.pruning_step.numpy()) == 8
+    assert float(np.mean(wrapper.mask.numpy() == 0)) == 0.5

@@ -73,11 +73,14 @@ def sparse_batches(
     features = list(features)
     if len(features) != count:
         raise ValueError(f"sparse_batches: `features` has {len(features)} samples but `coords` has {count}")
-    dims = np.asarray(coords[0]).shape[-1] if np.asarray(coords[0]).ndim == 2 else None
+    # D from the first sample given as [n, D] (an empty sample may come as a flat empty array).
+    shaped = [i for i, c in enumerate(coords) if np.asarray(c).ndim == 2]
+    first = shaped[0] if shaped else 0
+    dims = np.asarray(coords[first]).shape[-1] if shaped else None
     if dims not in (1, 2, 3):
         raise ValueError(
-            f"sparse_batches: `coords` of sample 0 must be [n, D] with D = 1, 2 or 3 spatial "
-            f"indices (no batch index), got shape {np.asarray(coords[0]).shape}"
+            f"sparse_batches: `coords` of sample {first} must be [n, D] with D = 1, 2 or 3 spatial "
+            f"indices (no batch index), got shape {np.asarray(coords[first]).shape}"
         )
     channels = None
     feature_rows, coord_rows, lengths = [], [], []

@@ -269,8 +269,10 @@ def export_litert(
         elif quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             signature = tf.saved_model.load(tmp).signatures[key]
-            names = sorted(signature.structured_input_signature[1])
-            converter.representative_dataset = _representative(representative_data, names)
+            specs = signature.structured_input_signature[1]
+            names = _input_order(model, specs)
+            dtypes = [specs[n].dtype.as_numpy_dtype for n in names]
+            converter.representative_dataset = _representative(representative_data, names, dtypes)
             if integer_io:
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8
@@ -284,22 +286,59 @@ def export_litert(
     return path
 
 
-def _representative(data, names):
-    """A TFLite representative dataset from arrays: dicts of the signature's inputs by name."""
-    if isinstance(data, np.ndarray) or tf.is_tensor(data):
-        batches = [[data]]
+def _input_order(model, specs: dict) -> list[str]:
+    """The signature's input names in the order the model takes its inputs (a streaming step:
+    its frames, then its state)."""
+    if _is_streaming(model):
+        frames = sorted((n for n in specs if n.startswith("frames")), key=lambda n: (len(n), n))
+        states = sorted((n for n in specs if n.startswith("state_")), key=lambda n: int(n[6:]))
+        return frames + states
+    return [spec.name for spec in _input_specs(model)]
+
+
+def _representative(data, names, dtypes):
+    """A TFLite representative dataset: dicts of the signature's inputs by name, one sample each.
+
+    `data`: an array (one input), a list of arrays in the model's input order, a dict by input
+    name, or an iterable (e.g. a `tf.data.Dataset`) of such batches; `(inputs, labels)` pairs
+    from a dataset are taken for their inputs.
+    """
+
+    def as_list(batch):
+        if isinstance(batch, dict):
+            missing = [n for n in names if n not in batch]
+            if missing:
+                raise ValueError(f"`representative_data` batch lacks the input(s) {missing}")
+            return [batch[n] for n in names]
+        if isinstance(batch, (list, tuple)):
+            return list(batch)
+        return [batch]
+
+    if isinstance(data, (np.ndarray, dict)) or tf.is_tensor(data):
+        batches = [as_list(data)]
     elif isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data):
         batches = [list(data)] if len(names) > 1 else [[d] for d in data]
+    elif isinstance(data, tf.data.Dataset):
+        batches = [as_list(e[0] if isinstance(e, tuple) and len(e) == 2 else e) for e in data]
     else:
-        batches = [b if isinstance(b, (list, tuple)) else [b] for b in data]
+        batches = [as_list(b) for b in data]
 
     def generate():
         for batch in batches:
             if len(batch) != len(names):
-                raise ValueError(f"`representative_data` batches must hold {len(names)} input(s)")
-            first = batch[0]
-            for i in range(int(np.shape(first)[0])):  # one sample at a time: batch 1
-                yield {n: np.asarray(b[i : i + 1], np.float32) for n, b in zip(names, batch)}
+                raise ValueError(
+                    f"`representative_data` batches must hold the {len(names)} input(s) {names}, "
+                    f"got {len(batch)}"
+                )
+            first = np.asarray(batch[0])
+            if first.ndim == 0:
+                yield {n: np.asarray(b, d) for n, b, d in zip(names, batch, dtypes)}
+                continue
+            for i in range(int(first.shape[0])):  # one sample at a time: batch 1
+                yield {
+                    n: np.asarray(b)[i : i + 1].astype(d) if np.ndim(b) else np.asarray(b, d)
+                    for n, b, d in zip(names, batch, dtypes)
+                }
 
     return generate
 

@@ -220,7 +220,10 @@ def explain():
     try:
         yield records
     finally:
-        stack.remove(records)
+        for i in range(len(stack) - 1, -1, -1):  # by identity: equal (e.g. empty) lists differ
+            if stack[i] is records:
+                del stack[i]
+                break
 
 
 def record(op: str, implementation: str, reason: str) -> None:

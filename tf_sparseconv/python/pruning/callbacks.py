@@ -53,6 +53,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def _collect(self):
         self.pruned_layers = collect_pruned_layers(self.model)
+        for layer in self.pruned_layers:
+            # A wrapper built only while the first training step traces (a model without an
+            # Input) cannot be stepped before that batch: it steps itself then (see the wrapper).
+            layer.driven_by_callback = True
         self._collected = True
 
     def on_train_begin(self, logs=None) -> None:

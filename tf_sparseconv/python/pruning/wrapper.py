@@ -303,6 +303,19 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 step = int(np.asarray(keras.ops.convert_to_numpy(self.pruning_step)))
         except Exception:  # noqa: BLE001 - an unreadable variable (odd contexts): no check
             return
+        if step < 1 and getattr(self, "driven_by_callback", False):
+            # Built during the first training step, after UpdatePruningStep stepped the built
+            # wrappers: this batch is step 1 here too, as the callback would have made it.
+            from tf_sparseconv.python.pruning.callbacks import _as_bool_and_float
+
+            with tf.init_scope():
+                self.pruning_step.assign(1)
+                should_prune, sparsity = _as_bool_and_float(
+                    self.pruning_schedule(tf.constant(1, dtype=tf.int64))
+                )
+                if should_prune:
+                    self.update_mask(sparsity)
+            return
         if step < 1:
             if not tf.executing_eagerly():
                 # The error ends the first trace of fit's train function, which then refuses to
