@@ -6,6 +6,15 @@ import keras
 from keras import constraints, initializers, regularizers
 
 
+def adopt_input_of(wrapper: keras.layers.Layer, layer: keras.layers.Layer) -> None:
+    """A wrapper takes its layer's input spec and Keras' `input_shape=` argument: Keras 3's
+    Sequential builds itself from its first layer's (`Sequential([prune_low_magnitude(
+    Dense(10, input_shape=(784,)))])`, as tfmot's guides write)."""
+    wrapper.input_spec = layer.input_spec
+    if getattr(layer, "_input_shape_arg", None) is not None:
+        wrapper._input_shape_arg = layer._input_shape_arg
+
+
 def check_backend(layer_name: str) -> None:
     backend = keras.backend.backend()
     if backend != "tensorflow":

@@ -51,26 +51,26 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def references_only():
-    """Within this context (in this thread), every op runs its pure-TF reference."""
-    previous = getattr(_local, "references_only", False)
-    _local.references_only = True
+def _thread_flag(name: str, value: bool = True):
+    """Sets the thread-local flag `name` to `value` within the block (then restores it)."""
+    previous = getattr(_local, name, False)
+    setattr(_local, name, value)
     try:
         yield
     finally:
-        _local.references_only = previous
+        setattr(_local, name, previous)
+
+
+def references_only():
+    """Within this context (in this thread), every op runs its pure-TF reference."""
+    return _thread_flag("references_only")
 
 
 @contextlib.contextmanager
 def for_converters():
     """`references_only()`, with every op in the form the LiteRT and ONNX converters take."""
-    previous = getattr(_local, "for_converters", False)
-    _local.for_converters = True
-    try:
-        with references_only():
-            yield
-    finally:
-        _local.for_converters = previous
+    with _thread_flag("for_converters"), references_only():
+        yield
 
 
 def converting() -> bool:
@@ -78,16 +78,10 @@ def converting() -> bool:
     return getattr(_local, "for_converters", False)
 
 
-@contextlib.contextmanager
 def for_onnx():
     """Marks graphs traced inside as meant for ONNX (onnxruntime rejects some empty tensors
     that TensorFlow and LiteRT take, e.g. a convolution over 0 frames)."""
-    previous = getattr(_local, "for_onnx", False)
-    _local.for_onnx = True
-    try:
-        yield
-    finally:
-        _local.for_onnx = previous
+    return _thread_flag("for_onnx")
 
 
 def converting_for_onnx() -> bool:
@@ -161,12 +155,8 @@ def load_library() -> ModuleType | None:
 def compiled_library() -> ModuleType | None:
     """The op library even inside `references_only()`: for the gradient functions of ops that
     are already in a graph (they must differentiate the compiled op that is there)."""
-    previous = getattr(_local, "references_only", False)
-    _local.references_only = False
-    try:
+    with _thread_flag("references_only", False):
         return load_library()
-    finally:
-        _local.references_only = previous
 
 
 def is_library_loaded() -> bool:

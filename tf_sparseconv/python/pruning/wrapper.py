@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python._clone import clone_layers, is_cloneable
+from tf_sparseconv.python.layers._base import adopt_input_of
 from tf_sparseconv.python.pruning import masks
 from tf_sparseconv.python.pruning.prunable_layer import has_prunable_weights_method
 from tf_sparseconv.python.pruning.schedules import (
@@ -232,11 +233,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self._attrs: list[str] = []
         self.masks: list = []
         self.failed_trace = False  # a training call was traced without UpdatePruningStep
-        self.input_spec = layer.input_spec
-        # Keras 3's Sequential builds itself from its first layer's `input_shape=` argument
-        # (`Sequential([prune_low_magnitude(Dense(10, input_shape=(784,)))])`, tfmot's guides).
-        if getattr(layer, "_input_shape_arg", None) is not None:
-            self._input_shape_arg = layer._input_shape_arg
+        adopt_input_of(self, layer)
 
     # ---- weights -----------------------------------------------------------------------------
     def build(self, input_shape=None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 
 from tf_sparseconv.python._clone import is_cloneable
+from tf_sparseconv.python.layers._base import adopt_input_of
 
 _CONFIG_UNSUPPORTED = (
     "`quantize_config` is not supported by tsc.quantization (got {config!r}): annotated layers "
@@ -42,10 +43,7 @@ class QuantizeAnnotate(keras.layers.Wrapper):
         kwargs.setdefault("name", f"quantize_annotate_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
-        self.input_spec = layer.input_spec
-        # Keras 3's Sequential builds itself from its first layer's `input_shape=` argument.
-        if getattr(layer, "_input_shape_arg", None) is not None:
-            self._input_shape_arg = layer._input_shape_arg
+        adopt_input_of(self, layer)
 
     def build(self, input_shape=None) -> None:
         if not self.layer.built:
