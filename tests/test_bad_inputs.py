@@ -195,15 +195,49 @@ def _outcome(call):
     return None, ""
 
 
+# Index values that only the CPU kernels check: on the GPU they stay in device memory and a bad
+# one is skipped instead (README, "Validation on GPU"), so there these calls succeed:
+# test_gpu_skips_bad_block_indices.
+CPU_CHECKED = {"block index outside the image (variable)", "batch index outside the batch"}
+GPU_VISIBLE = bool(tf.config.list_physical_devices("GPU"))
+
+
 @pytest.mark.parametrize(("family", "wrong", "call", "word"), CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
 def test_bad_input_gets_a_clear_error(family, wrong, call, word):
-    kind, message = _outcome(call)
+    with tf.device("/CPU:0"):
+        kind, message = _outcome(call)
     assert kind is not None, f"{family}: {wrong}: no error"
     assert word in message, f"{family}: {wrong}: {kind} without {word!r}: {message[:300]}"
+
+
+GPU_CASES = [c for c in CASES if c[1] not in CPU_CHECKED]
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize(
+    ("family", "wrong", "call", "word"), GPU_CASES, ids=[f"{c[0]}: {c[1]}" for c in GPU_CASES]
+)
+def test_bad_input_gets_a_clear_error_on_gpu(family, wrong, call, word):
+    with tf.device("/GPU:0"):
+        kind, message = _outcome(call)
+    assert kind is not None, f"{family}: {wrong}: no error on the GPU"
+    assert word in message, f"{family}: {wrong}: {kind} without {word!r} on the GPU: {message[:300]}"
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize("wrong", sorted(CPU_CHECKED))
+def test_gpu_skips_bad_block_indices(wrong):
+    """The CPU_CHECKED cases on the GPU: the out-of-range block reads as zeros."""
+    call = next(c[2] for c in CASES if c[1] == wrong)
+    with tf.device("/GPU:0"):
+        blocks = call()
+    assert blocks.device.endswith("GPU:0")
+    np.testing.assert_array_equal(blocks, np.zeros((1, 4, 4, 8), F))
 
 
 if __name__ == "__main__":
     print("| family | input tried | error | message (start) |\n|---|---|---|---|")
     for family, wrong, call, _ in CASES:
-        kind, message = _outcome(call)
+        with tf.device("/CPU:0"):
+            kind, message = _outcome(call)
         print(f"| {family} | {wrong} | {kind or 'none!'} | {message[:110].replace('|', '/')} |")

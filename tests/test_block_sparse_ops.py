@@ -945,11 +945,77 @@ BAD_CASES = {
 }
 
 
+# Index values only the CPU kernels check: on the GPU the indices stay in device memory
+# (README, "Validation on GPU"; test_gpu_index_values_are_not_checked).
+CPU_CHECKED = {
+    "scatter-write-overlap-1x3",
+    "scatter-write-overlap-2",
+    "scatter-write-repeated-index",
+    "scatter-write-overlap-dynamic",
+}
+GPU_VISIBLE = bool(tf.config.list_physical_devices("GPU"))
+
+
 @pytest.mark.parametrize("suffix", ["", "_reference"], ids=["op", "reference"])
 @pytest.mark.parametrize("case", list(BAD_CASES.values()), ids=list(BAD_CASES))
 def test_bad_input(suffix, case):
     name, call, pattern = case
-    assert_rejects(lambda: call(op(name + suffix)), pattern)
+    with tf.device("/CPU:0"):
+        assert_rejects(lambda: call(op(name + suffix)), pattern)
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize(
+    "case",
+    [c for k, c in BAD_CASES.items() if k not in CPU_CHECKED],
+    ids=[k for k in BAD_CASES if k not in CPU_CHECKED],
+)
+def test_bad_input_on_gpu(case):
+    """Shapes and attributes are checked on the GPU too."""
+    name, call, pattern = case
+    with tf.device("/GPU:0"):
+        assert_rejects(lambda: call(op(name)), pattern)
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+def test_gpu_index_values_are_not_checked(rng):
+    """On the GPU (README, "Validation on GPU") index values are not checked, as tf.gather does
+    there: a row outside the index limits gathers zeros and is skipped by scatters (never an
+    out-of-bounds access), and overlapping writes (add=False) are not rejected: the last block
+    in index order wins."""
+    x = rng.standard_normal((2, 7, 8, 3)).astype(np.float32)
+    good = np.array([[0, 0, 0], [1, 3, 3], [0, 2, 1]], np.int32)  # size 3, stride 2: limits 4 x 4
+    bad = np.array(
+        [[2, 0, 0], [-1, 0, 0], [0, 4, 0], [0, 0, 4], [0, -1, 0], [0, 0, -1], [0, 9, 9]]
+        + [[2**31 - 1, 0, 0], [0, -(2**31), 0], [0, 0, 2**31 - 1]],
+        np.int32,
+    )
+    idx = np.concatenate([good[:1], bad[:5], good[1:], bad[5:]])
+    keep = np.isin(np.arange(len(idx)), [0, 6, 7])
+    blocks = rng.standard_normal((len(idx), 3, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((len(idx), 3, 3, 3)).astype(np.float32)
+    with tf.device("/GPU:0"):
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            gathered = tsc.ops.sparse_gather(xt, idx, 3, 2)
+        dx = tape.gradient(gathered, xt, output_gradients=tf.constant(dy))
+        added = tsc.ops.sparse_scatter(blocks, idx, x, 2, add=True)
+        # Stride 3: limits 3 x 3 for writes; (0, 3, 0) is one past.
+        write_idx = np.array([[0, 0, 1], [0, 3, 0], [1, 2, 2], [-5, 1, 1]], np.int32)
+        written = tsc.ops.sparse_scatter(blocks[:4], write_idx, x, 3, add=False)
+        # Stride 2 < size 3 and a repeated index: overlapping writes.
+        overlap_idx = np.array([[0, 0, 0], [0, 1, 0], [1, 2, 2], [1, 2, 2]], np.int32)
+        overlapping = tsc.ops.sparse_scatter(blocks[:4], overlap_idx, x, 2, add=False)
+    assert gathered.device.endswith("GPU:0") and added.device.endswith("GPU:0")
+    expected = np.zeros_like(gathered.numpy())
+    expected[keep] = np_gather(x, idx[keep], 3, 2)
+    assert_exactly_equal(gathered, expected)
+    np.testing.assert_allclose(dx, np_scatter(dy[keep], idx[keep], np.zeros_like(x), 2, add=True), rtol=1e-6)
+    np.testing.assert_allclose(added, np_scatter(blocks[keep], idx[keep], x, 2, add=True), rtol=1e-6)
+    w_keep = [0, 2]
+    assert_exactly_equal(written, np_scatter(blocks[w_keep], write_idx[w_keep], x, 3))
+    assert_exactly_equal(overlapping, np_scatter(blocks[:4], overlap_idx, x, 2))
 
 
 def index_limit(length, size, stride, offset):
@@ -984,43 +1050,46 @@ def test_index_limits(rng, suffix):
     ok = np.array([[1, 2, 2], [0, 0, 1]], np.int32)
     assert_exactly_equal(scatter(blocks[:2], ok, x, 3), np_scatter(blocks[:2], ok, x, 3))
 
-    xt = tf.constant(x)
+    # The CPU kernels check index values; the GPU ones skip bad rows instead
+    # (test_gpu_index_values_are_not_checked).
+    with tf.device("/CPU:0"):
+        xt = tf.constant(x)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int32)])
-    def gather_dynamic(idx):  # indices unknown until run time: the kernel must check them
-        return gather(xt, idx, 3, 2)
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int32)])
+        def gather_dynamic(idx):  # indices unknown until run time: the kernel must check them
+            return gather(xt, idx, 3, 2)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int32), tf.TensorSpec([], tf.bool)])
-    def scatter_dynamic(idx, add):
-        return tf.cond(
-            add,
-            lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 2, add=True),
-            lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 3, add=False),
-        )
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int32), tf.TensorSpec([], tf.bool)])
+        def scatter_dynamic(idx, add):
+            return tf.cond(
+                add,
+                lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 2, add=True),
+                lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 3, add=False),
+            )
 
-    failures = []
-    for row in [[2, 0, 0], [-1, 0, 0], [0, 4, 0], [0, 0, 4], [0, -1, 0], [0, 0, -1], [0, 9, 9]]:
-        idx = tf.constant([[0, 0, 0], row], tf.int32)
+        failures = []
+        for row in [[2, 0, 0], [-1, 0, 0], [0, 4, 0], [0, 0, 4], [0, -1, 0], [0, 0, -1], [0, 9, 9]]:
+            idx = tf.constant([[0, 0, 0], row], tf.int32)
+            for what, call in [
+                ("gather", lambda idx=idx: gather(xt, idx, 3, 2)),
+                ("gather in tf.function", lambda idx=idx: gather_dynamic(idx)),
+                ("scatter add", lambda idx=idx: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 2, add=True)),
+                ("scatter add in tf.function", lambda idx=idx: scatter_dynamic(idx, tf.constant(True))),
+            ]:
+                try:
+                    assert_rejects(call, names("indices"))
+                except (AssertionError, pytest.fail.Exception) as e:
+                    failures.append(f"{what} with row {row}: {str(e).splitlines()[0]}")
+        # Stride 3 (size 3): limits 3 x 3, so (0, 3, 0) is one past.
+        idx = tf.constant([[0, 0, 0], [0, 3, 0]], tf.int32)
         for what, call in [
-            ("gather", lambda idx=idx: gather(xt, idx, 3, 2)),
-            ("gather in tf.function", lambda idx=idx: gather_dynamic(idx)),
-            ("scatter add", lambda idx=idx: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 2, add=True)),
-            ("scatter add in tf.function", lambda idx=idx: scatter_dynamic(idx, tf.constant(True))),
+            ("scatter write", lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 3, add=False)),
+            ("scatter write in tf.function", lambda: scatter_dynamic(idx, tf.constant(False))),
         ]:
             try:
                 assert_rejects(call, names("indices"))
             except (AssertionError, pytest.fail.Exception) as e:
-                failures.append(f"{what} with row {row}: {str(e).splitlines()[0]}")
-    # Stride 3 (size 3): limits 3 x 3, so (0, 3, 0) is one past.
-    idx = tf.constant([[0, 0, 0], [0, 3, 0]], tf.int32)
-    for what, call in [
-        ("scatter write", lambda: scatter(tf.ones((2, 3, 3, 3)), idx, xt, 3, add=False)),
-        ("scatter write in tf.function", lambda: scatter_dynamic(idx, tf.constant(False))),
-    ]:
-        try:
-            assert_rejects(call, names("indices"))
-        except (AssertionError, pytest.fail.Exception) as e:
-            failures.append(f"{what} with row [0, 3, 0]: {str(e).splitlines()[0]}")
+                failures.append(f"{what} with row [0, 3, 0]: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 

@@ -359,26 +359,67 @@ def test_bad_input():
     with pytest.raises(ValueError, match="row 1 lists an input channel twice"):
         tsc.ops.channel_sparse_conv2d(x, k, np.array([[0, 1], [2, 2], [2, 3]], np.int32))
     lib = load_library()
-    # ... and any connection tensor by the kernel at run time.
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"connections\[1, 1\] = 4 is out of range"):
-        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [1, 4], [2, 3]], np.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
-        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [-1, 2], [2, 3]], np.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
-        lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [2, 2], [2, 3]], np.int32))
+    # ... and any connection tensor by the CPU kernel at run time. On the GPU the connections
+    # stay in device memory, unchecked (README, "Validation on GPU"):
+    # test_gpu_connection_values_are_not_checked.
+    with tf.device("/CPU:0"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"connections\[1, 1\] = 4 is out of range"):
+            lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [1, 4], [2, 3]], np.int32))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
+            lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [-1, 2], [2, 3]], np.int32))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
+            lib.tf_sparse_conv_channel_sparse_conv2d(x, k, np.array([[0, 1], [2, 2], [2, 3]], np.int32))
 
-    @tf.function(input_signature=[tf.TensorSpec([3, 2], tf.int32)])
-    def dynamic(connections):
-        return tsc.ops.channel_sparse_conv2d(x, k, connections)
+        @tf.function(input_signature=[tf.TensorSpec([3, 2], tf.int32)])
+        def dynamic(connections):
+            return tsc.ops.channel_sparse_conv2d(x, k, connections)
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
-        dynamic(tf.constant([[0, 1], [2, 2], [2, 3]]))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="lists input channel 2 twice"):
+            dynamic(tf.constant([[0, 1], [2, 2], [2, 3]]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="grad must have the output shape"):
         lib.tf_sparse_conv_channel_sparse_conv2d_backprop_input([1, 5, 5, 4], k, good, tf.ones((1, 4, 4, 3)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="input_sizes must be"):
         lib.tf_sparse_conv_channel_sparse_conv2d_backprop_input([1, 5, 5], k, good, tf.ones((1, 5, 5, 3)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="strides must be 2 positive"):
         lib.tf_sparse_conv_channel_sparse_conv2d(x, k, good, strides=[1, 0])
+
+
+GPU_VISIBLE = bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+def test_gpu_connection_values_are_not_checked(rng):
+    """On the GPU (README, "Validation on GPU") connection values are not checked: an entry
+    outside [0, Cin) contributes nothing (never an out-of-bounds access), and each entry of a
+    repeated channel contributes, in the forward op and both gradient ops."""
+    lib = load_library()
+    x = rng.standard_normal((2, 9, 8, 4)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 2, 4)).astype(np.float32)
+    bad = np.array([[0, 1], [1, 4], [-1, 2], [2, 2]], np.int32)  # too large, negative, repeated
+    valid = (bad >= 0) & (bad < 4)
+    dense = np.zeros((3, 3, 4, 4), np.float32)
+    for o, e in zip(*np.nonzero(valid)):
+        dense[:, :, bad[o, e], o] += kernel[:, :, e, o]
+    with tf.device("/GPU:0"):
+        xt, kt, ct = tf.constant(x), tf.constant(kernel), tf.constant(bad)
+        with tf.GradientTape() as tape:
+            tape.watch([xt, kt])
+            y = lib.tf_sparse_conv_channel_sparse_conv2d(xt, kt, ct)
+        dy = tf.constant(rng.standard_normal(y.shape).astype(np.float32))
+        dx, dk = tape.gradient(y, [xt, kt], output_gradients=dy)
+    assert y.device.endswith("GPU:0")
+    with tf.device("/CPU:0"):
+        xt, dt = tf.constant(x), tf.constant(dense)
+        with tf.GradientTape() as tape:
+            tape.watch([xt, dt])
+            expected = tf.nn.conv2d(xt, dt, 1, "SAME")
+        dx_expected, ddense = tape.gradient(expected, [xt, dt], output_gradients=dy)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_expected, rtol=1e-5, atol=1e-5)
+    dk_expected = np.zeros_like(kernel)
+    for o, e in zip(*np.nonzero(valid)):
+        dk_expected[:, :, e, o] = ddense.numpy()[:, :, bad[o, e], o]
+    np.testing.assert_allclose(dk, dk_expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -404,31 +404,112 @@ def _features(
     )
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"kernel_shape": [2, 4, 2]}, "input channels"),
-        ({"kernel_shape": [2, 3]}, "kernel must be"),
-        ({"ptr": (0, 2)}, "pair_ptr"),
-        ({"ptr": (1, 1, 2)}, "pair_ptr must start at 0"),
-        ({"ptr": (0, 2, 1), "pairs": ((0, 0), (1, 1))}, "pair_ptr must start at 0 and end"),
-        ({"ptr": (0, 2, 1, 2), "k": 3, "pairs": ((0, 0), (1, 1))}, "non-decreasing"),
-        ({"pairs": ((0, 0), (4, 1))}, r"pairs\[1, 0\] = 4 is outside \[0, 4\)"),
-        ({"pairs": ((-1, 0), (1, 1))}, r"pairs\[0, 0\] = -1"),
-        ({"pairs": ((0, 0), (1, 2))}, r"pairs\[1, 1\] = 2 is outside \[0, 2\).*num_out"),
-        ({"ptr": (0, 2, 2), "pairs": ((0, 1), (1, 0))}, "non-decreasing within a kernel offset"),
-        ({"num_out": -1}, "num_out must be >= 0"),
-        ({"num_out": (2,)}, "num_out"),
-        ({"pairs": ((0, 0, 0), (1, 1, 1))}, "pairs"),
-    ],
-)
+# Shapes and scalars, checked on every device.
+FEATURES_BAD_SHAPES = {
+    "kernel-cin": ({"kernel_shape": [2, 4, 2]}, "input channels"),
+    "kernel-rank": ({"kernel_shape": [2, 3]}, "kernel must be"),
+    "pair_ptr-length": ({"ptr": (0, 2)}, "pair_ptr"),
+    "num_out-negative": ({"num_out": -1}, "num_out must be >= 0"),
+    "num_out-vector": ({"num_out": (2,)}, "num_out"),
+    "pairs-width": ({"pairs": ((0, 0, 0), (1, 1, 1))}, "pairs"),
+}
+# Rulebook values, checked by the CPU kernel only: on the GPU the rulebook stays in device
+# memory (README, "Validation on GPU"; test_gpu_rulebook_values_are_not_checked).
+FEATURES_BAD_VALUES = {
+    "pair_ptr-start": ({"ptr": (1, 1, 2)}, "pair_ptr must start at 0"),
+    "pair_ptr-end": ({"ptr": (0, 2, 1), "pairs": ((0, 0), (1, 1))}, "pair_ptr must start at 0 and end"),
+    "pair_ptr-order": ({"ptr": (0, 2, 1, 2), "k": 3, "pairs": ((0, 0), (1, 1))}, "non-decreasing"),
+    "src-large": ({"pairs": ((0, 0), (4, 1))}, r"pairs\[1, 0\] = 4 is outside \[0, 4\)"),
+    "src-negative": ({"pairs": ((-1, 0), (1, 1))}, r"pairs\[0, 0\] = -1"),
+    "dst-large": ({"pairs": ((0, 0), (1, 2))}, r"pairs\[1, 1\] = 2 is outside \[0, 2\).*num_out"),
+    "dst-order": ({"ptr": (0, 2, 2), "pairs": ((0, 1), (1, 0))}, "non-decreasing within a kernel offset"),
+}
+FEATURES_BAD = {**FEATURES_BAD_SHAPES, **FEATURES_BAD_VALUES}
+GPU_VISIBLE = bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.parametrize("kwargs,match", list(FEATURES_BAD.values()), ids=list(FEATURES_BAD))
 def test_features_op_rejects_bad_input(library, kwargs, match):
-    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=match):
+    with tf.device("/CPU:0"), pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=match):
         _features(library, **kwargs)
 
 
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize("kwargs,match", list(FEATURES_BAD_SHAPES.values()), ids=list(FEATURES_BAD_SHAPES))
+def test_features_op_rejects_bad_shapes_on_gpu(library, kwargs, match):
+    with tf.device("/GPU:0"), pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=match):
+        _features(library, **kwargs)
+
+
+def np_valid_pairs(ptr, pairs, n, num_out):
+    """The (offset, src, dst) a malformed rulebook means on the GPU: pair_ptr clamped to [0, P]
+    and made non-decreasing (offset k: pairs[lo_k : max(lo_k, min(ptr[k + 1], P))], lo_k =
+    clamp(ptr[k], 0, P)), pairs with src or dst out of range skipped."""
+    p = len(pairs)
+    for k in range(len(ptr) - 1):
+        lo = min(max(ptr[k], 0), p)
+        hi = min(max(ptr[k + 1], lo), p)
+        for src, dst in pairs[lo:hi]:
+            if 0 <= src < n and 0 <= dst < num_out:
+                yield k, src, dst
+
+
+I32 = np.iinfo(np.int32)
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize(
+    "ptr,pairs",
+    [
+        ((1, 1, 2), ((0, 0), (1, 1))),  # pair_ptr not starting at 0
+        ((0, 2, 1), ((0, 0), (1, 1))),  # not ending at P
+        ((0, 2, 1, 2), ((0, 0), (1, 1))),  # decreasing
+        ((-3, 1, 2), ((0, 0), (1, 1))),  # negative
+        ((0, 5, 9), ((0, 0), (1, 1))),  # past P
+        ((0, 1, 2), ((0, 0), (4, 1))),  # src >= N
+        ((0, 1, 2), ((-1, 0), (1, 1))),  # src < 0
+        ((0, 1, 2), ((0, 0), (1, 2))),  # dst >= num_out
+        ((0, 2, 4), ((3, I32.min), (2, -1), (0, 0), (I32.max, I32.max))),  # extremes
+    ],
+)
+def test_gpu_rulebook_values_are_not_checked(library, rng, ptr, pairs):
+    """On the GPU (README, "Validation on GPU") rulebook values are not checked, as tf.gather
+    does there: pair_ptr is clamped and pairs with src or dst out of range are skipped (never an
+    out-of-bounds access), by the convolution and by its kernel gradient."""
+    features = rng.standard_normal((4, 3)).astype(np.float32)
+    kernel = rng.standard_normal((len(ptr) - 1, 3, 2)).astype(np.float32)
+    grad = rng.standard_normal((2, 2)).astype(np.float32)
+    ptr_t, pairs_t = np.array(ptr, np.int32), np.array(pairs, np.int32)
+    with tf.device("/GPU:0"):
+        out = library.tf_sparse_conv_sparse_conv_features(features, kernel, ptr_t, pairs_t, 2)
+        kernel_grad = library.tf_sparse_conv_sparse_conv_kernel_grad(features, grad, ptr_t, pairs_t)
+    assert out.device.endswith("GPU:0") and kernel_grad.device.endswith("GPU:0")
+    expected_out, expected_grad = np.zeros((2, 2)), np.zeros(kernel.shape)
+    for k, src, dst in np_valid_pairs(ptr, pairs, 4, 2):
+        expected_out[dst] += features[src].astype(np.float64) @ kernel[k]
+        expected_grad[k] += np.outer(features[src], grad[dst])
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel_grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+def test_gpu_unsorted_rulebook_is_memory_safe(library, rng):
+    """dst out of order within an offset is not checked on the GPU: the values are unspecified,
+    but the call returns finite values of the right shape."""
+    features = rng.standard_normal((4, 3)).astype(np.float32)
+    kernel = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    pairs = np.array([[0, 1], [1, 0], [2, 1], [3, 0]], np.int32)
+    with tf.device("/GPU:0"):
+        out = library.tf_sparse_conv_sparse_conv_features(
+            features, kernel, np.array([0, 4, 4], np.int32), pairs, 2
+        )
+    assert out.shape == (2, 2) and np.isfinite(out).all()
+
+
 def test_kernel_grad_and_transpose_reject_bad_input(library):
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"pairs\[0, 1\] = 5"):
+    # The CPU kernel checks the rulebook; the GPU one skips bad pairs
+    # (test_gpu_rulebook_values_are_not_checked). The transpose has a CPU kernel only.
+    with tf.device("/CPU:0"), pytest.raises(tf.errors.InvalidArgumentError, match=r"pairs\[0, 1\] = 5"):
         library.tf_sparse_conv_sparse_conv_kernel_grad(tf.zeros([2, 3]), tf.zeros([2, 4]), [0, 1], [[0, 5]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_src"):
         library.tf_sparse_conv_sparse_conv_rulebook_transpose([0, 1], [[3, 0]], 2)
@@ -532,6 +613,48 @@ def test_topk_sites_bad_input(library, features, coords, k, match):
         library.tf_sparse_conv_top_k_sites(features, coords, tf.constant(k))
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
         tsc.ops.topk_sites_rows_reference(features, coords, k)
+
+
+def _sites_with_bad_row(value):
+    """100 unique 1-D sites (b, x) in a grid of 40 (200 int32 values: enough for TensorFlow to
+    run the op on the GPU instead of pinning it to the host), row 57 replaced by `value`."""
+    coords = np.array([(b, x) for b in range(3) for x in range(40)][:100], np.int32)
+    coords[57] = value
+    return coords
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ((-1, 3), r"coords\[57, 0\] = -1 is a negative batch index"),
+        ((0, 40), r"coords\[57, 1\] = 40 is outside \[0, 40\)"),
+        ((1, -2), r"coords\[57, 1\] = -2 is outside"),
+        ((0, 3), "duplicate sites: rows 3 and 57"),
+    ],
+)
+def test_gpu_rulebook_rejects_bad_coords(library, row, match):
+    """The rulebook reads its counts back to the host anyway, so the GPU kernel checks the
+    sites too (README, "Validation on GPU"): the CPU kernel's errors, from either device."""
+    coords = _sites_with_bad_row(row)
+    features = np.ones((100, 2), np.float32)
+    for device in ("/CPU:0", "/GPU:0"):
+        with tf.device(device):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+                library.tf_sparse_conv_sparse_conv_rulebook(
+                    tf.constant(coords), [40], kernel_size=[3], strides=[1], dilations=[1], submanifold=True
+                )
+            with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+                tsc.ops.sparse_conv(features, coords, np.ones((3, 2, 4), np.float32), [40])
+
+
+@pytest.mark.skipif(not GPU_VISIBLE, reason="TensorFlow sees no GPU")
+def test_gpu_topk_sites_rejects_negative_batch(library):
+    coords = _sites_with_bad_row((-4, 7))
+    features = np.arange(200, dtype=np.float32).reshape(100, 2)
+    for device in ("/CPU:0", "/GPU:0"):
+        with tf.device(device), pytest.raises(tf.errors.InvalidArgumentError, match=r"coords\[57, 0\] = -4"):
+            tsc.ops.topk_sites(features, coords, 5)
 
 
 def test_topk_sites_bad_score():

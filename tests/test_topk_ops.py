@@ -299,14 +299,37 @@ def test_bad_runtime_k_raises_invalid_argument():
 def test_grad_ops_reject_bad_indices():
     lib = load_library()
     dy = tf.ones((2, 5))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="indices must be in"):
-        lib.tf_sparse_conv_k_winners_grad(dy, tf.constant([[0, 9], [1, 2]]), axis=-1)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="indices must be in"):
-        lib.tf_sparse_conv_k_winners_grad(dy, tf.constant([[0, -2], [1, 2]]), axis=-1)
+    # Index values: checked by the CPU kernel; the GPU one skips them
+    # (test_gpu_grad_ops_skip_bad_indices).
+    with tf.device("/CPU:0"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="indices must be in"):
+            lib.tf_sparse_conv_k_winners_grad(dy, tf.constant([[0, 9], [1, 2]]), axis=-1)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="indices must be in"):
+            lib.tf_sparse_conv_k_winners_grad(dy, tf.constant([[0, -2], [1, 2]]), axis=-1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="indices must have the shape"):
         lib.tf_sparse_conv_k_winners_grad(dy, tf.constant([[0, 1, 2]]), axis=-1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="do not match grad"):
         lib.tf_sparse_conv_top_k_attention_grad(tf.ones((1, 4, 2)), tf.constant([[0, 1]]), per="channel")
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="TensorFlow sees no GPU")
+def test_gpu_grad_ops_skip_bad_indices(rng):
+    """On the GPU (README, "Validation on GPU") the winners' indices are not checked: an entry
+    outside [0, size) contributes nothing (as -1, a dropped winner, does; never an out-of-bounds
+    access)."""
+    lib = load_library()
+    dy = rng.standard_normal((2, 5)).astype(np.float32)
+    indices = np.array([[0, 9, -2], [1, 2**31 - 1, -(2**31)]], np.int32)
+    with tf.device("/GPU:0"):
+        dx = lib.tf_sparse_conv_k_winners_grad(dy, indices, axis=-1)
+        dx_attention = lib.tf_sparse_conv_top_k_attention_grad(
+            dy[:, :, None], indices[:, :, None], per="channel"
+        )
+    assert dx.device.endswith("GPU:0")
+    expected = np.zeros_like(dy)
+    expected[0, 0], expected[1, 1] = dy[0, 0], dy[1, 1]
+    np.testing.assert_array_equal(dx, expected)
+    np.testing.assert_array_equal(dx_attention, expected[:, :, None])
 
 
 # --- fuzzing -----------------------------------------------------------------------------------
