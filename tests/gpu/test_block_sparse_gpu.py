@@ -864,6 +864,78 @@ def test_out_of_range_indices_only(bs_lib, dtype):
         assert_bits_equal("scatter bad rows", run_scatter(bs_lib, blocks_s, idx, x_s, g, dtype, add), x_s)
 
 
+GUARD = 4096  # bytes of PATTERN on each side of a guarded buffer (keeps 256-byte alignment)
+PATTERN = 0x5A
+
+
+def guarded(nbytes):
+    """A device buffer of `nbytes` between two guard zones: (whole allocation, buffer address)."""
+    whole = cupy.full(int(nbytes) + 2 * GUARD, PATTERN, dtype=np.uint8)
+    return whole, whole.data.ptr + GUARD
+
+
+def assert_guards(name, whole):
+    host = cupy.asnumpy(whole)
+    for side, zone in (("before", host[:GUARD]), ("after", host[len(host) - GUARD :])):
+        changed = np.flatnonzero(zone != PATTERN)
+        assert changed.size == 0, f"{name}: {changed.size} bytes written {side} the buffer"
+
+
+def guarded_contents(whole, shape, dtype):
+    return cupy.asnumpy(whole[GUARD : len(whole) - GUARD]).view(STORAGE[dtype]).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_of_range_rows_stay_in_bounds(bs_lib, dtype):
+    """Index values are not checked on the GPU (README, "Validation on GPU"): bad rows (out of
+    range every way, int32 extremes included) among good ones gather zeros and are skipped by
+    both scatters, and nothing is written outside the output or the workspace (the guard zones
+    around them keep their bytes)."""
+    g = make_geometry(2, 7, 9, 3, (3, 4), (2, 3), (-1, -1))
+    rng = np.random.default_rng(9)
+    idx = random_indices(rng, g, frac=0.5, dup=2, bad=24)
+    assert sum(not valid(row, g) for row in idx) == 24
+    x_s = random_values(rng, g.x_shape, dtype)
+    blocks_s = random_values(rng, g.blocks_shape(len(idx)), dtype)
+    stream = cupy.cuda.get_current_stream()
+    geo = g.as_int64()
+    x, d_idx, d_blocks = cupy.asarray(x_s), cupy.asarray(idx), cupy.asarray(blocks_s)
+    shape = g.blocks_shape(len(idx))
+    out, p = guarded(blocks_s.nbytes)
+    _check(
+        bs_lib.tsc_sparse_gather_gpu(
+            FORMATS[dtype], _ptr(x), _ptr(d_idx), len(idx), p, geo.ctypes.data, stream.ptr
+        )
+    )
+    stream.synchronize()
+    assert_guards("gather output", out)
+    assert_bits_equal("gather", guarded_contents(out, shape, dtype), ref_gather(x_s, idx, g))
+    for add in (False, True):
+        out, p = guarded(x_s.nbytes)
+        ws, w = guarded(bs_lib.tsc_sparse_scatter_gpu_workspace_bytes(geo.ctypes.data, len(idx)))
+        _check(
+            bs_lib.tsc_sparse_scatter_gpu(
+                FORMATS[dtype],
+                _ptr(d_blocks),
+                _ptr(d_idx),
+                len(idx),
+                _ptr(x),
+                p,
+                int(add),
+                geo.ctypes.data,
+                w,
+                stream.ptr,
+            )
+        )
+        stream.synchronize()
+        assert_guards(f"scatter (add={add}) output", out)
+        assert_guards(f"scatter (add={add}) workspace", ws)
+        want = (
+            ref_scatter_add(blocks_s, idx, x_s, g, dtype) if add else ref_scatter_write(blocks_s, idx, x_s, g)
+        )
+        assert_bits_equal(f"scatter (add={add})", guarded_contents(out, g.x_shape, dtype), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,g", EMPTY_CASES, ids=case_ids(EMPTY_CASES))
 def test_empty(bs_lib, dtype, name, g):

@@ -591,6 +591,72 @@ def test_submanifold_3d(cs_lib, dtype):
     check_all(cs_lib, Problem(rb, 1500, 1500, 24, 40, dtype, seed=12))
 
 
+GUARD = 4096  # bytes of PATTERN on each side of a guarded output (keeps 256-byte alignment)
+PATTERN = 0x5A
+
+
+def clamped_rulebook(pair_ptr, pairs):
+    """The rulebook the kernels read from any pair_ptr: offset k's pairs are
+    pairs[lo_k : max(lo_k, min(pair_ptr[k + 1], P))] with lo_k = clamp(pair_ptr[k], 0, P)."""
+    p = len(pairs)
+    per_offset = []
+    for k in range(len(pair_ptr) - 1):
+        lo = min(max(int(pair_ptr[k]), 0), p)
+        hi = min(max(int(pair_ptr[k + 1]), lo), p)
+        per_offset.append((pairs[lo:hi, 0], pairs[lo:hi, 1]))
+    return make_rulebook(per_offset)
+
+
+def run_guarded(lib, name, prob, pair_ptr, pairs, shape, *sizes):
+    """One kernel on prob's operands with the given (possibly malformed) rulebook, the output
+    between guard zones; returns its float64 values after checking the guards."""
+    stream = cupy.cuda.get_current_stream()
+    nbytes = int(np.prod(shape)) * np.dtype(STORAGE[prob.dtype]).itemsize
+    whole = cupy.full(nbytes + 2 * GUARD, PATTERN, dtype=np.uint8)
+    f = cupy.asarray(prob.f_s)
+    other = cupy.asarray(prob.k_s if name == "tsc_sparse_conv_features_gpu" else prob.g_s)
+    d_ptr, d_pairs = cupy.asarray(pair_ptr), cupy.asarray(pairs)
+    if name == "tsc_sparse_conv_features_gpu":  # n, kernel, K, cin, cout, ptr, pairs, P, num_out
+        args = (prob.n, _ptr(other), len(pair_ptr) - 1, prob.cin, prob.cout)
+        tail = (_ptr(d_ptr), _ptr(d_pairs), len(pairs), prob.num_out)
+    else:  # n, grad, m, K, cin, cout, ptr, pairs, P
+        args = (prob.n, _ptr(other), prob.num_out, len(pair_ptr) - 1, prob.cin, prob.cout)
+        tail = (_ptr(d_ptr), _ptr(d_pairs), len(pairs))
+    err = getattr(lib, name)(FORMATS[prob.dtype], _ptr(f), *args, *tail, whole.data.ptr + GUARD, stream.ptr)
+    assert err is None, err.decode()
+    stream.synchronize()
+    host = cupy.asnumpy(whole)
+    assert (host[:GUARD] == PATTERN).all() and (host[GUARD + nbytes :] == PATTERN).all(), (
+        f"{name}: write outside"
+    )
+    return to_float64(host[GUARD : GUARD + nbytes].view(STORAGE[prob.dtype]).reshape(shape), prob.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_malformed_pair_ptr_is_clamped(cs_lib, dtype):
+    """pair_ptr is not checked on the GPU (README, "Validation on GPU"): a pair_ptr that does
+    not start at 0, end at P or rise reads as clamped to [0, P] and non-decreasing, pairs out of
+    range are skipped, and nothing is written outside the output (guard zones)."""
+    rng = np.random.default_rng(21)
+    n, num_out, num_pairs, k = 50, 40, 300, 6
+    # dst ascending over all pairs, so any contiguous range is a valid offset.
+    dst = np.sort(rng.integers(-5, num_out + 5, num_pairs))
+    src = rng.integers(-3, n + 3, num_pairs)
+    pairs = np.stack([src, dst], axis=1).astype(np.int32)
+    good = np.linspace(0, num_pairs, k + 1).astype(np.int32)
+    for pair_ptr in (
+        good + 7,  # not starting at 0, ending past P
+        good[::-1].copy(),  # decreasing
+        good - 60,  # negative
+        np.array([INT32_MIN, 0, INT32_MAX, 5, num_pairs, -1, 2 * num_pairs], np.int32),
+    ):
+        prob = Problem(clamped_rulebook(pair_ptr, pairs), n, num_out, 5, 7, dtype, seed=3)
+        out = run_guarded(cs_lib, "tsc_sparse_conv_features_gpu", prob, pair_ptr, pairs, (num_out, 7))
+        assert_close(f"features, pair_ptr {pair_ptr.tolist()}", out, *prob.features_ref())
+        grad = run_guarded(cs_lib, "tsc_sparse_conv_kernel_grad_gpu", prob, pair_ptr, pairs, (k, 5, 7))
+        assert_close(f"kernel_grad, pair_ptr {pair_ptr.tolist()}", grad, *prob.kernel_grad_ref())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic(cs_lib, dtype):
     """Repeated runs are bitwise equal (no atomics, fixed summation order)."""

@@ -461,6 +461,77 @@ def test_rulebook_errors(idx_lib):
             assert got == ("dup", dup[0], dup[1])
 
 
+GUARD = 4096  # bytes of PATTERN on each side of a guarded output
+PATTERN = 0x5A
+
+
+def guarded(shape):
+    """An int32 device array of `shape` between guard zones: (whole allocation, array)."""
+    count = int(np.prod(shape))
+    whole = cupy.full(4 * count + 2 * GUARD, PATTERN, dtype=np.uint8)
+    return whole, whole[GUARD : GUARD + 4 * count].view(np.int32).reshape(shape)
+
+
+def assert_guards(name, whole):
+    host = cupy.asnumpy(whole)
+    assert (host[:GUARD] == PATTERN).all() and (host[len(host) - GUARD :] == PATTERN).all(), (
+        f"{name}: write outside the buffer"
+    )
+
+
+def test_unchecked_coords_stay_in_bounds(idx_lib):
+    """Phases 2-4 take coords that phase 1 accepted (the op stops at phase 1's error). Fed
+    out-of-range coords anyway, as a caller that skipped the check would, they return a
+    meaningless rulebook but stay in bounds: no CUDA error, every pair within [0, N) x [0, M),
+    pair_ptr non-decreasing from 0 to P, nothing written outside the outputs (guard zones)."""
+    rng = np.random.default_rng(13)
+    shape = [6, 7]
+    i32 = np.iinfo(np.int32)
+    coords = random_sites(rng, 3, shape, 40)
+    bad = [[-1, 2, 2], [0, 6, 1], [1, -4, 7], [i32.min, i32.max, 0], [2, 0, i32.min], [i32.max, 5, 5]]
+    coords[[3, 17, 25, 31, 36, 38]] = bad
+    n = len(coords)
+    d_coords = cupy.asarray(np.ascontiguousarray(coords, np.int32))
+    stream = cupy.cuda.get_current_stream()
+    for kernel, strides, submanifold in [([3, 3], [1, 1], 1), ([3, 2], [2, 1], 0), ([2, 2], [2, 2], 0)]:
+        g = _geometry_array(shape, kernel, strides, [1, 1])
+        gp = g.ctypes.data
+        sites_ws = cupy.empty(idx_lib.tsc_rulebook_sites_gpu_workspace_bytes(gp, n, submanifold), np.int8)
+        later, earlier, m = ctypes.c_int64(-5), ctypes.c_int64(-5), ctypes.c_int64(-5)
+        _ok(
+            idx_lib.tsc_rulebook_sites_gpu(
+                gp, _ptr(d_coords), n, 3, submanifold, _ptr(sites_ws),
+                ctypes.byref(later), ctypes.byref(earlier), ctypes.byref(m), stream.ptr,
+            )
+        )  # fmt: skip
+        assert 0 <= m.value <= n * int(np.prod(kernel))
+        num_offsets = int(np.prod(kernel))
+        out_whole, out = guarded((m.value, 3))
+        ptr_whole, pair_ptr = guarded((num_offsets + 1,))
+        pairs_ws = cupy.empty(idx_lib.tsc_rulebook_pairs_gpu_workspace_bytes(gp, m.value), np.int8)
+        total = ctypes.c_int64(-5)
+        _ok(
+            idx_lib.tsc_rulebook_pairs_gpu(
+                gp, _ptr(d_coords), n, submanifold, _ptr(sites_ws), m.value, _ptr(out),
+                _ptr(pairs_ws), _ptr(pair_ptr), ctypes.byref(total), stream.ptr,
+            )
+        )  # fmt: skip
+        assert 0 <= total.value <= m.value * num_offsets
+        pairs_whole, pairs = guarded((total.value, 2))
+        _ok(
+            idx_lib.tsc_rulebook_write_pairs_gpu(
+                gp, m.value, _ptr(pairs_ws), total.value, _ptr(pairs), stream.ptr
+            )
+        )
+        stream.synchronize()
+        for name, whole in (("out_coords", out_whole), ("pair_ptr", ptr_whole), ("pairs", pairs_whole)):
+            assert_guards(name, whole)
+        ptr_host, pairs_host = cupy.asnumpy(pair_ptr), cupy.asnumpy(pairs)
+        assert ptr_host[0] == 0 and ptr_host[-1] == total.value and (np.diff(ptr_host) >= 0).all()
+        assert ((pairs_host[:, 0] >= 0) & (pairs_host[:, 0] < n)).all()
+        assert ((pairs_host[:, 1] >= 0) & (pairs_host[:, 1] < m.value)).all()
+
+
 TOPK_DTYPES = list(FORMATS)
 
 

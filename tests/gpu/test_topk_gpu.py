@@ -397,6 +397,49 @@ def test_mask_grad_explicit_minus_one(topk_lib):
     assert int(np.count_nonzero(dx)) == 8
 
 
+GUARD = 4096  # bytes of PATTERN on each side of a guarded buffer
+PATTERN = 0x5A
+
+
+@pytest.mark.parametrize("element_bytes", [2, 4, 8])
+def test_mask_grad_out_of_range_indices(topk_lib, element_bytes):
+    """Indices are not checked on the GPU (README, "Validation on GPU"): entries outside
+    [0, size) other than -1 (a dropped winner) contribute nothing either, and nothing is written
+    outside dx (the guard zones around it keep their bytes)."""
+    geometry = (3, 7, 5)
+    outer, size, inner = geometry
+    k = 4
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[element_bytes]
+    rng = np.random.default_rng(5)
+    dy = rng.integers(1, 2**15, size=geometry).astype(uint)
+    idx = rng.integers(0, size, size=(outer, k, inner)).astype(np.int32)
+    wild = np.array([size, size + 1, -2, -(2**31), 2**31 - 1, 10 * size], np.int32)
+    mask = rng.random(idx.shape) < 0.4
+    idx[mask] = rng.choice(wild, size=int(mask.sum()))
+    nbytes = outer * size * inner * element_bytes
+    whole = cupy.full(nbytes + 2 * GUARD, PATTERN, dtype=np.uint8)
+    d_dy, d_idx = cupy.asarray(dy), cupy.asarray(idx)
+    stream = cupy.cuda.get_current_stream()
+    err = topk_lib.tsc_topk_mask_grad_gpu(
+        element_bytes,
+        d_dy.data.ptr,
+        d_idx.data.ptr,
+        whole.data.ptr + GUARD,
+        outer,
+        size,
+        inner,
+        k,
+        stream.ptr,
+    )
+    assert err is None, err.decode()
+    stream.synchronize()
+    host = cupy.asnumpy(whole)
+    assert (host[:GUARD] == PATTERN).all() and (host[GUARD + nbytes :] == PATTERN).all(), "write outside dx"
+    dx = host[GUARD : GUARD + nbytes].view(uint).reshape(geometry)
+    kept = np.where((idx >= 0) & (idx < size), idx, -1)
+    assert_same("dx", dx, reference_grad(dy, kept, geometry, k))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_mask_timing(topk_lib, dtype, capsys):
     """Prints kernel times (informative only; no assertion on speed)."""

@@ -8,8 +8,13 @@
 // int32 [K + 1], non-decreasing from 0 to P; pairs int32 [P, 2] rows
 // (src, dst); the pairs of kernel offset k are pairs[pair_ptr[k] : pair_ptr[k+1]],
 // and within an offset dst is non-decreasing. All of them are device memory.
-// Pairs whose src or dst is out of range are skipped (the CPU kernels reject
-// them; on the GPU the rulebook stays in device memory).
+// The rulebook's values are not checked on the GPU (the CPU kernels reject a
+// bad one; on the GPU it stays in device memory, as tf.gather's indices do:
+// README, "Validation on GPU"), but no value can cause an out-of-bounds
+// access: pairs whose src or dst is out of range are skipped, pair_ptr is
+// read clamped to [0, P] and non-decreasing (offset k: [lo_k, max(lo_k,
+// min(pair_ptr[k + 1], P))) with lo_k = clamp(pair_ptr[k], 0, P)), and a dst
+// out of order within an offset gives unspecified values.
 #ifndef TF_SPARSECONV_CC_KERNELS_COORD_SPARSE_LAUNCHER_H_
 #define TF_SPARSECONV_CC_KERNELS_COORD_SPARSE_LAUNCHER_H_
 
@@ -76,7 +81,11 @@ const char* LaunchRulebookCheckGpu(const ConvGeometry& g, const int32_t* coords,
                                    void* workspace, int64_t* bad_row, int32_t* bad_values,
                                    int64_t* batch, void* stream);
 
-// Phase 2 (valid coords only): sorts the input sites in `workspace` (which
+// Phases 2-4 take coords that phase 1 accepted (the OpKernel stops at its
+// error); fed others they return a meaningless rulebook, still in bounds
+// (pairs in [0, n) x [0, num_out), pair_ptr from 0 to P).
+//
+// Phase 2: sorts the input sites in `workspace` (which
 // phase 3 reads again) and finds the output sites. *dup_later / *dup_earlier
 // = the CPU kernel's first duplicate (the smallest row that repeats an
 // earlier site, and that earlier row), or -1; *num_out = M (n when

@@ -19,7 +19,9 @@ const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
                               void* stream);
 
 // dx = 0 except dx[o, indices[o, j, c], c] = dy[o, indices[o, j, c], c] for
-// indices >= 0. `element_bytes` is 2, 4 or 8 (the gradient is a bit copy).
+// indices in [0, size). -1 marks a dropped winner; other values outside
+// [0, size) are skipped too (not checked on the GPU: the CPU kernel rejects
+// them). `element_bytes` is 2, 4 or 8 (the gradient is a bit copy).
 const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
                                   const int32_t* indices, void* dx,
                                   TopKGeometry geometry, void* stream);
