@@ -161,7 +161,13 @@ def reduce_mask(
 
 
 def sparse_gather(x, indices, block_size, block_stride, block_offset=(0, 0), name=None) -> tf.Tensor:
-    """Gathers blocks `[n, size_h, size_w, C]` of `x` `[B, H, W, C]` (zeros outside the image)."""
+    """Gathers blocks `[n, size_h, size_w, C]` of `x` `[B, H, W, C]` (zeros outside the image).
+
+    `indices` are int32 `[n, 3]` rows `(b, bh, bw)` with `b` in `[0, B)` and `bh`, `bw` below
+    the index limits (the grid, plus any further block that still overlaps the image). A row
+    out of range is an `InvalidArgumentError` on the CPU; on the GPU index values are not
+    checked (README, "Validation on GPU"): such a row gathers a block of zeros.
+    """
     size, stride = _pair(block_size, "block_size"), _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)
     with tf.name_scope(name or "sparse_gather"):
@@ -184,6 +190,11 @@ def sparse_scatter(
     With `add=False` the blocks overwrite `base` (overlapping blocks are an
     error); with `add=True` they are summed into it (overlaps sum, in a fixed,
     deterministic order). Parts of a block outside the image are dropped.
+    `indices` are rows `(b, bh, bw)` as for `sparse_gather`. On the CPU an
+    index out of range or an overlap with `add=False` is an
+    `InvalidArgumentError`; on the GPU index values are not checked (README,
+    "Validation on GPU"): a row out of range is skipped, and of overlapping
+    blocks written with `add=False` the last one in index order wins.
     """
     stride = _pair(block_stride, "block_stride")
     offset = _pair(block_offset, "block_offset", minimum=None)

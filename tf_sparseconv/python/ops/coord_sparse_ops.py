@@ -119,7 +119,9 @@ def sparse_conv_rulebook(
     """The rulebook of a `"SAME"` convolution on the sparse map `coords`.
 
     Args:
-      coords: int32 `[N, 1 + D]` unique sites `(b, x_1, ..., x_D)`.
+      coords: int32 `[N, 1 + D]` unique sites `(b, x_1, ..., x_D)`: `b >= 0`, `x_a` in
+        `[0, spatial_shape[a])`. A bad site or a duplicate is an `InvalidArgumentError` on
+        every device (the GPU kernel checks them: it reads its counts back to the host anyway).
       spatial_shape: D positive ints (list or int32 tensor of static length).
       kernel_size, strides, dilations: an int or D ints each.
       submanifold: `True` (strides must be 1): the output sites are the input
@@ -465,7 +467,11 @@ def sparse_conv_features(features, kernel, pair_ptr, pairs, num_out, name: str |
       kernel: `[K, Cin, Cout]` (the spatial kernel dims flattened row-major).
       pair_ptr, pairs: a rulebook (`sparse_conv_rulebook`, or
         `sparse_conv_rulebook_transpose`): int32 `[K + 1]` and `[P, 2]` rows
-        `(src, dst)`, dst non-decreasing within an offset.
+        `(src, dst)`, dst non-decreasing within an offset. A malformed one is an
+        `InvalidArgumentError` on the CPU; on the GPU its values are not checked
+        (README, "Validation on GPU"): pairs with `src` or `dst` out of range are
+        skipped, `pair_ptr` is read clamped to `[0, P]` and non-decreasing, and
+        `dst` out of order gives unspecified values.
       num_out: number of output rows.
 
     Returns:
@@ -595,7 +601,8 @@ def topk_sites(
     """Attention step of a sparse map: per batch sample keep the `k` highest-scoring sites.
 
     Args:
-      features: `[N, C]`; coords: int32 `[N, 1 + D]` (the batch is column 0).
+      features: `[N, C]`; coords: int32 `[N, 1 + D]` (the batch is column 0; a negative
+        batch index is an `InvalidArgumentError` on every device).
       k: int >= 1 (or an int32 scalar tensor).
       score: `"l2"` (L2 norm of the feature row) or `"abs_max"` (max |value|).
 
