@@ -16,9 +16,7 @@ pytestmark = pytest.mark.skipif(not tsc.ops.is_library_loaded(), reason="op libr
 @pytest.fixture(autouse=True)
 def _no_dense_dispatch(monkeypatch):
     """The compiled kernels, whatever the fan-in (see test_channel_sparse_ops.py)."""
-    from tf_sparseconv.python.ops import channel_sparse_ops
-
-    monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", 1.0)
+    monkeypatch.setenv("TF_SPARSECONV_CHANNEL_SPARSE", "sparse")
 
 
 def test_layer_matches_op_and_connections_round_trip(tmp_path):

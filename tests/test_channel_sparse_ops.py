@@ -14,12 +14,10 @@ pytestmark = pytest.mark.skipif(not tsc.ops.is_library_loaded(), reason="op libr
 
 @pytest.fixture(autouse=True)
 def _no_dense_dispatch(monkeypatch):
-    """The compiled kernels under test, whatever the fan-in (the dense dispatch above
-    DENSE_DISPATCH_DENSITY would otherwise route most of these small cases to tf.nn.conv2d);
-    test_dense_dispatch_for_high_fan_in sets its own thresholds."""
-    from tf_sparseconv.python.ops import channel_sparse_ops
-
-    monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", 1.0)
+    """The compiled kernels under test, whatever the fan-in (the per-shape choice would
+    otherwise route some of these cases to tf.nn.conv2d); the dispatch tests force their own
+    paths."""
+    monkeypatch.setenv("TF_SPARSECONV_CHANNEL_SPARSE", "sparse")
 
 
 def np_conv2d(x, kernel, connections, strides, padding, dilations):
@@ -293,25 +291,33 @@ def test_inside_tf_function_with_unknown_shapes(rng):
     )
 
 
-def test_dense_dispatch_for_high_fan_in(rng, monkeypatch):
-    from tf_sparseconv.python.ops import channel_sparse_ops
-
+def test_dense_and_sparse_paths_agree(rng):
     x, kernel, connections, strides, padding, dilations = make_case(
         rng, (2, 9, 12, 6, 5, 5, 3, 3, (2, 1), (1, 1), "SAME")
     )
     expected = np_conv2d(x, kernel, connections, strides, padding, dilations)
     results = []
-    for threshold in (0.5, 1.0):  # m / Cin = 5/6: dense dispatch, then the sparse kernel
-        monkeypatch.setattr(channel_sparse_ops, "DENSE_DISPATCH_DENSITY", threshold)
+    for mode in ("dense", "sparse", "auto"):
         xt, kt = tf.constant(x), tf.constant(kernel)
-        with tf.GradientTape() as tape:
-            tape.watch([xt, kt])
-            y = tsc.ops.channel_sparse_conv2d(xt, kt, connections, strides, padding)
+        with tsc.ops.channel_sparse_implementation(mode), tsc.ops.explain() as calls:
+            with tf.GradientTape() as tape:
+                tape.watch([xt, kt])
+                y = tsc.ops.channel_sparse_conv2d(xt, kt, connections, strides, padding)
+        if mode != "auto":  # a forced path is respected
+            assert calls[-1].implementation == {"dense": "dense", "sparse": "compiled"}[mode], calls
+            assert f"channel_sparse_implementation('{mode}')" in calls[-1].reason
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
         results.append(tape.gradient(y, [xt, kt]))
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert tsc.ops.channel_sparse_conv2d(tf.zeros((0, 4, 4, 6)), kernel, connections).shape == (0, 4, 4, 5)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with tsc.ops.channel_sparse_implementation("dense"):
+        assert tsc.ops.channel_sparse_conv2d(tf.zeros((0, 4, 4, 6)), kernel, connections).shape == (
+            0,
+            4,
+            4,
+            5,
+        )
 
 
 def test_random_connections():

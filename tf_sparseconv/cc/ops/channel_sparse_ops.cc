@@ -157,4 +157,73 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
 
 #undef TSC_CONV_ATTRS
 
+// The dense kernel of a channel-sparse one and back: what the dense dispatch
+// of the Python wrappers (tf.nn.conv2d where it is faster) needs on every call,
+// in one pass over the dense kernel (a one-hot contraction costs Cout * m * Cin).
+namespace {
+
+Status DenseKernelShape(InferenceContext* c) {
+  ShapeHandle kernel, connections, lead;
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &kernel));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &connections));
+  const int32_t rank = c->Rank(kernel);
+  DimensionHandle m, cout;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, rank - 2), c->Dim(connections, 1), &m));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, rank - 1), c->Dim(connections, 0), &cout));
+  int64_t in_channels;
+  TF_RETURN_IF_ERROR(c->GetAttr("in_channels", &in_channels));
+  TF_RETURN_IF_ERROR(c->Subshape(kernel, 0, rank - 2, &lead));
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->Concatenate(lead, c->MakeShape({c->MakeDim(in_channels), cout}), &out));
+  c->set_output(0, out);
+  return ::tensorflow::OkStatus();
+}
+
+Status GatherKernelShape(InferenceContext* c) {
+  ShapeHandle dense, connections, lead;
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &dense));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &connections));
+  const int32_t rank = c->Rank(dense);
+  DimensionHandle cout;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(dense, rank - 1), c->Dim(connections, 0), &cout));
+  TF_RETURN_IF_ERROR(c->Subshape(dense, 0, rank - 2, &lead));
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->Concatenate(lead, c->MakeShape({c->Dim(connections, 1), cout}), &out));
+  c->set_output(0, out);
+  return ::tensorflow::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("TfSparseConv>ChannelSparseDenseKernel")
+    .Input("kernel: T")
+    .Input("connections: int32")
+    .Output("dense: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("in_channels: int >= 1")
+    .SetShapeFn(DenseKernelShape)
+    .Doc(R"doc(
+The dense kernel equivalent to a channel-sparse one.
+
+kernel: [..., m, Cout] (any leading kernel-window axes).
+connections: [Cout, m], distinct values in [0, in_channels) per row.
+dense: [..., in_channels, Cout], dense[..., connections[o, j], o] =
+  kernel[..., j, o] and zeros elsewhere.
+)doc");
+
+REGISTER_OP("TfSparseConv>ChannelSparseGatherKernel")
+    .Input("dense: T")
+    .Input("connections: int32")
+    .Output("kernel: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .SetShapeFn(GatherKernelShape)
+    .Doc(R"doc(
+The channel-sparse part of a dense kernel (the adjoint of
+ChannelSparseDenseKernel, so each is the other's gradient).
+
+dense: [..., Cin, Cout].
+connections: [Cout, m], values in [0, Cin).
+kernel: [..., m, Cout], kernel[..., j, o] = dense[..., connections[o, j], o].
+)doc");
+
 }  // namespace tf_sparseconv

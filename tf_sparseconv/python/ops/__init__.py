@@ -6,6 +6,7 @@ The references are public (``*_reference``) as test oracles and for portable
 export.
 """
 
+from tf_sparseconv.python.ops._autotune import channel_sparse_implementation
 from tf_sparseconv.python.ops._loader import (
     Dispatch,
     explain,
@@ -72,6 +73,7 @@ __all__ = [
     "channel_sparse_conv2d",
     "channel_sparse_conv2d_reference",
     "dense_kernel",
+    "channel_sparse_implementation",
     "Rulebook",
     "from_dense",
     "sparse_conv",

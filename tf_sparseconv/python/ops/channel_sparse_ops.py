@@ -8,13 +8,17 @@ case) and fixed: they are part of the layer's configuration.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import numbers
 
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python.ops import _autotune
+from tf_sparseconv.python.ops._autotune import current_mode
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import compiled_library, dispatch, record
+from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -58,10 +62,23 @@ def _check_operands(x, kernel, connections, x_rank: int, conv: str):
     return x, kernel, connections
 
 
+def _static_connections(connections) -> np.ndarray | None:
+    """The values of constant connection lists: a graph constant, or (inside a `tf.function`)
+    an eager tensor the function captured; None when they are only known at run time."""
+    values = tf.get_static_value(connections)
+    if values is not None or tf.executing_eagerly():
+        return values
+    graph = getattr(connections, "graph", None)
+    for external, internal in getattr(graph, "captures", ()):
+        if internal is connections and isinstance(external, tf.__internal__.EagerTensor):
+            return external.numpy()
+    return None
+
+
 def _check_connection_values(connections, in_channels, conv: str) -> None:
     """Validates constant connection lists before graph building (the CPU kernel checks
     them again at run time; on the GPU they stay on the device, unchecked)."""
-    values = tf.get_static_value(connections)
+    values = _static_connections(connections)
     if values is None or values.ndim != 2 or values.size == 0:
         return
     if values.min() < 0 or (in_channels is not None and values.max() >= in_channels):
@@ -83,30 +100,106 @@ def _cpu_has_avx512() -> bool:
         return False
 
 
-# Above this fan-in fraction m / Cin (and with dilation 1, which TF's CPU
-# convolution gradients require), the convolution runs as a dense
-# tf.nn.conv2d on the equivalent dense kernel. Measured break-even of the
-# channel-sparse kernel with oneDNN's dense convolution ([8, 64, 64, 128] ->
-# 128, 3x3, 2 cores; benchmarks/RESULTS.md): m / Cin = 0.5 on an AVX2 CPU
-# (AMD EPYC), about 0.3 on an AVX-512 CPU (Intel Sapphire Rapids), where
-# oneDNN is much faster.
+# Where the call shape is not fully known at trace time (unknown height or width), the
+# convolution runs as a dense tf.nn.conv2d on the equivalent dense kernel above this fan-in
+# fraction m / Cin (and with dilation 1, which TF's CPU convolution gradients require).
+# Measured break-even of the channel-sparse kernel with oneDNN's dense convolution
+# ([8, 64, 64, 128] -> 128, 3x3, 2 cores; benchmarks/RESULTS.md): m / Cin = 0.5 on an AVX2
+# CPU (AMD EPYC), about 0.3 on an AVX-512 CPU (Intel Sapphire Rapids). Known shapes are
+# measured instead (`_autotune`).
 DENSE_DISPATCH_DENSITY = 0.3 if _cpu_has_avx512() else 0.5
 
+# The batch size a call shape is measured at when the batch is unknown at trace time (a
+# Keras model traced by fit() or predict()).
+AUTOTUNE_BATCH = 16
 
-def _use_dense(x, kernel, connections, padding, dilations) -> bool:
-    cin, m = x.shape[-1], kernel.shape[-2]
-    if cin is None or m is None or m <= DENSE_DISPATCH_DENSITY * cin or dilations != (1, 1):
-        return False
-    if tf.get_static_value(connections) is None:
-        return False  # only constant connection lists were validated; the sparse kernel checks the rest
+
+def _dense_eligible(x, kernel, connections, padding, dilations) -> str | None:
+    """None when tf.nn.conv2d can run the call, else why not."""
+    if dilations != (1, 1):
+        return f"dilations {dilations}: TensorFlow's CPU convolution gradients need dilation 1"
+    if None in (x.shape[-1], kernel.shape[-2]):
+        return "the number of input channels or the fan-in is unknown at trace time"
+    if _static_connections(connections) is None:
+        return "the connection lists are not constant (only constant ones are validated before the call)"
     if padding == "VALID":  # tf.nn.conv2d rejects images smaller than the kernel
         spatial, window = x.shape[1:3], kernel.shape[:2]
-        return None not in (*spatial, *window) and all(n >= k for n, k in zip(spatial, window))
-    return True
+        if None in (*spatial, *window) or any(n < k for n, k in zip(spatial, window)):
+            return "VALID padding with an image that may be smaller than the kernel"
+    return None
 
 
-def _dense_conv2d(x, kernel, connections, strides, padding):
-    dense = dense_kernel(kernel, connections, x.shape[-1])
+@functools.lru_cache(maxsize=1)
+def _device_kind() -> str:
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+
+def _choose(x, kernel, connections, strides, padding, dilations, library) -> tuple[str, str]:
+    """("dense" or "sparse", why) for one call (see `_autotune`)."""
+    not_dense = _dense_eligible(x, kernel, connections, padding, dilations)
+    mode = current_mode()
+    if mode == "sparse":
+        return "sparse", "channel_sparse_implementation('sparse')"
+    if not_dense is not None:
+        return "sparse", f"the dense form does not apply: {not_dense}"
+    if mode == "dense":
+        return "dense", "channel_sparse_implementation('dense')"
+    if library is None:  # references (and converter forms): the dense form by the fixed rule
+        if kernel.shape[-2] > DENSE_DISPATCH_DENSITY * x.shape[-1]:
+            return "dense", (
+                f"fan-in {kernel.shape[-2]} of {x.shape[-1]} input channels > DENSE_DISPATCH_DENSITY "
+                f"{DENSE_DISPATCH_DENSITY} x Cin (dilation 1, constant connections): tf.nn.conv2d on "
+                "the equivalent dense kernel"
+            )
+        return "sparse", "the pure-TF reference"
+    shape = [AUTOTUNE_BATCH if x.shape[0] is None else x.shape[0], *x.shape[1:]]
+    if None in shape or None in kernel.shape:
+        m, cin = kernel.shape[-2], x.shape[-1]
+        if m > DENSE_DISPATCH_DENSITY * cin:
+            return "dense", (
+                f"shape {x.shape} not fully known: fan-in {m} of {cin} > DENSE_DISPATCH_DENSITY "
+                f"{DENSE_DISPATCH_DENSITY} x Cin"
+            )
+        return "sparse", (
+            f"shape {x.shape} not fully known: fan-in {m} of {cin} <= DENSE_DISPATCH_DENSITY "
+            f"{DENSE_DISPATCH_DENSITY} x Cin"
+        )
+    values = np.ascontiguousarray(_static_connections(connections), np.int32)
+    key = (
+        "channel_sparse_conv2d",
+        _device_kind(),
+        x.dtype.name,
+        tuple(shape),
+        tuple(kernel.shape),
+        tuple(strides),
+        padding,
+        hashlib.sha1(values.tobytes()).hexdigest(),
+    )
+
+    def candidates():
+        xm = tf.random.stateless_normal(shape, [1, 2], dtype=x.dtype)
+        km = tf.random.stateless_normal(kernel.shape, [3, 4], dtype=x.dtype)
+        cm = tf.constant(values)
+        attrs = {"strides": list(strides), "padding": padding, "dilations": [1, 1]}
+        return {
+            "dense": lambda: _dense_conv2d(library, xm, km, cm, strides, padding),
+            "sparse": lambda: library.tf_sparse_conv_channel_sparse_conv2d(xm, km, cm, **attrs),
+        }
+
+    best, times, cached = _autotune.measured_choice(key, candidates)
+    where = "cached" if cached else "measured now"
+    detail = ", ".join(f"{name} {ms:.3g} ms" for name, ms in times.items())
+    return best, f"faster at {tuple(shape)} x {tuple(kernel.shape)} on the {key[1]} ({where}: {detail})"
+
+
+def _dense_conv2d(library, x, kernel, connections, strides, padding):
+    """tf.nn.conv2d on the dense kernel, built by the compiled op where there is one."""
+    if library is None:
+        dense = _dense_kernel_reference(kernel, connections, x.shape[-1])
+    else:
+        dense = library.tf_sparse_conv_channel_sparse_dense_kernel(
+            kernel, connections, in_channels=int(x.shape[-1])
+        )
     return conv2d_batch_safe(x, dense, strides, padding)
 
 
@@ -141,11 +234,21 @@ def channel_sparse_conv2d(
 ) -> tf.Tensor:
     """Channel-sparse 2-D convolution.
 
+    The channel-sparse kernels and their gradients are bitwise deterministic on
+    the CPU and the GPU (the GPU input gradient gathers over the transposed
+    connection list: no atomics); where the dense `tf.nn.conv2d` form runs
+    instead, `tf.config.experimental.enable_op_determinism()` makes that one
+    deterministic too.
+
     Args:
       x: `[B, H, W, Cin]` float tensor.
       kernel: `[kh, kw, m, Cout]`; `kernel[:, :, j, o]` connects input channel
         `connections[o, j]` to output channel `o`.
-      connections: int32 `[Cout, m]`, distinct input channels per row.
+      connections: int32 `[Cout, m]`, distinct input channels in `[0, Cin)` per
+        row. Constant lists are checked here and any list again by the CPU
+        kernel (`InvalidArgumentError`); the GPU kernels read the list on the
+        device unchecked, where (as `tf.gather` on the GPU) an entry outside
+        `[0, Cin)` contributes zero and its kernel gradient is zero.
       strides, dilations: int or (height, width).
       padding: "SAME" or "VALID".
       bias: optional `[Cout]` bias added to the output.
@@ -155,9 +258,12 @@ def channel_sparse_conv2d(
     Returns:
       `[B, OH, OW, Cout]`: `activation(tf.nn.conv2d(x, dense, strides, padding,
       dilations) + bias)` for the dense kernel with `dense[:, :, connections[o, j], o]
-      = kernel[:, :, j, o]` and zeros elsewhere, at a cost proportional to `m`
-      (when `m > DENSE_DISPATCH_DENSITY * Cin` and dilations are 1, the dense
-      convolution is faster and is used instead). With a bias, the compiled op
+      = kernel[:, :, j, o]` and zeros elsewhere, at a cost proportional to `m`.
+      Where the dense convolution on that kernel is faster (high fan-in, shapes
+      where oneDNN/cuDNN outpace the sparse kernel), it runs instead: the first
+      call of each shape times both and later calls take the faster (see
+      `tsc.ops.channel_sparse_implementation` to force one, and
+      `tsc.ops.explain()` to see which ran). With a bias, the compiled op
       adds it and applies the activation in its output stage
       (`ChannelSparseConv2DBiasActivation`: one pass over the output instead
       of three, as TensorFlow fuses Conv2D + BiasAdd + Relu).
@@ -167,16 +273,16 @@ def channel_sparse_conv2d(
         bias, activation = _check_epilogue(bias, activation, kernel)
         strides, dilations = _pair(strides, "strides"), _pair(dilations, "dilations")
         padding = _padding(padding)
-        if _use_dense(x, kernel, connections, padding, dilations):
-            record(
-                "channel_sparse_conv2d",
-                "dense",
-                f"fan-in {kernel.shape[-2]} of {x.shape[-1]} input channels > DENSE_DISPATCH_DENSITY "
-                f"{DENSE_DISPATCH_DENSITY} x Cin (dilation 1, constant connections): tf.nn.conv2d on "
-                "the equivalent dense kernel is faster there",
-            )
-            return _apply_epilogue(_dense_conv2d(x, kernel, connections, strides, padding), bias, activation)
-        library = dispatch("channel_sparse_conv2d")
+        library = load_library()
+        implementation, reason = _choose(x, kernel, connections, strides, padding, dilations, library)
+        if implementation == "dense":
+            record("channel_sparse_conv2d", "dense", reason)
+            y = _dense_conv2d(library, x, kernel, connections, strides, padding)
+            return _apply_epilogue(y, bias, activation)
+        if library is None:
+            dispatch("channel_sparse_conv2d")  # records why the reference runs
+        else:
+            record("channel_sparse_conv2d", "compiled", reason)
         if library is None:
             y = channel_sparse_conv2d_reference(x, kernel, connections, strides, padding, dilations)
             return _apply_epilogue(y, bias, activation)
@@ -318,9 +424,38 @@ def _backprop_kernel_grad(op, grad):
 
 
 def dense_kernel(kernel, connections, in_channels) -> tf.Tensor:
-    """The dense `[kh, kw, Cin, Cout]` kernel equivalent to a channel-sparse one."""
+    """The dense `[kh, kw, Cin, Cout]` kernel equivalent to a channel-sparse one
+    (`[..., m, Cout]` kernels of any window rank): one pass over the dense kernel with the
+    compiled op, differentiable; stock ops inside `references_only()`."""
+    kernel = float_tensor(kernel, "kernel")
+    connections = tf.cast(tf.convert_to_tensor(connections), tf.int32)
+    library = load_library()
+    if library is None or not isinstance(in_channels, (numbers.Integral, np.integer)):
+        return _dense_kernel_reference(kernel, connections, in_channels)
+    return library.tf_sparse_conv_channel_sparse_dense_kernel(
+        kernel, connections, in_channels=int(in_channels)
+    )
+
+
+def _dense_kernel_reference(kernel, connections, in_channels) -> tf.Tensor:
+    """Pure-TF `dense_kernel` (a one-hot contraction: stock ops the converters fold)."""
     selection = tf.one_hot(connections, in_channels, dtype=kernel.dtype)  # [Cout, m, Cin]
     return tf.einsum("...eo,oec->...co", kernel, selection)
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseDenseKernel")
+def _dense_kernel_grad(op, grad):
+    connections = op.inputs[1]
+    return compiled_library().tf_sparse_conv_channel_sparse_gather_kernel(grad, connections), None
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseGatherKernel")
+def _gather_kernel_grad(op, grad):
+    connections, cin = op.inputs[1], op.inputs[0].shape[-2]
+    if cin is None:
+        return _dense_kernel_reference(grad, connections, tf.shape(op.inputs[0])[-2]), None
+    library = compiled_library()
+    return library.tf_sparse_conv_channel_sparse_dense_kernel(grad, connections, in_channels=cin), None
 
 
 def _same_padding(n, k, stride, dilation):
@@ -370,7 +505,7 @@ def channel_sparse_conv2d_reference(
     shape, kshape = tf.shape(x), tf.shape(kernel)
     batch, h, w, cin = (x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4))
     kh, kw, cout = (kernel.shape[i] if kernel.shape[i] is not None else kshape[i] for i in (0, 1, 3))
-    dense = dense_kernel(kernel, connections, cin)
+    dense = _dense_kernel_reference(kernel, connections, cin)
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     if padding == "SAME":
         (pt, pb), (pl, pr) = _same_padding(h, kh, sh, dh), _same_padding(w, kw, sw, dw)

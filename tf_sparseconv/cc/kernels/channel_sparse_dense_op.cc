@@ -1,0 +1,249 @@
+// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernels of ChannelSparseDenseKernel
+// (channel-sparse kernel [taps, m, Cout] -> dense [taps, Cin, Cout]) and its
+// adjoint ChannelSparseGatherKernel. The dense dispatch of the Python wrappers
+// builds the dense kernel on every call, so it must cost a pass over the dense
+// kernel, not the one-hot contraction's Cout * m * Cin per tap.
+//
+// CPU, dense: the connection lists are transposed (for each input channel c,
+// the (o, j) pairs with connections[o, j] == c, in increasing o); each dense
+// row (t, c) of Cout elements is then zeroed and filled from its list while it
+// sits in L1. Gather: each kernel row (t, j) reads its Cout elements from the
+// dense rows. Rows are split over TensorFlow's CPU thread pool.
+#define EIGEN_USE_THREADS
+
+#include <cstring>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tf_sparseconv/cc/kernels/kernel_util.h"
+
+#if TF_SPARSECONV_CUDA
+#include "tf_sparseconv/cc/kernels/channel_sparse_dense_launcher.h"
+#endif
+
+namespace tf_sparseconv {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+namespace {
+
+// Sizes of one conversion: taps * m * Cout kernel elements, taps * Cin * Cout dense ones.
+struct DenseGeometry {
+  int64_t taps = 1, m = 0, cout = 0, cin = 0;
+};
+
+// Checks `connections` against [cout, m] and, on the CPU, its values (in
+// [0, cin), distinct per row: the two ops are each other's adjoint only then).
+void CheckConnections(OpKernelContext* ctx, const Tensor& connections, const DenseGeometry& g,
+                      bool check_values) {
+  OP_REQUIRES(ctx,
+              connections.dims() == 2 && connections.dim_size(0) == g.cout &&
+                  connections.dim_size(1) == g.m,
+              errors::InvalidArgument("connections must be [Cout, m] = [", g.cout, ", ", g.m,
+                                      "], got shape ", connections.shape().DebugString()));
+  if (!check_values) return;
+  const int32_t* conn = connections.flat<int32_t>().data();
+  std::vector<int64_t> seen(g.cin, -1);
+  for (int64_t o = 0; o < g.cout; ++o) {
+    for (int64_t j = 0; j < g.m; ++j) {
+      const int32_t c = conn[o * g.m + j];
+      OP_REQUIRES(ctx, c >= 0 && c < g.cin,
+                  errors::InvalidArgument("connections[", o, ", ", j, "] = ", c,
+                                          " is not in [0, ", g.cin, ")"));
+      OP_REQUIRES(ctx, seen[c] != o,
+                  errors::InvalidArgument("connections row ", o, " lists input channel ", c,
+                                          " twice"));
+      seen[c] = o;
+    }
+  }
+}
+
+// Leading (window) axes of a [..., a, Cout] tensor flattened to taps.
+TensorShape LeadingShape(const Tensor& t) {
+  TensorShape lead;
+  for (int d = 0; d + 2 < t.dims(); ++d) lead.AddDim(t.dim_size(d));
+  return lead;
+}
+
+template <typename Device, typename T>
+struct DenseFunctor;
+
+template <typename T>
+struct DenseFunctor<CPUDevice, T> {
+  static void ToDense(OpKernelContext* ctx, const T* kernel, const int32_t* conn, T* dense,
+                      const DenseGeometry& g) {
+    // Transposed connection lists: row c holds the (o, j) pairs reading c, o increasing.
+    std::vector<int64_t> start(g.cin + 1, 0);
+    for (int64_t e = 0; e < g.cout * g.m; ++e) ++start[conn[e] + 1];
+    for (int64_t c = 0; c < g.cin; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    std::vector<int32_t> out_channel(g.cout * g.m), slot(g.cout * g.m);
+    for (int64_t o = 0; o < g.cout; ++o) {
+      for (int64_t j = 0; j < g.m; ++j) {
+        const int64_t at = fill[conn[o * g.m + j]]++;
+        out_channel[at] = static_cast<int32_t>(o);
+        slot[at] = static_cast<int32_t>(j);
+      }
+    }
+    const int64_t rows = g.taps * g.cin;
+    const int64_t cost = g.cout * 2 + (rows ? g.cout * g.m / g.cin : 0) * 8;
+    ParallelFor(ctx, rows, cost, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row / g.cin, c = row % g.cin;
+        T* out = dense + row * g.cout;
+        std::fill(out, out + g.cout, T(0));
+        const T* k = kernel + t * g.m * g.cout;
+        for (int64_t e = start[c]; e < start[c + 1]; ++e) {
+          const int64_t o = out_channel[e];
+          out[o] = k[slot[e] * g.cout + o];
+        }
+      }
+    });
+  }
+
+  static void Gather(OpKernelContext* ctx, const T* dense, const int32_t* conn, T* kernel,
+                     const DenseGeometry& g) {
+    const int64_t rows = g.taps * g.m;
+    ParallelFor(ctx, rows, g.cout * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row / g.m, j = row % g.m;
+        const T* d = dense + t * g.cin * g.cout;
+        T* out = kernel + row * g.cout;
+        for (int64_t o = 0; o < g.cout; ++o) out[o] = d[conn[o * g.m + j] * g.cout + o];
+      }
+    });
+  }
+};
+
+#if TF_SPARSECONV_CUDA
+using GPUDevice = Eigen::GpuDevice;
+
+template <typename T>
+struct DenseFunctor<GPUDevice, T> {
+  static void ToDense(OpKernelContext* ctx, const T* kernel, const int32_t* conn, T* dense,
+                      const DenseGeometry& g) {
+    const char* err = LaunchChannelSparseDenseKernelGpu(sizeof(T), kernel, conn, dense, g.taps,
+                                                        g.m, g.cout, g.cin, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+  static void Gather(OpKernelContext* ctx, const T* dense, const int32_t* conn, T* kernel,
+                     const DenseGeometry& g) {
+    const char* err = LaunchChannelSparseGatherKernelGpu(sizeof(T), dense, conn, kernel, g.taps,
+                                                         g.m, g.cout, g.cin, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+#endif  // TF_SPARSECONV_CUDA
+
+template <typename Device>
+constexpr bool kOnCpu = std::is_same<Device, CPUDevice>::value;
+
+template <typename Device, typename T>
+class ChannelSparseDenseKernelOp : public OpKernel {
+ public:
+  explicit ChannelSparseDenseKernelOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("in_channels", &in_channels_));
+    OP_REQUIRES(ctx, in_channels_ >= 1,
+                errors::InvalidArgument("in_channels must be >= 1, got ", in_channels_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& kernel = ctx->input(0);
+    const Tensor& connections = ctx->input(1);
+    OP_REQUIRES(ctx, kernel.dims() >= 2,
+                errors::InvalidArgument("kernel must be [..., m, Cout], got shape ",
+                                        kernel.shape().DebugString()));
+    TensorShape shape = LeadingShape(kernel);
+    DenseGeometry g;
+    g.taps = shape.num_elements();
+    g.m = kernel.dim_size(kernel.dims() - 2);
+    g.cout = kernel.dim_size(kernel.dims() - 1);
+    g.cin = in_channels_;
+    OP_REQUIRES(ctx, g.m <= g.cin,
+                errors::InvalidArgument("kernel fan-in m = ", g.m, " is larger than in_channels ",
+                                        g.cin));
+    CheckConnections(ctx, connections, g, kOnCpu<Device>);
+    if (!ctx->status().ok()) return;
+    shape.AddDim(g.cin);
+    shape.AddDim(g.cout);
+    Tensor* dense = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dense));
+    if (dense->NumElements() == 0) return;
+    DenseFunctor<Device, T>::ToDense(ctx, kernel.flat<T>().data(),
+                                     connections.flat<int32_t>().data(), dense->flat<T>().data(), g);
+  }
+
+ private:
+  int64_t in_channels_ = 1;
+};
+
+template <typename Device, typename T>
+class ChannelSparseGatherKernelOp : public OpKernel {
+ public:
+  explicit ChannelSparseGatherKernelOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dense = ctx->input(0);
+    const Tensor& connections = ctx->input(1);
+    OP_REQUIRES(ctx, dense.dims() >= 2,
+                errors::InvalidArgument("dense must be [..., Cin, Cout], got shape ",
+                                        dense.shape().DebugString()));
+    OP_REQUIRES(ctx, connections.dims() == 2,
+                errors::InvalidArgument("connections must be [Cout, m], got shape ",
+                                        connections.shape().DebugString()));
+    TensorShape shape = LeadingShape(dense);
+    DenseGeometry g;
+    g.taps = shape.num_elements();
+    g.cin = dense.dim_size(dense.dims() - 2);
+    g.cout = dense.dim_size(dense.dims() - 1);
+    g.m = connections.dim_size(1);
+    CheckConnections(ctx, connections, g, kOnCpu<Device>);
+    if (!ctx->status().ok()) return;
+    shape.AddDim(g.m);
+    shape.AddDim(g.cout);
+    Tensor* kernel = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &kernel));
+    if (kernel->NumElements() == 0) return;
+    DenseFunctor<Device, T>::Gather(ctx, dense.flat<T>().data(),
+                                    connections.flat<int32_t>().data(), kernel->flat<T>().data(), g);
+  }
+};
+
+}  // namespace
+
+#define TSC_REGISTER(DEVICE, DEVICE_TYPE, T)                                              \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseDenseKernel")                   \
+                              .Device(::tensorflow::DEVICE_TYPE)                          \
+                              .TypeConstraint<T>("T"),                                    \
+                          ChannelSparseDenseKernelOp<DEVICE, T>);                         \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseGatherKernel")                  \
+                              .Device(::tensorflow::DEVICE_TYPE)                          \
+                              .TypeConstraint<T>("T"),                                    \
+                          ChannelSparseGatherKernelOp<DEVICE, T>);
+#define TSC_REGISTER_CPU(T) TSC_REGISTER(CPUDevice, DEVICE_CPU, T)
+TSC_REGISTER_CPU(Eigen::half);
+TSC_REGISTER_CPU(Eigen::bfloat16);
+TSC_REGISTER_CPU(float);
+TSC_REGISTER_CPU(double);
+#undef TSC_REGISTER_CPU
+
+#if TF_SPARSECONV_CUDA
+#define TSC_REGISTER_GPU(T) TSC_REGISTER(GPUDevice, DEVICE_GPU, T)
+TSC_REGISTER_GPU(Eigen::half);
+TSC_REGISTER_GPU(Eigen::bfloat16);
+TSC_REGISTER_GPU(float);
+TSC_REGISTER_GPU(double);
+#undef TSC_REGISTER_GPU
+#endif  // TF_SPARSECONV_CUDA
+#undef TSC_REGISTER
+
+}  // namespace tf_sparseconv
