@@ -2,26 +2,34 @@
 
 Every ``tf_sparseconv/cc/kernels/*_gpu.cu.cc`` file (TensorFlow-independent
 CUDA code exposing ``extern "C"`` entry points) is compiled with nvcc and
-linked into ONE shared library, ``tests/gpu/_build/libtsc_gpu_kernels.so``.
-New op families only need to add their own ``*_gpu.cu.cc`` file.
+linked into ONE shared library, ``tests/gpu/_build/libtsc_gpu_kernels.so``,
+with the CUDA runtime linked statically (it loads without a GPU and next to
+CuPy's runtime). New op families only need to add their own ``*_gpu.cu.cc`` file.
+
+Toolkit: the package build's finder (tools/build_ops.py ``find_cuda_toolkit``:
+$NVCC, $CUDA_HOME/$CUDA_PATH, a pip toolkit of this Python, PATH,
+/usr/local/cuda*), the first one found; no TensorFlow is involved.
 
 Architectures: ``TSC_CUDA_ARCHS`` (e.g. ``"80,90"``) if set, else the compute
 capabilities reported by ``nvidia-smi``, else sm_80 + sm_90. PTX of the
 highest architecture is embedded too, for newer GPUs.
 
-Usage: ``python3 tests/gpu/build.py [--force] [--archs 80,90] [-v]``; from
-Python: ``build(force=False)`` returns the library path. The build is skipped
-when the library is newer than every source and header and was built with
-the same flags.
+Usage: ``python3 tests/gpu/build.py [--force] [--archs 80,90] [-v]``
+(``--sanitizer`` prints the compute-sanitizer found, ``--toolkit`` the
+toolkit); from Python: ``build(force=False)`` returns the library path. The
+build is skipped when the library is newer than every source and header and
+was built with the same toolkit and flags.
 """
 
 import argparse
 import concurrent.futures
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -31,12 +39,13 @@ LIB_NAME = "libtsc_gpu_kernels.so"
 LIB_PATH = os.path.join(BUILD_DIR, LIB_NAME)
 DEFAULT_ARCHS = ("80", "90")
 
-# The nvcc finder and flags of the package build (tools/build_ops.py imports
+# The toolkit finder and nvcc flags of the package build (tools/build_ops.py imports
 # nothing but the standard library at module level: no TensorFlow needed).
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import build_ops  # noqa: E402
 
 COMMON_FLAGS = build_ops.nvcc_base_flags()
+find_cuda_toolkit = build_ops.find_cuda_toolkit
 find_nvcc = build_ops.find_nvcc
 
 
@@ -99,6 +108,44 @@ def arch_flags(archs):
     return flags
 
 
+def toolkit_root(nvcc):
+    """The toolkit directory of `nvcc` (its TOP in `nvcc -dryrun`, which sees through wrapper scripts)."""
+    try:
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    except (OSError, subprocess.SubprocessError):
+        match = None
+    if match:
+        return os.path.normpath(match.group(1).strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def find_compute_sanitizer(nvcc=None):
+    """Path of compute-sanitizer, or None: $COMPUTE_SANITIZER, PATH, the toolkit of `nvcc`
+    (default: the one found), /usr/local/cuda*, a pip NVIDIA package of this Python."""
+    candidates = [os.environ.get("COMPUTE_SANITIZER"), shutil.which("compute-sanitizer")]
+    if nvcc is None:
+        nvcc = find_nvcc()
+    roots = [toolkit_root(nvcc)] if nvcc else []
+    roots += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in roots:
+        candidates.append(os.path.join(root, "bin", "compute-sanitizer"))
+        candidates.append(os.path.join(root, "compute-sanitizer", "compute-sanitizer"))
+    for site in sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")}):
+        for pattern in ("nvidia/*/bin/compute-sanitizer", "nvidia/*/compute-sanitizer/compute-sanitizer"):
+            candidates += sorted(glob.glob(os.path.join(site, pattern)))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def sources():
     return sorted(glob.glob(os.path.join(KERNELS_DIR, "*_gpu.cu.cc")))
 
@@ -126,9 +173,10 @@ def _run(cmd, verbose):
 
 def build(force=False, archs=None, verbose=False):
     """Builds (if needed) and returns the path of the shared library."""
-    nvcc = find_nvcc()
-    if nvcc is None:
+    toolkit = find_cuda_toolkit()
+    if toolkit is None:
         raise BuildError("nvcc not found (set NVCC or CUDA_HOME, or add it to PATH)")
+    nvcc = toolkit.nvcc
     srcs = sources()
     if not srcs:
         raise BuildError("no *_gpu.cu.cc files in " + KERNELS_DIR)
@@ -142,8 +190,8 @@ def build(force=False, archs=None, verbose=False):
                     nvcc, ",".join(bad), ",".join(sorted(supported, key=_arch_key))
                 )
             )
-    flags = COMMON_FLAGS + arch_flags(archs)
-    stamp = "\n".join([nvcc] + flags + srcs)
+    flags = COMMON_FLAGS + [f"-I{d}" for d in toolkit.include_dirs] + arch_flags(archs)
+    stamp = "\n".join([nvcc, toolkit.version] + flags + srcs)
     stamp_path = os.path.join(BUILD_DIR, "build.stamp")
 
     if not force and os.path.exists(LIB_PATH) and os.path.exists(stamp_path):
@@ -181,7 +229,19 @@ def main(argv=None):
         help="comma-separated list, e.g. 80,90 (default: TSC_CUDA_ARCHS, nvidia-smi, or 80,90)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--toolkit", action="store_true", help="print the CUDA toolkit used, build nothing")
+    parser.add_argument(
+        "--sanitizer", action="store_true", help="print the compute-sanitizer found, build nothing"
+    )
     args = parser.parse_args(argv)
+    if args.toolkit or args.sanitizer:
+        toolkit = find_cuda_toolkit()
+        found = (str(toolkit) if toolkit else None) if args.toolkit else find_compute_sanitizer()
+        if found is None:
+            print("nvcc not found" if args.toolkit else "compute-sanitizer not found", file=sys.stderr)
+            return 1
+        print(found)
+        return 0
     archs = args.archs.split(",") if args.archs else None
     try:
         path = build(force=args.force, archs=archs, verbose=args.verbose)
