@@ -26,6 +26,18 @@ echo "[bootstrap] installing: ${requirements[*]}"
 .venv/bin/python -m pip install -q "${requirements[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import tensorflow, keras" 2>/dev/null || { echo "[bootstrap] dependency install failed"; exit 1; }
 
+# The CUDA kernels are built only with a toolkit of TensorFlow's CUDA major version
+# (tools/build_ops.py). When none is here and PyPI has one (CUDA >= 13: nvidia-cuda-nvcc
+# & co., pinned to TensorFlow's major.minor), it goes into .venv. For TensorFlow's CUDA 12
+# PyPI has no nvcc (nvidia-cuda-nvcc-cu12 holds ptxas only): the op library is then
+# CPU-only unless a CUDA 12 toolkit is installed (CUDA_HOME or NVCC); TF_SPARSECONV_CUDA=0
+# skips this.
+mapfile -t cuda_toolkit < <(.venv/bin/python tools/build_ops.py --pip-toolkit)
+if [ "${#cuda_toolkit[@]}" -gt 0 ]; then
+  echo "[bootstrap] installing the CUDA toolkit matching TensorFlow's: ${cuda_toolkit[*]}"
+  .venv/bin/python -m pip install -q "${cuda_toolkit[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+
 echo "[bootstrap] building and installing tf_sparseconv (editable)"
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "

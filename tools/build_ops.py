@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"[tf_sparseconv] pip CUDA toolkit: {', '.join(requirements) or 'none'} ({why})", file=sys.stderr
         )
-        print("\n".join(requirements))
+        for requirement in requirements:
+            print(requirement)
     else:
         build(args.output)
 
