@@ -16,7 +16,7 @@ Environment (tools/gpu_check.sh sets both):
   int64-index tests (2^31-element tensors) and the grid-stride / many-slice
   stress tests, and keeps the dtypes in
   ``TSC_GPU_SMALL_DTYPES`` (default ``float32,float16``; ``all`` keeps every
-  dtype).
+  dtype); CuPy's memory pool is off, so every array is its own allocation.
 """
 
 import ctypes
@@ -91,6 +91,17 @@ def _is_small(item):
     dtypes = os.environ.get("TSC_GPU_SMALL_DTYPES", "float32,float16").replace(" ", "")
     params = getattr(getattr(item, "callspec", None), "params", {})
     return dtypes == "all" or "dtype" not in params or params["dtype"] in dtypes.split(",")
+
+
+def pytest_configure(config):
+    if _flag("TSC_GPU_SMALL"):
+        # Every CuPy array its own cudaMalloc: compute-sanitizer then sees an access past
+        # an array's end (within a pooled block it would not).
+        try:
+            import cupy
+        except Exception:  # no CuPy: the fixtures say so
+            return
+        cupy.cuda.set_allocator(None)
 
 
 def pytest_collection_modifyitems(config, items):
