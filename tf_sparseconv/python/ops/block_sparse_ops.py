@@ -15,13 +15,15 @@ Block geometry, per spatial axis: block `i` covers
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import numbers
 
 import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
-from tf_sparseconv.python.ops._loader import compiled_library, dispatch
+from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record, references_only
 
 
 def _pair(value, name: str, minimum: int | None = 1) -> tuple[int, int]:
@@ -301,8 +303,36 @@ def block_sparse_conv2d(
     padding = choice(padding.upper() if isinstance(padding, str) else padding, "padding", ("SAME", "VALID"))
     with tf.name_scope(name or "block_sparse_conv2d"):
         x, kernel, mask = _check_conv_operands(x, kernel, mask, "block_sparse_conv2d")
+        plain = isinstance(threshold, numbers.Real) and isinstance(avgpool, bool)
+        # (Not for an empty batch: inside a graph TF 2.21's CPU conv2d returns it with Cin channels.)
+        if tf.executing_eagerly() and plain and x.shape[0] != 0:
+            # An eager call runs its dozen small ops as one cached tf.function: per-op eager
+            # dispatch would add milliseconds to a call that computes in tens of them.
+            compiled = load_library() is not None
+            fn = _eager_block_sparse_conv2d(size, strides, padding, float(threshold), avgpool, compiled)
+            record(
+                "block_sparse_conv2d",
+                "compiled" if compiled else "reference",
+                "eager call run as a cached tf.function (one per block size, strides, padding, "
+                "threshold, avgpool)",
+            )
+            return fn(x, kernel, mask)
         indices = reduce_mask(mask, size, size, (0, 0), threshold, avgpool)
         return block_conv2d_on_indices(x, kernel, indices, size, strides, padding)
+
+
+@functools.lru_cache(maxsize=64)
+def _eager_block_sparse_conv2d(size, strides, padding, threshold, avgpool, compiled):
+    """The traced body of eager `block_sparse_conv2d` calls with these static arguments
+    (`compiled`: whether the op library ran when it was made; references_only() makes
+    another). TensorFlow traces it once per input shape (static shapes keep the best graph)."""
+
+    def body(x, kernel, mask):
+        with contextlib.nullcontext() if compiled else references_only():
+            indices = reduce_mask(mask, size, size, (0, 0), threshold, avgpool)
+            return block_conv2d_on_indices(x, kernel, indices, size, strides, padding)
+
+    return tf.function(body, autograph=False)
 
 
 def block_conv2d_on_indices(
