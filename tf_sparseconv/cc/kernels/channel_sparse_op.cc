@@ -1111,17 +1111,20 @@ struct ChannelSparseFunctor<GPUDevice, T> {
   static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
                             const int32_t* conn, T* dx,
                             const ChannelSparseGeometry& g) {
+    // Deterministic gather; the transposed connection list is built in a
+    // temporary workspace (the connections stay on the device).
+    int64_t bytes = 0;
+    const char* err = ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(g, &bytes);
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
     Tensor workspace;
-    float* ws = nullptr;
-    if (sizeof(T) == 2) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(
-                              ::tensorflow::DT_FLOAT,
-                              TensorShape({g.batch * g.in_h * g.in_w * g.in_c}),
-                              &workspace));
-      ws = workspace.flat<float>().data();
+    void* ws = nullptr;
+    if (bytes > 0) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({bytes}),
+                                             &workspace));
+      ws = workspace.flat<int8_t>().data();
     }
-    const char* err = LaunchChannelSparseConv2DBackpropInputGpu(
-        DTypeTraits<T>::kFormat, dy, kernel, conn, dx, ws, g, GpuStream(ctx));
+    err = LaunchChannelSparseConv2DBackpropInputGpu(
+        DTypeTraits<T>::kFormat, dy, kernel, conn, dx, ws, bytes, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
   static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy,

@@ -6,9 +6,16 @@
 //
 // Checked to compile (nvcc 13.0, -x cu -std=c++17 --expt-relaxed-constexpr
 // -Xcompiler -fPIC -O3, also with -Xcompiler -Wall,-Wextra) without warnings
-// for sm_75, sm_80 and sm_90 (+ compute_90 PTX). Needs sm_60+ (double
-// atomicAdd); half and bfloat16 only go through float conversions, so sm_75
-// (no native bfloat16 arithmetic) is fine.
+// for sm_75, sm_80 and sm_90 (+ compute_90 PTX). No floating-point atomics;
+// half and bfloat16 only go through float conversions, so sm_75 (no native
+// bfloat16 arithmetic) is fine.
+//
+// Every kernel is deterministic: each output element is one thread's (or
+// one warp's) sum in an order fixed by the geometry and the connections,
+// never by scheduling or the grid size. Connections outside [0, in_c) are
+// not validated on the device (the CPU kernel and the Python wrapper do
+// that where the values are known); like tf.gather on the GPU they
+// contribute zero, and no kernel reads or writes through them.
 //
 // Kernels (A = float for half/bfloat16/float, double for double; every load
 // is converted to A, every store rounds once from A):
@@ -18,25 +25,35 @@
 //     walks those taps. Cost m * k_h * k_w per output, independent of in_c.
 //     A warp covers 32 consecutive o of one pixel: kernel reads coalesce, x
 //     reads gather inside one pixel's channel row.
-//   * Backprop input: dx (float/double) or the float workspace (half,
-//     bfloat16) is zeroed with cudaMemsetAsync; one thread per
-//     (b, oh, ow, e, o), o fastest, scatters dy * kernel over the valid taps
-//     with atomicAdd; for half/bfloat16 a last kernel rounds workspace -> dx.
-//     Summation order (and so the low bits of dx) is not deterministic.
-//   * Backprop kernel: deterministic, no atomics. One block per task
+//   * Backprop input: a gather over the transposed connection list (CSR:
+//     row c = the flat indices k = o * m + e with connections[o, e] == c,
+//     ascending), built in the workspace on every call: keys (out-of-range
+//     values -> the sentinel in_c), a stable CUB radix sort of (key, k),
+//     then row pointers by binary search and per entry the pair
+//     (o, e * out_c + o). Then one thread (or, when dx has fewer than
+//     kTargetThreads elements and rows average >= 16 entries, one warp) per
+//     dx element (b, ih, iw, c), c fastest, sums dy[b, oh, ow, o] *
+//     kernel[i, j, e, o] over the taps (i, j) that reach an output pixel,
+//     in ascending (i, j), and over row c in ascending k (a warp's lanes
+//     take every 32nd entry, then a fixed xor butterfly). Same products as
+//     the forward pass; every dx element is written exactly once, so there
+//     is no memset, no float atomic and no float workspace.
+//   * Backprop kernel: no atomics. One block per task
 //     (o-tile of W <= 32 output channels, e, chunk of kTaps taps); the block
 //     is W lanes (o) x (threads / W) rows; row r sums the pixels p = r,
 //     r + rows, ... in order, then a fixed shared-memory tree reduces the
 //     rows. The result depends only on the geometry (block shape and chunking
 //     are functions of it), never on scheduling or grid size.
-// Flat indices are decomposed with 32-bit division when every tensor and the
-// backprop-input thread count are < 2^31, with 64-bit division otherwise.
-// All work is on the given stream; no synchronisation, no allocation.
+// Flat indices are decomposed with 32-bit division when every tensor and
+// batch * out_h * out_w * m * out_c are < 2^31, with 64-bit division
+// otherwise. All work is on the given stream; no synchronisation; the only
+// allocation is the caller's backprop-input workspace.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cub/cub.cuh>
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
@@ -46,9 +63,14 @@
 namespace tf_sparseconv {
 namespace {
 
-constexpr int kThreads = 256;                      // forward / input / cast
+constexpr int kThreads = 256;  // forward / input / transposition
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 constexpr int64_t kIndex32Limit = int64_t{1} << 31;
+// Backprop input: out_c * m and in_c must be below this (int32 positions
+// in the transposed list, plus lane offsets; uint32 keys).
+constexpr int64_t kEntryLimit = int64_t{1} << 30;
 constexpr int64_t kCoordLimit = int64_t{1} << 62;  // |coordinate| bound
 // Backprop kernel: aim for at least this many resident threads before
 // preferring fewer, fatter tasks.
@@ -72,6 +94,19 @@ __device__ __forceinline__ void TapRange(int64_t base, int64_t dil, int64_t k,
   *lo = base >= 0 ? 0 : (-base + dil - 1) / dil;
   const int64_t h = base >= size ? 0 : (size - 1 - base) / dil + 1;
   *hi = h < k ? h : k;
+}
+
+// For t = out * stride (t >= 0, stride >= 1): *out, if that division is
+// exact and out < size. (Stride 1, the common case, needs no division.)
+__device__ __forceinline__ bool OutputCoord(int64_t t, int64_t stride,
+                                            int64_t size, int64_t* out) {
+  int64_t q = t;
+  if (stride != 1) {
+    q = t / stride;
+    if (q * stride != t) return false;
+  }
+  *out = q;
+  return q < size;
 }
 
 // Connection e of output channel o, or -1 if outside [0, in_c).
@@ -146,73 +181,136 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backprop input
+// Backprop input (deterministic gather over the transposed connections)
 // ---------------------------------------------------------------------------
 
-// dst[b, ih, iw, c] += dy[b, oh, ow, o] * w[i, j, e, o] for c = conn[o, e];
-// one thread per (b, oh, ow, e, o), o fastest. dst (Acc) is zeroed before.
-template <typename T, typename Index>
+// Transposed connection list, step 1: keys[k] = connections[k] (k = o * m +
+// e) if it lies in [0, in_c), else the sentinel in_c (sorted after every
+// channel, so out-of-range entries land in no row); vals[k] = k.
 __global__ void __launch_bounds__(kThreads)
-    ConvBackpropInputKernel(const T* __restrict__ dy, const T* __restrict__ w,
-                            const int32_t* __restrict__ conn,
-                            typename Elem<T>::Acc* __restrict__ dst,
-                            ChannelSparseGeometry g) {
-  using Acc = typename Elem<T>::Acc;
-  const Index out_c = static_cast<Index>(g.out_c);
-  const Index out_w = static_cast<Index>(g.out_w);
-  const Index out_h = static_cast<Index>(g.out_h);
-  const Index m = static_cast<Index>(g.m);
-  const Index total =
-      static_cast<Index>(g.batch * g.out_h * g.out_w * g.m * g.out_c);
-  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  const int64_t x_image = g.in_h * g.in_w * g.in_c;
-  const int64_t x_step_i = g.dil_h * g.in_w * g.in_c;
-  const int64_t x_step_j = g.dil_w * g.in_c;
-  const int64_t w_step_j = g.m * g.out_c;
-  const int64_t w_step_i = g.k_w * w_step_j;
-  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-       idx < total; idx += stride) {
-    const Index o = idx % out_c;
-    Index p = idx / out_c;
-    const Index e = p % m;
-    p /= m;  // pixel (b, oh, ow)
-    const Index dy_off = p * out_c + o;
-    const Index ow = p % out_w;
-    p /= out_w;
-    const Index oh = p % out_h;
-    const Index b = p / out_h;
-    const int64_t c = Connection(conn, o, e, g.m, g.in_c);
-    if (c < 0) continue;
-    const int64_t bh = static_cast<int64_t>(oh) * g.stride_h - g.pad_top;
-    const int64_t bw = static_cast<int64_t>(ow) * g.stride_w - g.pad_left;
-    int64_t i0, i1, j0, j1;
-    TapRange(bh, g.dil_h, g.k_h, g.in_h, &i0, &i1);
-    TapRange(bw, g.dil_w, g.k_w, g.in_w, &j0, &j1);
-    if (i0 >= i1 || j0 >= j1) continue;
-    const Acc gy = Elem<T>::Load(dy[dy_off]);
-    Acc* xi = dst + static_cast<int64_t>(b) * x_image +
-              ((bh + i0 * g.dil_h) * g.in_w + bw + j0 * g.dil_w) * g.in_c + c;
-    const T* wi = w + i0 * w_step_i + j0 * w_step_j +
-                  static_cast<int64_t>(e) * g.out_c + static_cast<int64_t>(o);
-    for (int64_t i = i0; i < i1; ++i, xi += x_step_i, wi += w_step_i) {
-      Acc* xj = xi;
-      const T* wj = wi;
-      for (int64_t j = j0; j < j1; ++j, xj += x_step_j, wj += w_step_j) {
-        atomicAdd(xj, gy * Elem<T>::Load(*wj));
+    TransposeKeysKernel(const int32_t* __restrict__ conn, int64_t n,
+                        int64_t in_c, uint32_t* __restrict__ keys,
+                        int32_t* __restrict__ vals) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       k < n; k += stride) {
+    const int64_t c = conn[k];
+    keys[k] = static_cast<uint32_t>(c >= 0 && c < in_c ? c : in_c);
+    vals[k] = static_cast<int32_t>(k);
+  }
+}
+
+// Step 3, after a stable radix sort of (keys, vals) by key: row_ptr[c]
+// (c <= in_c) = the first sorted position whose key is >= c, so row c is
+// [row_ptr[c], row_ptr[c + 1]) and lists the k with connections[k] == c in
+// ascending k; entries[p] = (o, e * out_c + o) for the flat index vals[p] =
+// o * m + e: the column of o in dy and the offset of (e, o) in one tap of
+// the kernel. (Sentinel positions >= row_ptr[in_c] are filled too, never
+// read.)
+__global__ void __launch_bounds__(kThreads)
+    TransposeFinishKernel(const uint32_t* __restrict__ keys,
+                          const int32_t* __restrict__ vals, int64_t n,
+                          int64_t in_c, int64_t m, int64_t out_c,
+                          int32_t* __restrict__ row_ptr,
+                          int2* __restrict__ entries) {
+  const int64_t work = n > in_c + 1 ? n : in_c + 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < work; i += stride) {
+    if (i <= in_c) {
+      int64_t lo = 0;
+      int64_t hi = n;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (static_cast<int64_t>(keys[mid]) < i) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
       }
+      row_ptr[i] = static_cast<int32_t>(lo);
+    }
+    if (i < n) {
+      const int64_t k = vals[i];
+      const int64_t o = k / m;
+      const int64_t e = k - o * m;
+      entries[i] = make_int2(static_cast<int>(o), static_cast<int>(e * out_c + o));
     }
   }
 }
 
-// dx = round(workspace) (half / bfloat16).
-template <typename T>
+// dx[b, ih, iw, c] = sum over the taps (i, j) whose output pixel
+// (oh, ow) = ((ih + pad_top - i * dil_h) / stride_h,
+//             (iw + pad_left - j * dil_w) / stride_w)
+// exists (exact division, inside [0, out_h) x [0, out_w)), in ascending
+// (i, j), of the sum over row c of the transposed list, in ascending
+// position, of dy[b, oh, ow, o] * w[i, j, e, o].
+// kLanes consecutive threads own one dx element (c fastest): lane l takes
+// the positions row_ptr[c] + l, + l + kLanes, ... of every tap; with
+// kLanes = 32 the warp's partial sums are then combined by a fixed xor
+// butterfly. Each element is written once (zero when nothing reaches it);
+// the order of every sum depends only on the geometry and the connections.
+template <typename T, typename Index, int kLanes>
 __global__ void __launch_bounds__(kThreads)
-    CastFromFloatKernel(const float* __restrict__ src, T* __restrict__ dst,
-                        int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < n; i += stride) {
-    dst[i] = Elem<T>::Store(src[i]);
+    ConvBackpropInputKernel(const T* __restrict__ dy, const T* __restrict__ w,
+                            const int32_t* __restrict__ row_ptr,
+                            const int2* __restrict__ entries,
+                            T* __restrict__ dx, ChannelSparseGeometry g) {
+  using Acc = typename Elem<T>::Acc;
+  static_assert(kLanes == 1 || kLanes == kWarpSize, "kLanes");
+  static_assert(kThreads % kWarpSize == 0, "kThreads");
+  const Index in_c = static_cast<Index>(g.in_c);
+  const Index in_w = static_cast<Index>(g.in_w);
+  const Index in_h = static_cast<Index>(g.in_h);
+  const Index total = static_cast<Index>(g.batch * g.in_h * g.in_w * g.in_c);
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  // Every lane of a warp sees the same idx sequence (kLanes == 32), so the
+  // shuffles below are executed by full warps.
+  const Index stride = static_cast<Index>(gridDim.x) * (blockDim.x / kLanes);
+  const int64_t w_tap = g.m * g.out_c;  // kernel elements per tap
+  for (Index idx = static_cast<Index>(blockIdx.x) * (blockDim.x / kLanes) +
+                   static_cast<Index>(threadIdx.x / kLanes);
+       idx < total; idx += stride) {
+    const Index c = idx % in_c;
+    Index p = idx / in_c;
+    const Index iw = p % in_w;
+    p /= in_w;
+    const Index ih = p % in_h;
+    const Index b = p / in_h;
+    const int32_t r0 = row_ptr[c] + lane;
+    const int32_t r1 = row_ptr[c + 1];
+    Acc acc = Acc(0);
+    if (r0 < r1) {
+      // oh * stride_h = th0 - i * dil_h, ow * stride_w = tw0 - j * dil_w.
+      const int64_t th0 = static_cast<int64_t>(ih) + g.pad_top;
+      const int64_t tw0 = static_cast<int64_t>(iw) + g.pad_left;
+      const T* dy_b = dy + static_cast<int64_t>(b) * g.out_h * g.out_w * g.out_c;
+      for (int64_t i = 0; i < g.k_h; ++i) {
+        const int64_t th = th0 - i * g.dil_h;
+        if (th < 0) break;  // th only decreases with i
+        int64_t oh;
+        if (!OutputCoord(th, g.stride_h, g.out_h, &oh)) continue;
+        for (int64_t j = 0; j < g.k_w; ++j) {
+          const int64_t tw = tw0 - j * g.dil_w;
+          if (tw < 0) break;
+          int64_t ow;
+          if (!OutputCoord(tw, g.stride_w, g.out_w, &ow)) continue;
+          const T* dy_p = dy_b + (oh * g.out_w + ow) * g.out_c;
+          const T* w_p = w + (i * g.k_w + j) * w_tap;
+          for (int32_t r = r0; r < r1; r += kLanes) {
+            const int2 en = entries[r];
+            acc += Elem<T>::Load(dy_p[en.x]) * Elem<T>::Load(w_p[en.y]);
+          }
+        }
+      }
+    }
+    if constexpr (kLanes > 1) {
+#pragma unroll
+      for (int off = kLanes / 2; off > 0; off >>= 1) {
+        acc += __shfl_xor_sync(kFullMask, acc, off);
+      }
+    }
+    if (lane == 0) dx[idx] = Elem<T>::Store(acc);
   }
 }
 
@@ -356,13 +454,13 @@ bool Product(int64_t a, int64_t b, int64_t c, int64_t d, int64_t* out) {
 
 // Sizes derived from a geometry (all checked for overflow).
 struct Sizes {
-  int64_t x;        // batch * in_h * in_w * in_c
-  int64_t y;        // batch * out_h * out_w * out_c
-  int64_t pixels;   // batch * out_h * out_w
-  int64_t taps;     // k_h * k_w
-  int64_t kernel;   // k_h * k_w * m * out_c
-  int64_t scatter;  // batch * out_h * out_w * m * out_c
-  bool index32;     // all of the above < 2^31
+  int64_t x;         // batch * in_h * in_w * in_c
+  int64_t y;         // batch * out_h * out_w * out_c
+  int64_t pixels;    // batch * out_h * out_w
+  int64_t taps;      // k_h * k_w
+  int64_t kernel;    // k_h * k_w * m * out_c
+  int64_t products;  // batch * out_h * out_w * m * out_c (MACs per tap)
+  bool index32;      // all of the above < 2^31
 };
 
 const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
@@ -381,11 +479,13 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
       !Product(s->pixels, g.out_c, 1, 1, &s->y) ||
       !Product(g.k_h, g.k_w, 1, 1, &s->taps) ||
       !Product(s->taps, g.m, g.out_c, 1, &s->kernel) ||
-      !Product(s->y, g.m, 1, 1, &s->scatter)) {
+      !Product(s->y, g.m, 1, 1, &s->products)) {
     return "tsc_channel_sparse: tensor too large";
   }
-  // Every input coordinate oh * stride_h - pad_top + i * dil_h (and the
-  // same for w) must fit comfortably in int64.
+  // Every input coordinate oh * stride_h - pad_top + i * dil_h, and every
+  // ih + pad_top - i * dil_h of the backprop-input gather (and the same for
+  // w) must fit comfortably in int64.
+  const int64_t ins[2] = {g.in_h, g.in_w};
   const int64_t pads[2] = {g.pad_top, g.pad_left};
   const int64_t outs[2] = {g.out_h, g.out_w};
   const int64_t strides[2] = {g.stride_h, g.stride_w};
@@ -395,14 +495,17 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
     int64_t reach_o = 0;
     int64_t reach_k = 0;
     if (pads[a] <= -kCoordLimit || pads[a] >= kCoordLimit ||
+        ins[a] >= kCoordLimit ||
         !MulNonNeg(outs[a] > 0 ? outs[a] - 1 : 0, strides[a], &reach_o) ||
         !MulNonNeg(ks[a] > 0 ? ks[a] - 1 : 0, dils[a], &reach_k) ||
         reach_o >= kCoordLimit || reach_k >= kCoordLimit) {
       return "tsc_channel_sparse: coordinates too large";
     }
   }
+  // (products is not an index of any kernel; bounding it too keeps the
+  // 64-bit instantiations reachable by a test of moderate size.)
   s->index32 = s->x < kIndex32Limit && s->y < kIndex32Limit &&
-               s->kernel < kIndex32Limit && s->scatter < kIndex32Limit;
+               s->kernel < kIndex32Limit && s->products < kIndex32Limit;
   return nullptr;
 }
 
@@ -428,40 +531,134 @@ const char* ForwardTyped(const void* x, const void* kernel,
 
 // ---- backprop input ----
 
-template <typename T>
-const char* BackpropInputTyped(const void* dy, const void* kernel,
-                               const int32_t* conn, void* dx, float* workspace,
-                               const ChannelSparseGeometry& g, const Sizes& s,
-                               cudaStream_t stream) {
-  using Acc = typename Elem<T>::Acc;
-  // half / bfloat16 accumulate in the float workspace, the others in dx.
-  constexpr bool kViaWorkspace = sizeof(T) == 2;
-  Acc* dst;
-  if constexpr (kViaWorkspace) {
-    dst = workspace;
-  } else {
-    dst = static_cast<Acc*>(dx);
+// Carves 256-byte aligned regions out of a workspace; with base == nullptr
+// it only counts, so sizing and use share one layout.
+class Carver {
+ public:
+  explicit Carver(void* base) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(base);
+    base_ = base == nullptr
+                ? nullptr
+                : reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
   }
-  if (const char* err = MemsetZero(dst, s.x * int64_t{sizeof(Acc)}, stream)) {
-    return err;
+  template <typename U>
+  U* Take(int64_t count) {
+    char* at = base_ == nullptr ? nullptr : base_ + used_;
+    const int64_t bytes = static_cast<int64_t>(sizeof(U)) * (count > 0 ? count : 1);
+    used_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    return reinterpret_cast<U*>(at);
   }
-  const unsigned grid = GridFor(s.scatter, kThreads);
-  if (s.index32) {
-    ConvBackpropInputKernel<T, uint32_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(kernel), conn, dst,
-        g);
-  } else {
-    ConvBackpropInputKernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(kernel), conn, dst,
-        g);
-  }
-  if (const char* err = LastError()) return err;
-  if constexpr (kViaWorkspace) {
-    CastFromFloatKernel<T><<<GridFor(s.x, kThreads), kThreads, 0, stream>>>(
-        workspace, static_cast<T*>(dx), s.x);
-    return LastError();
+  int64_t Total() const { return used_ + kAlign; }  // + slack to align base
+
+ private:
+  static constexpr int64_t kAlign = 256;
+  char* base_ = nullptr;
+  int64_t used_ = 0;
+};
+
+// The transposed connection list in the workspace (n = out_c * m).
+struct TransposeLayout {
+  uint32_t* keys[2];  // [n] each: the radix sort's key double buffer
+  int32_t* vals[2];   // [n] each: its value double buffer
+  int32_t* row_ptr;   // [in_c + 1]
+  int2* entries;      // [n]
+  void* temp;         // CUB radix sort scratch
+  size_t temp_bytes;
+  int key_bits;       // keys are < 2^key_bits (values 0 .. in_c)
+  int64_t total;      // bytes of the whole workspace
+};
+
+// Backprop-input limits: entries, row pointers and kernel offsets are int32
+// (with headroom for the lane offsets), keys uint32.
+const char* CheckTransposeLimits(const ChannelSparseGeometry& g) {
+  if (g.out_c * g.m >= kEntryLimit || g.in_c >= kEntryLimit) {
+    return "tsc_channel_sparse: backprop input needs in_c and out_c * m "
+           "below 2^30";
   }
   return nullptr;
+}
+
+// Needs a current CUDA device (CUB sizes its scratch for it).
+const char* MakeTransposeLayout(void* base, const ChannelSparseGeometry& g,
+                                TransposeLayout* l) {
+  const int64_t n = g.out_c * g.m;
+  Carver c(base);
+  l->keys[0] = c.Take<uint32_t>(n);
+  l->keys[1] = c.Take<uint32_t>(n);
+  l->vals[0] = c.Take<int32_t>(n);
+  l->vals[1] = c.Take<int32_t>(n);
+  l->row_ptr = c.Take<int32_t>(g.in_c + 1);
+  l->entries = c.Take<int2>(n);
+  l->key_bits = 1;
+  while ((int64_t{1} << l->key_bits) <= g.in_c) ++l->key_bits;
+  l->temp_bytes = 0;
+  cub::DoubleBuffer<uint32_t> keys(l->keys[0], l->keys[1]);
+  cub::DoubleBuffer<int32_t> vals(l->vals[0], l->vals[1]);
+  const cudaError_t err = cub::DeviceRadixSort::SortPairs(
+      nullptr, l->temp_bytes, keys, vals, static_cast<int>(n), 0, l->key_bits);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  l->temp = c.Take<char>(static_cast<int64_t>(l->temp_bytes));
+  l->total = c.Total();
+  return nullptr;
+}
+
+// Warp per dx element when there are too few elements to fill the GPU with
+// one thread each and the rows of the transposed list average >= 16
+// entries; else one thread per element. A function of the geometry only.
+int GatherLanes(const ChannelSparseGeometry& g, const Sizes& s) {
+  return s.x < kTargetThreads && g.out_c * g.m >= 16 * g.in_c ? kWarpSize : 1;
+}
+
+// Builds the transposed connection list (keys, stable CUB radix sort, row
+// pointers and entries) in `l`. Integer work only: deterministic.
+const char* BuildTranspose(const int32_t* conn, const ChannelSparseGeometry& g,
+                           const TransposeLayout& l, cudaStream_t stream) {
+  const int64_t n = g.out_c * g.m;
+  TransposeKeysKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(
+      conn, n, g.in_c, l.keys[0], l.vals[0]);
+  if (const char* err = LastError()) return err;
+  // The sort ping-pongs between the two halves of each double buffer and
+  // records (on the host) which half holds the result: Current().
+  cub::DoubleBuffer<uint32_t> keys(l.keys[0], l.keys[1]);
+  cub::DoubleBuffer<int32_t> vals(l.vals[0], l.vals[1]);
+  size_t temp_bytes = l.temp_bytes;
+  const cudaError_t err = cub::DeviceRadixSort::SortPairs(
+      l.temp, temp_bytes, keys, vals, static_cast<int>(n), 0, l.key_bits,
+      stream);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const int64_t finish = n > g.in_c + 1 ? n : g.in_c + 1;
+  TransposeFinishKernel<<<GridFor(finish, kThreads), kThreads, 0, stream>>>(
+      keys.Current(), vals.Current(), n, g.in_c, g.m, g.out_c, l.row_ptr,
+      l.entries);
+  return LastError();
+}
+
+template <typename T, typename Index, int kLanes>
+const char* BackpropInputConfig(const void* dy, const void* kernel, void* dx,
+                                const TransposeLayout& l,
+                                const ChannelSparseGeometry& g, const Sizes& s,
+                                cudaStream_t stream) {
+  const unsigned grid = GridFor(s.x * kLanes, kThreads);
+  ConvBackpropInputKernel<T, Index, kLanes><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(dy), static_cast<const T*>(kernel), l.row_ptr,
+      l.entries, static_cast<T*>(dx), g);
+  return LastError();
+}
+
+template <typename T>
+const char* BackpropInputTyped(const void* dy, const void* kernel, void* dx,
+                               const TransposeLayout& l,
+                               const ChannelSparseGeometry& g, const Sizes& s,
+                               cudaStream_t stream) {
+  if (GatherLanes(g, s) == kWarpSize) {
+    return s.index32 ? BackpropInputConfig<T, uint32_t, kWarpSize>(
+                           dy, kernel, dx, l, g, s, stream)
+                     : BackpropInputConfig<T, int64_t, kWarpSize>(
+                           dy, kernel, dx, l, g, s, stream);
+  }
+  return s.index32
+             ? BackpropInputConfig<T, uint32_t, 1>(dy, kernel, dx, l, g, s, stream)
+             : BackpropInputConfig<T, int64_t, 1>(dy, kernel, dx, l, g, s, stream);
 }
 
 // ---- backprop kernel ----
@@ -563,10 +760,23 @@ const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
   return "tsc_channel_sparse: unknown float format";
 }
 
+const char* ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
+    const ChannelSparseGeometry& g, int64_t* bytes) {
+  *bytes = 0;
+  Sizes s;
+  if (const char* err = CheckGeometry(g, &s)) return err;
+  if (s.x == 0 || s.y == 0 || s.kernel == 0) return nullptr;  // no kernels
+  if (const char* err = CheckTransposeLimits(g)) return err;
+  TransposeLayout l;
+  if (const char* err = MakeTransposeLayout(nullptr, g, &l)) return err;
+  *bytes = l.total;
+  return nullptr;
+}
+
 const char* LaunchChannelSparseConv2DBackpropInputGpu(
     FloatFormat format, const void* dy, const void* kernel,
-    const int32_t* connections, void* dx, float* workspace,
-    const ChannelSparseGeometry& g, void* stream) {
+    const int32_t* connections, void* dx, void* workspace,
+    int64_t workspace_bytes, const ChannelSparseGeometry& g, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
@@ -577,23 +787,27 @@ const char* LaunchChannelSparseConv2DBackpropInputGpu(
     // No output gradient, no taps or m == 0: dx is all zeros.
     return MemsetZero(dx, s.x * bytes, st);
   }
-  if (bytes == 2 && workspace == nullptr) {
-    return "tsc_channel_sparse: half/bfloat16 backprop input needs a float "
-           "workspace";
+  if (const char* err = CheckTransposeLimits(g)) return err;
+  if (workspace == nullptr) {
+    return "tsc_channel_sparse: backprop input needs a workspace of "
+           "ChannelSparseConv2DBackpropInputGpuWorkspaceBytes bytes";
   }
+  TransposeLayout l;
+  if (const char* err = MakeTransposeLayout(workspace, g, &l)) return err;
+  if (workspace_bytes < l.total) {
+    return "tsc_channel_sparse: backprop input workspace is smaller than "
+           "ChannelSparseConv2DBackpropInputGpuWorkspaceBytes";
+  }
+  if (const char* err = BuildTranspose(connections, g, l, st)) return err;
   switch (format) {
     case FloatFormat::kHalf:
-      return BackpropInputTyped<__half>(dy, kernel, connections, dx, workspace,
-                                        g, s, st);
+      return BackpropInputTyped<__half>(dy, kernel, dx, l, g, s, st);
     case FloatFormat::kBFloat16:
-      return BackpropInputTyped<__nv_bfloat16>(dy, kernel, connections, dx,
-                                               workspace, g, s, st);
+      return BackpropInputTyped<__nv_bfloat16>(dy, kernel, dx, l, g, s, st);
     case FloatFormat::kFloat:
-      return BackpropInputTyped<float>(dy, kernel, connections, dx, workspace,
-                                       g, s, st);
+      return BackpropInputTyped<float>(dy, kernel, dx, l, g, s, st);
     case FloatFormat::kDouble:
-      return BackpropInputTyped<double>(dy, kernel, connections, dx, workspace,
-                                        g, s, st);
+      return BackpropInputTyped<double>(dy, kernel, dx, l, g, s, st);
   }
   return "tsc_channel_sparse: unknown float format";
 }
@@ -681,13 +895,23 @@ const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
       bias, activation == 1, y, UnpackGeometry(geometry), stream);
 }
 
+const char* tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes(
+    const int64_t* geometry, int64_t* bytes) {
+  if (bytes == nullptr) return "tsc_channel_sparse: bytes is null";
+  *bytes = 0;
+  if (geometry == nullptr) return kNullGeometry;
+  return tf_sparseconv::ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
+      UnpackGeometry(geometry), bytes);
+}
+
 const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
     int format, const void* dy, const void* kernel, const int32_t* connections,
-    void* dx, float* workspace, const int64_t* geometry, void* stream) {
+    void* dx, void* workspace, int64_t workspace_bytes,
+    const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchChannelSparseConv2DBackpropInputGpu(
       static_cast<tf_sparseconv::FloatFormat>(format), dy, kernel, connections,
-      dx, workspace, UnpackGeometry(geometry), stream);
+      dx, workspace, workspace_bytes, UnpackGeometry(geometry), stream);
 }
 
 const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
