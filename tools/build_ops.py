@@ -499,10 +499,11 @@ def cuda_check(verbose: bool = True) -> Path | None:
     """CI's CUDA check (builds nothing that gets installed).
 
     Compiles every .cu.cc with every CUDA version found and, when TensorFlow
-    is importable, links a CUDA variant of the op library (-z defs, no runtime
-    of its own) with the toolkit matching TensorFlow's CUDA, else the newest:
-    the GPU glue of the OpKernels and the launchers must link whatever toolkit
-    the library is built with. Returns the linked library (None: compile only).
+    is importable and a CUDA build, links a CUDA variant of the op library
+    (-z defs, no runtime of its own) with the toolkit matching TensorFlow's
+    CUDA, else the newest: the GPU glue of the OpKernels and the launchers
+    must link whatever toolkit the library is built with. Returns the linked
+    library (None: compile only).
     """
     toolkits: list[CudaToolkit] = []
     for toolkit in cuda_toolkits():
@@ -518,11 +519,9 @@ def cuda_check(verbose: bool = True) -> Path | None:
         compile_flags, link_flags, info = [], [], None
     linked = None
     tasks = [task for group in cuda_tasks.values() for task in group]
-    if info is not None:
+    if info is not None and info["tf_cuda_version"]:  # a CPU-only TensorFlow has no runtime to link
         want = info["tf_cuda_version"]
-        linked = (_pick_toolkit(toolkits, want) if want else None) or max(
-            toolkits, key=lambda t: _numbers(t.version)
-        )
+        linked = _pick_toolkit(toolkits, want) or max(toolkits, key=lambda t: _numbers(t.version))
         cxx_cmd, opt, _, _ = _cxx_command(compile_flags, None)
         cxx_tasks = _cxx_tasks(cxx_cmd, True, headers)
         tasks = cxx_tasks + tasks
@@ -534,7 +533,7 @@ def cuda_check(verbose: bool = True) -> Path | None:
     output = CUDA_CHECK_DIR / LIBRARY_NAME
     _link(cxx_cmd, opt, output, cxx_tasks + cuda_tasks[linked.version], link_flags)
     if verbose:
-        same = want is not None and _pick_toolkit([linked], want) is not None
+        same = _pick_toolkit([linked], want) is not None
         note = "" if same else f" (link check only: TensorFlow's CUDA is {want})"
         print(
             f"[tf_sparseconv] CUDA check: linked {output.relative_to(ROOT)} with CUDA {linked.version}"
