@@ -33,11 +33,21 @@ DENSITIES = (0.125, 0.25, 0.5)
 QUICK_GRID = ((1, 28, 64), (4, 16, 128))
 
 
-def _cell(batch: int, size: int, channels: int, density: float, repeat: int) -> dict:
+def connection_lists(channels: int, m: int, grouped: bool) -> np.ndarray:
+    """Random lists, or (`grouped`) lists shared by groups of `channels * m / channels`
+    consecutive output channels, one group per 1 / density, as `channel_group` pruning makes."""
+    if not grouped:
+        return tsc.ops.random_connections(channels, channels, fan_in=m, seed=channels)
+    groups = channels // m
+    lists = tsc.ops.random_connections(channels, groups, fan_in=m, seed=channels)
+    return np.repeat(lists, channels // groups, axis=0)
+
+
+def _cell(batch: int, size: int, channels: int, density: float, repeat: int, grouped: bool = False) -> dict:
     m = max(1, round(density * channels))
     x = tf.random.stateless_normal((batch, size, size, channels), [1, size])
     kernel = tf.random.stateless_normal((3, 3, m, channels), [2, m])
-    connections = tf.constant(tsc.ops.random_connections(channels, channels, fan_in=m, seed=channels))
+    connections = connection_lists(channels, m, grouped)
     dense = tsc.ops.dense_kernel(kernel, connections, channels)
 
     ours = tf.function(lambda x, k: tsc.ops.channel_sparse_conv2d(x, k, connections))
@@ -59,6 +69,7 @@ def _cell(batch: int, size: int, channels: int, density: float, repeat: int) -> 
         "channels": channels,
         "density": density,
         "m": m,
+        "grouped": grouped,
         "chosen": "sparse" if chosen == "compiled" else chosen,
         "ours_ms": ours_ms,
         "stock_ms": stock_ms,
@@ -67,8 +78,9 @@ def _cell(batch: int, size: int, channels: int, density: float, repeat: int) -> 
     }
 
 
-def pruned_cnn(repeat: int, quick: bool = False) -> dict:
-    """The kernel-pruned 75 % CNN of issue 17, stripped to channel-sparse layers, vs dense."""
+def pruned_cnn(repeat: int, quick: bool = False, channel_group: int = 1) -> dict:
+    """The kernel-pruned 75 % CNN of issue 17, stripped to channel-sparse layers, vs dense
+    (`channel_group`: output channels pruned as one group, sharing their inputs)."""
     batch, size = (4, 16) if quick else (16, 32)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((size, size, 64))
@@ -76,7 +88,9 @@ def pruned_cnn(repeat: int, quick: bool = False) -> dict:
     h = keras.layers.Conv2D(128, 3, padding="same", activation="relu", name="conv2")(h)
     dense_model = keras.Model(inputs, h)
     schedule = tsc.pruning.ConstantSparsity(0.75, begin_step=0, frequency=1)
-    pruned = tsc.pruning.prune_low_magnitude(dense_model, pruning_schedule=schedule, granularity="kernel")
+    pruned = tsc.pruning.prune_low_magnitude(
+        dense_model, pruning_schedule=schedule, granularity="kernel", channel_group=channel_group
+    )
     pruned.compile(optimizer="sgd", loss="mse")
     x = np.random.default_rng(0).standard_normal((batch, size, size, 64)).astype(np.float32)
     pruned.fit(
@@ -95,8 +109,11 @@ def pruned_cnn(repeat: int, quick: bool = False) -> dict:
         np.testing.assert_allclose(ours(xt), stock(xt), rtol=1e-3, atol=1e-3)
     ours_ms, stock_ms = time_pair(lambda: ours(xt), lambda: stock(xt), repeat=repeat)
     return {
-        "case": f"Conv2D 64->128->128 3x3, input {batch}x{size}x{size}x64, kernel-pruned 75 %",
-        "layers": ", ".join(c.implementation.replace("compiled", "sparse") for c in calls),
+        "case": f"Conv2D 64->128->128 3x3, input {batch}x{size}x{size}x64, kernel-pruned 75 %, "
+        f"channel_group={channel_group}",
+        "layers": ", ".join(
+            c.implementation.replace("compiled", "sparse") for c in calls if c.op.startswith("channel")
+        ),
         "ours_ms": ours_ms,
         "stock_ms": stock_ms,
         "speedup": stock_ms / ours_ms,
@@ -118,30 +135,30 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def heat_map(cells: list[dict], path: str) -> None:
+def heat_map(results: dict[bool, list[dict]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = sorted({(c["batch"], c["size"], c["channels"]) for c in cells}, key=lambda s: (s[2], s[0]))
-    densities = sorted({c["density"] for c in cells})
-    values = np.full((len(shapes), len(densities)), np.nan)
-    for c in cells:
-        values[shapes.index((c["batch"], c["size"], c["channels"])), densities.index(c["density"])] = c[
-            "speedup"
-        ]
-    fig, ax = plt.subplots(figsize=(5.5, 0.55 * len(shapes) + 1.5))
-    image = ax.imshow(np.log2(values), cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto")
-    for i in range(len(shapes)):
-        for j in range(len(densities)):
-            ax.text(j, i, f"{values[i, j]:.2f}×", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(densities)), [f"{d:g}" for d in densities])
-    ax.set_yticks(range(len(shapes)), [f"B={b} {s}×{s} C={c}" for b, s, c in shapes])
-    ax.set_xlabel("density (fan-in / Cin)")
-    ax.set_title("channel_sparse_conv2d vs tf.nn.conv2d (speed-up)")
-    fig.colorbar(image, ax=ax, label="log2 speed-up")
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 5.5), squeeze=False)
+    for ax, (grouped, cells) in zip(axes[0], results.items()):
+        shapes = sorted({(c["batch"], c["size"], c["channels"]) for c in cells}, key=lambda s: (s[2], s[0]))
+        densities = sorted({c["density"] for c in cells})
+        values = np.full((len(shapes), len(densities)), np.nan)
+        for c in cells:
+            row, col = shapes.index((c["batch"], c["size"], c["channels"])), densities.index(c["density"])
+            values[row, col] = c["speedup"]
+        image = ax.imshow(np.log2(values), cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto")
+        for i in range(len(shapes)):
+            for j in range(len(densities)):
+                ax.text(j, i, f"{values[i, j]:.2f}×", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(densities)), [f"{d:g}" for d in densities])
+        ax.set_yticks(range(len(shapes)), [f"B={b} {s}×{s} C={c}" for b, s, c in shapes])
+        ax.set_xlabel("density (fan-in / Cin)")
+        ax.set_title(f"{'grouped' if grouped else 'random'} connection lists")
+    fig.suptitle("channel_sparse_conv2d vs tf.nn.conv2d, 3x3 SAME forward (speed-up)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="log2 speed-up")
     fig.savefig(path, dpi=120)
 
 
@@ -153,26 +170,33 @@ def main() -> None:
     args = parser.parse_args()
     if not tsc.ops.is_library_loaded():
         sys.exit("the op library is not loaded: nothing to benchmark")
-    cells = []
-    for batch, size, channels in QUICK_GRID if args.quick else GRID:
-        for density in DENSITIES:
-            cells.append(_cell(batch, size, channels, density, args.repeat))
-            print(table(cells[-1:]).splitlines()[-1], flush=True)
+    results = {}
+    for grouped in (False, True):
+        cells = results[grouped] = []
+        print(f"\n{'Grouped' if grouped else 'Random'} connection lists", flush=True)
+        for batch, size, channels in QUICK_GRID if args.quick else GRID:
+            for density in DENSITIES:
+                cells.append(_cell(batch, size, channels, density, args.repeat, grouped))
+                print(table(cells[-1:]).splitlines()[-1], flush=True)
+        print()
+        print(table(cells))
+        worst = min(cells, key=lambda c: c["speedup"])
+        at_quarter = [c["speedup"] for c in cells if c["density"] == 0.25]
+        print(
+            f"\nworst cell {worst['speedup']:.2f}x (B={worst['batch']} {worst['size']}^2 "
+            f"C={worst['channels']} density {worst['density']:g}); median at density 0.25: "
+            f"{statistics.median(at_quarter):.2f}x"
+        )
     print()
-    print(table(cells))
-    worst = min(cells, key=lambda c: c["speedup"])
-    at_quarter = [c["speedup"] for c in cells if c["density"] == 0.25]
-    print(
-        f"\nworst cell {worst['speedup']:.2f}x (B={worst['batch']} {worst['size']}^2 C={worst['channels']} "
-        f"density {worst['density']:g}); median at density 0.25: {statistics.median(at_quarter):.2f}x"
-    )
-    cnn = pruned_cnn(args.repeat, quick=args.quick)
-    print(
-        f"\n| {cnn['case']} | layers: {cnn['layers']} | ours {cnn['ours_ms']:.2f} ms | dense model "
-        f"{cnn['stock_ms']:.2f} ms | {cnn['speedup']:.2f}x |"
-    )
+    for group in (1, 32):
+        cnn = pruned_cnn(args.repeat, quick=args.quick, channel_group=group)
+        print(
+            f"| {cnn['case']} | layers: {cnn['layers']} | ours {cnn['ours_ms']:.2f} ms | dense model "
+            f"{cnn['stock_ms']:.2f} ms | {cnn['speedup']:.2f}x |",
+            flush=True,
+        )
     if args.plot:
-        heat_map(cells, args.plot)
+        heat_map(results, args.plot)
         print(f"wrote {args.plot}")
 
 

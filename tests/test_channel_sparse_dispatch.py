@@ -184,3 +184,64 @@ def test_mode_validation(monkeypatch):
     with tsc.ops.channel_sparse_implementation("sparse"):
         assert _autotune.current_mode() == "sparse"
     assert _autotune.current_mode() == "dense"
+
+
+def test_dense_kernel_op_reuses_its_last_result_only_for_the_same_inputs(rng):
+    """The CPU op keeps its last result for a repeated kernel (inference); any change rebuilds."""
+    library = tsc.ops.load_library()
+    connections = tsc.ops.random_connections(10, 6, fan_in=3, seed=4)
+    other = tsc.ops.random_connections(10, 6, fan_in=3, seed=5)
+    a = rng.standard_normal((3, 3, 3, 6)).astype(np.float32)
+    b = a.copy()
+    b[1, 2, 0, 5] += 1.0  # one element differs
+    build = tf.function(lambda k, c: library.tf_sparse_conv_channel_sparse_dense_kernel(k, c, in_channels=10))
+    for kernel, conn in [(a, connections), (a, connections), (b, connections), (a, connections), (a, other)]:
+        np.testing.assert_array_equal(
+            build(tf.constant(kernel), tf.constant(conn)), _np_dense(kernel, conn, 10)
+        )
+
+
+def test_group_structure():
+    lists = tsc.ops.random_connections(16, 3, fan_in=4, seed=0)
+    groups, order = channel_sparse_ops._groups(np.repeat(lists, 4, axis=0))
+    assert groups == 3 and order.tolist() == lists.reshape(-1).tolist()
+    assert channel_sparse_ops._groups(np.repeat(lists, 2, axis=0)) is None  # groups smaller than 4
+    uneven = np.concatenate([np.repeat(lists[:1], 4, 0), np.repeat(lists[1:2], 8, 0)])
+    assert channel_sparse_ops._groups(uneven) is None
+    interleaved = np.tile(lists, (4, 1))  # equal rows, not consecutive
+    assert channel_sparse_ops._groups(interleaved) is None
+    groups, order = channel_sparse_ops._groups(np.repeat(lists[:1], 8, 0))  # one group: all rows equal
+    assert groups == 1 and order.tolist() == lists[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "cin, strides, padding",
+    [(16, 1, "SAME"), (12, 2, "VALID"), (264, (2, 1), "SAME")],
+    ids=["same", "valid-s2", "gather"],
+)
+def test_grouped_path_matches_the_sparse_kernel(rng, cin, strides, padding):
+    m, groups, group_size = 4, 3, 4
+    lists = tsc.ops.random_connections(cin, groups, fan_in=m, seed=cin)
+    connections = np.repeat(lists, group_size, axis=0)
+    x = tf.constant(rng.standard_normal((2, 7, 9, cin)).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal((3, 3, m, groups * group_size)).astype(np.float32))
+    bias = tf.constant(rng.standard_normal(groups * group_size).astype(np.float32))
+    results = {}
+    for mode in ("sparse", "grouped"):
+        with tsc.ops.channel_sparse_implementation(mode), tsc.ops.explain() as calls:
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y = tsc.ops.channel_sparse_conv2d(
+                    x, kernel, connections, strides, padding, bias=bias, activation="relu"
+                )
+        assert calls[-1].implementation == {"sparse": "compiled", "grouped": "grouped"}[mode]
+        results[mode] = (y, *tape.gradient(y, [x, kernel]))
+    for a, b in zip(results["sparse"], results["grouped"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_path_only_where_it_applies(rng):
+    x, kernel, connections = _case(rng)  # random lists: no groups
+    with tsc.ops.channel_sparse_implementation("grouped"), tsc.ops.explain() as calls:
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections)
+    assert calls[-1].implementation == "compiled" and "grouped form does not apply" in calls[-1].reason

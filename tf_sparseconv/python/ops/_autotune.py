@@ -9,7 +9,7 @@ every `tf.function` trace) of that shape takes the faster one, as cuDNN's autotu
 The choice is cached for the process: deterministic within it, visible through
 `tsc.ops.explain()` and the `"tf_sparseconv"` logger, and can be forced with
 `channel_sparse_implementation()` or the environment variable
-`TF_SPARSECONV_CHANNEL_SPARSE` (`auto`, `sparse` or `dense`).
+`TF_SPARSECONV_CHANNEL_SPARSE` (`auto`, `sparse`, `dense` or `grouped`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Iterator
 import tensorflow as tf
 
 ENV_VAR = "TF_SPARSECONV_CHANNEL_SPARSE"
-MODES = ("auto", "sparse", "dense")
+MODES = ("auto", "sparse", "dense", "grouped")
 
 _local = threading.local()
 _lock = threading.Lock()
@@ -44,9 +44,11 @@ def channel_sparse_implementation(mode: str) -> Iterator[None]:
 
     `mode`: `"sparse"` (the compiled channel-sparse kernel), `"dense"` (`tf.nn.conv2d` on the
     equivalent dense kernel, where that applies: dilation 1 and constant connection lists;
-    elsewhere the sparse kernel runs and `explain()` says why) or `"auto"` (the default: the
-    faster of the two, measured once per call shape). The process-wide default comes from
-    the environment variable `TF_SPARSECONV_CHANNEL_SPARSE`.
+    elsewhere the sparse kernel runs and `explain()` says why), `"grouped"` (one grouped
+    `tf.nn.conv2d` on the gathered input channels, where the lists come in equal groups of
+    identical consecutive rows, as `channel_group` pruning makes them) or `"auto"` (the
+    default: the fastest of those that apply, measured once per call shape). The
+    process-wide default comes from the environment variable `TF_SPARSECONV_CHANNEL_SPARSE`.
     """
     mode = _check_mode(mode, "`mode`")
     previous = getattr(_local, "mode", None)

@@ -171,7 +171,7 @@ logger = logging.getLogger("tf_sparseconv")
 
 class Dispatch(NamedTuple):
     """One op call's implementation: `op` (the `tsc.ops` function), `implementation`
-    ("compiled", "dense" or "reference") and `reason`."""
+    ("compiled", "dense", "grouped" or "reference") and `reason`."""
 
     op: str
     implementation: str

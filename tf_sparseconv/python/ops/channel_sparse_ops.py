@@ -134,16 +134,45 @@ def _device_kind() -> str:
     return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
+# The grouped form: output channels in groups of at least this many consecutive channels with
+# identical connection lists (as `prune_low_magnitude(..., granularity="kernel",
+# channel_group=g)` makes them) run as one grouped tf.nn.conv2d on the gathered inputs.
+MIN_GROUP_SIZE = 4
+
+
+def _groups(values: np.ndarray | None) -> tuple[int, np.ndarray] | None:
+    """`(groups, input order)` when the rows of `values` ([Cout, m]) come in groups of
+    MIN_GROUP_SIZE or more equal consecutive rows, all groups the same size: the grouped
+    convolution with `groups` groups reads the input channels `order` ([groups * m]) in turn."""
+    if values is None or values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+        return None
+    cout = values.shape[0]
+    starts = np.flatnonzero(np.r_[True, np.any(values[1:] != values[:-1], axis=1)])
+    size = cout // len(starts)
+    if size < MIN_GROUP_SIZE or size * len(starts) != cout or np.any(starts != np.arange(0, cout, size)):
+        return None
+    return len(starts), values[starts].reshape(-1)
+
+
 def _choose(x, kernel, connections, strides, padding, dilations, library) -> tuple[str, str]:
-    """("dense" or "sparse", why) for one call (see `_autotune`)."""
+    """("sparse", "dense" or "grouped", why) for one call (see `_autotune`)."""
     not_dense = _dense_eligible(x, kernel, connections, padding, dilations)
     mode = current_mode()
     if mode == "sparse":
         return "sparse", "channel_sparse_implementation('sparse')"
     if not_dense is not None:
         return "sparse", f"the dense form does not apply: {not_dense}"
+    values = np.ascontiguousarray(_static_connections(connections), np.int32)
+    grouped = _groups(values) is not None
     if mode == "dense":
         return "dense", "channel_sparse_implementation('dense')"
+    if mode == "grouped":
+        if grouped:
+            return "grouped", "channel_sparse_implementation('grouped')"
+        return "sparse", (
+            "the grouped form does not apply: the connection lists are not in equal groups of "
+            f">= {MIN_GROUP_SIZE} identical consecutive rows"
+        )
     if library is None:  # references (and converter forms): the dense form by the fixed rule
         if kernel.shape[-2] > DENSE_DISPATCH_DENSITY * x.shape[-1]:
             return "dense", (
@@ -164,7 +193,6 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
             f"shape {x.shape} not fully known: fan-in {m} of {cin} <= DENSE_DISPATCH_DENSITY "
             f"{DENSE_DISPATCH_DENSITY} x Cin"
         )
-    values = np.ascontiguousarray(_static_connections(connections), np.int32)
     key = (
         "channel_sparse_conv2d",
         _device_kind(),
@@ -181,15 +209,35 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
         km = tf.random.stateless_normal(kernel.shape, [3, 4], dtype=x.dtype)
         cm = tf.constant(values)
         attrs = {"strides": list(strides), "padding": padding, "dilations": [1, 1]}
-        return {
+        found = {
             "dense": lambda: _dense_conv2d(library, xm, km, cm, strides, padding),
             "sparse": lambda: library.tf_sparse_conv_channel_sparse_conv2d(xm, km, cm, **attrs),
         }
+        if grouped:
+            found["grouped"] = lambda: _grouped_conv2d(xm, km, values, strides, padding)
+        return found
 
     best, times, cached = _autotune.measured_choice(key, candidates)
     where = "cached" if cached else "measured now"
     detail = ", ".join(f"{name} {ms:.3g} ms" for name, ms in times.items())
-    return best, f"faster at {tuple(shape)} x {tuple(kernel.shape)} on the {key[1]} ({where}: {detail})"
+    return best, f"fastest at {tuple(shape)} x {tuple(kernel.shape)} on the {key[1]} ({where}: {detail})"
+
+
+def _gather_channels(x, order: np.ndarray):
+    """`tf.gather(x, order, axis=-1)`; for up to 256 input channels as a 1x1 convolution with
+    a one-hot kernel (oneDNN's GEMM outpaces TensorFlow's element-wise gather there)."""
+    cin = x.shape[-1]
+    if cin <= 256:
+        selection = np.zeros((1, 1, cin, len(order)), x.dtype.as_numpy_dtype)
+        selection[0, 0, order, np.arange(len(order))] = 1
+        return tf.nn.conv2d(x, tf.constant(selection), 1, "VALID")
+    return tf.gather(x, order, axis=-1)
+
+
+def _grouped_conv2d(x, kernel, values: np.ndarray, strides, padding):
+    """The grouped form (`_groups`): one grouped tf.nn.conv2d on the gathered input channels."""
+    _, order = _groups(values)
+    return conv2d_batch_safe(_gather_channels(x, order), kernel, strides, padding)
 
 
 def _dense_conv2d(library, x, kernel, connections, strides, padding):
@@ -279,6 +327,10 @@ def channel_sparse_conv2d(
             record("channel_sparse_conv2d", "dense", reason)
             y = _dense_conv2d(library, x, kernel, connections, strides, padding)
             return _apply_epilogue(y, bias, activation)
+        if implementation == "grouped":
+            record("channel_sparse_conv2d", "grouped", reason)
+            values = np.asarray(_static_connections(connections), np.int32)
+            return _apply_epilogue(_grouped_conv2d(x, kernel, values, strides, padding), bias, activation)
         if library is None:
             dispatch("channel_sparse_conv2d")  # records why the reference runs
         else:
