@@ -139,6 +139,7 @@ class Task:
     junit: Path
     code: int | None = None
     timed_out: bool = False
+    not_started: bool = False
     seconds: float = 0.0
     counts: dict = dataclasses.field(default_factory=dict)
     summary: str = ""
@@ -154,6 +155,8 @@ class Task:
 
     def describe(self) -> str:
         c = self.counts
+        if self.not_started:
+            return f"{self.step} not started (time budget spent)"
         if self.timed_out:
             return f"{self.step} TIMED OUT after {self.seconds:.0f} s"
         if self.code is None:
@@ -193,8 +196,8 @@ def run_task(task: Task, deadline: float) -> Task:
     timeout = deadline - time.monotonic()
     start = time.monotonic()
     if timeout < 5:
-        task.timed_out, task.code = True, None
-        task.log.write_text("no time left in the budget\n")
+        task.not_started = True
+        task.log.write_text("not started: no time left in the budget\n")
         return task
     with task.log.open("w") as log:
         log.write("$ " + " ".join(task.cmd) + "\n")
@@ -308,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     for gpu in setup.gpus:
         say(f"  GPU: {gpu}")
     say(f"  toolkit: {setup.toolkit}; archs: sm_{', sm_'.join(setup.archs)}; {setup.cupy}")
-    say(f"  compute-sanitizer: {setup.sanitizer or 'NOT FOUND (the sanitizer steps fail)'}")
+    say(
+        f"  compute-sanitizer: {setup.sanitizer}"
+        if setup.sanitizer
+        else "  compute-sanitizer: NOT FOUND ($COMPUTE_SANITIZER, PATH, the toolkit's bin/ and "
+        "compute-sanitizer/, /usr/local/cuda*, pip nvidia packages): the sanitizer steps fail"
+    )
     say(f"  TensorFlow: {setup.tf_python or 'not importable (tests/test_gpu_tf.py not run)'}")
 
     shutil.rmtree(args.out, ignore_errors=True)
