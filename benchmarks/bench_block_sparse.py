@@ -163,6 +163,35 @@ def run(quick: bool = False) -> list[Row]:
                 note=f"best block {block}; active blocks cover {_block_cover(mask, block):.0%}",
             )
         )
+    # Issue 17: 10 % of the image active in 32x32 tiles, block size 32; an eager call (one cached
+    # tf.function inside) against the same call traced, and the traced call against dense.
+    tiles = np.zeros((1, size // 32, size // 32), np.float32)
+    tiles.reshape(-1)[rng.choice(tiles.size, round(0.1 * tiles.size), replace=False)] = 1
+    tiles = tf.constant(np.repeat(np.repeat(tiles, 32, 1), 32, 2))
+    tile_case = f"{case}, 10% of the image active in 32x32 tiles, block 32"
+    traced = _conv(32)
+    eager_times = time_pair(
+        lambda a, b, m: tsc.ops.block_sparse_conv2d(a, b, m, 32), traced, x, kernel, tiles, repeat=15
+    )
+    rows.append(
+        Row(
+            "block_sparse_conv2d",
+            f"{tile_case}, eager call",
+            *eager_times,
+            "the same call inside tf.function",
+            target=1 / 1.15,
+            note="speed-up = traced / eager time",
+        )
+    )
+    rows.append(
+        Row(
+            "block_sparse_conv2d",
+            f"{tile_case}, inside tf.function",
+            *time_pair(traced, _dense, x, kernel, tiles, repeat=15),
+            "tf.nn.conv2d (whole image)",
+            target=5.0,
+        )
+    )
     mask = tf.constant(blob_mask(size, 0.1))
     dy = tf.constant(rng.standard_normal((1, size, size, C)).astype(np.float32))
     best = None

@@ -141,8 +141,10 @@ def heat_map(results: dict[bool, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 5.5), squeeze=False)
-    for ax, (grouped, cells) in zip(axes[0], results.items()):
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4.2 * len(results) + 2.5, 5.0), squeeze=False, layout="constrained"
+    )
+    for index, (ax, (grouped, cells)) in enumerate(zip(axes[0], results.items())):
         shapes = sorted({(c["batch"], c["size"], c["channels"]) for c in cells}, key=lambda s: (s[2], s[0]))
         densities = sorted({c["density"] for c in cells})
         values = np.full((len(shapes), len(densities)), np.nan)
@@ -154,7 +156,8 @@ def heat_map(results: dict[bool, list[dict]], path: str) -> None:
             for j in range(len(densities)):
                 ax.text(j, i, f"{values[i, j]:.2f}×", ha="center", va="center", fontsize=9)
         ax.set_xticks(range(len(densities)), [f"{d:g}" for d in densities])
-        ax.set_yticks(range(len(shapes)), [f"B={b} {s}×{s} C={c}" for b, s, c in shapes])
+        labels = [f"B={b} {s}×{s} C={c}" for b, s, c in shapes] if index == 0 else []
+        ax.set_yticks(range(len(shapes)), labels)
         ax.set_xlabel("density (fan-in / Cin)")
         ax.set_title(f"{'grouped' if grouped else 'random'} connection lists")
     fig.suptitle("channel_sparse_conv2d vs tf.nn.conv2d, 3x3 SAME forward (speed-up)")

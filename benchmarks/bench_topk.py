@@ -54,6 +54,22 @@ def copy_floor_backward(x, dy, scale):
     return x * scale, dy * scale
 
 
+def in_network(fn):
+    """forward+backward of `fn` applied to a tensor made inside the step (`x * scale`, as a
+    previous layer's output): its buffer is free after the op, so TensorFlow may reuse it
+    (forwarding) instead of keeping it alive, as in a network; the copy floor gets the same."""
+
+    @tf.function(jit_compile=False)
+    def run(x, dy, scale):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h = x * scale
+            y = fn(h)
+        return tape.gradient(y, x, output_gradients=dy)
+
+    return run
+
+
 def run(quick: bool = False) -> list[Row]:
     shape = (16, 32, 32, 256) if quick else (64, 32, 32, 256)
     x = tf.random.stateless_normal(shape, seed=[1, 2])
@@ -69,5 +85,17 @@ def run(quick: bool = False) -> list[Row]:
         both = time_pair(forward_backward(ours), forward_backward(stock), x, dy)
         rows.append(
             Row(family, case + ", forward+backward", *both, stock_name, target=5.0, floor_ms=floor_both)
+        )
+        net = time_pair(in_network(ours), in_network(stock), x, dy, one)
+        floor_net = time_pair(in_network(lambda h: h * one), in_network(lambda h: h * one), x, dy, one)[0]
+        rows.append(
+            Row(
+                family,
+                case + ", forward+backward in a network (input made in the step)",
+                *net,
+                stock_name,
+                floor_ms=floor_net,
+                note="floor: the same step with a copy in place of the op",
+            )
         )
     return rows
