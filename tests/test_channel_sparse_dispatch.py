@@ -245,3 +245,63 @@ def test_grouped_path_only_where_it_applies(rng):
     with tsc.ops.channel_sparse_implementation("grouped"), tsc.ops.explain() as calls:
         tsc.ops.channel_sparse_conv2d(x, kernel, connections)
     assert calls[-1].implementation == "compiled" and "grouped form does not apply" in calls[-1].reason
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "grouped", "sparse"])
+def test_empty_inputs_keep_their_shape_on_every_path(mode):
+    lists = tsc.ops.random_connections(16, 2, fan_in=4, seed=0)
+    connections, kernel = np.repeat(lists, 4, axis=0), tf.zeros([3, 3, 4, 8])
+    traced = tf.function(lambda x: tsc.ops.channel_sparse_conv2d(x, kernel, connections))
+    with tsc.ops.channel_sparse_implementation(mode):
+        for shape, expected in [((2, 0, 6, 16), (2, 0, 6, 8)), ((0, 6, 6, 16), (0, 6, 6, 8))]:
+            assert tsc.ops.channel_sparse_conv2d(tf.zeros(shape), kernel, connections).shape == expected
+            assert traced(tf.zeros(shape)).shape == expected
+
+
+def test_no_grouped_float64_on_the_cpu(rng):
+    """TensorFlow has no CPU gradient for grouped float64 convolutions: that call stays sparse."""
+    lists = tsc.ops.random_connections(16, 2, fan_in=4, seed=0)
+    x = tf.constant(rng.standard_normal((2, 6, 6, 16)))
+    kernel = tf.constant(rng.standard_normal((3, 3, 4, 8)))
+    with (
+        tsc.ops.channel_sparse_implementation("grouped"),
+        tsc.ops.explain() as calls,
+        tf.GradientTape() as tape,
+    ):
+        tape.watch(x)
+        y = tsc.ops.channel_sparse_conv2d(x, kernel, np.repeat(lists, 4, axis=0))
+    assert tape.gradient(y, x).shape == x.shape
+    assert calls[-1].implementation == "compiled" and "float64" in calls[-1].reason
+
+
+def test_op_determinism_uses_the_fixed_rule(rng, monkeypatch):
+    monkeypatch.setattr(channel_sparse_ops, "_op_determinism_enabled", lambda: True)
+    monkeypatch.setattr(_autotune, "_time", lambda *a: pytest.fail("timed under op determinism"))
+    x, kernel, connections = _case(rng, cin=12, m=6)  # fan-in 1/2: above the rule's threshold
+    with tsc.ops.explain() as calls:
+        tsc.ops.channel_sparse_conv2d(x, kernel, connections)
+    assert calls[-1].implementation == "dense" and "op determinism" in calls[-1].reason
+    assert not _autotune.choices()
+
+
+def test_a_failing_candidate_is_left_out(rng, monkeypatch):
+    x, kernel, connections = _case(rng)
+
+    def broken(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "out of memory while timing")
+
+    monkeypatch.setattr(channel_sparse_ops, "_dense_conv2d", broken)
+    with tsc.ops.explain() as calls:
+        y = tsc.ops.channel_sparse_conv2d(x, kernel, connections)
+    assert calls[-1].implementation == "compiled" and "dense" not in calls[-1].reason.split("(")[-1]
+    np.testing.assert_allclose(y, tsc.ops.channel_sparse_conv2d_reference(x, kernel, connections), atol=1e-4)
+
+
+def test_choices_are_keyed_by_the_device_the_call_runs_on(rng, monkeypatch):
+    monkeypatch.setattr(_autotune, "_time", lambda c, r, b: {"dense": 1.0, "sparse": 2.0})
+    x, kernel, connections = _case(rng)
+    with tf.device("/CPU:0"):
+        xc = tf.identity(x)
+    tsc.ops.channel_sparse_conv2d(xc, kernel, connections)
+    (key,) = _autotune.choices()
+    assert "CPU:0" in key[1]

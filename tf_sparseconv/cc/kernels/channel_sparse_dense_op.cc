@@ -12,7 +12,9 @@
 // each read in kernel order (contiguous writes).
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -56,18 +58,20 @@ void CheckConnections(OpKernelContext* ctx, const Tensor& connections, const Den
                                       "], got shape ", connections.shape().DebugString()));
   if (!check_values) return;
   const int32_t* conn = connections.flat<int32_t>().data();
-  std::vector<int64_t> seen(g.cin, -1);
+  std::vector<int32_t> row(g.m);
   for (int64_t o = 0; o < g.cout; ++o) {
     for (int64_t j = 0; j < g.m; ++j) {
       const int32_t c = conn[o * g.m + j];
       OP_REQUIRES(ctx, c >= 0 && c < g.cin,
                   errors::InvalidArgument("connections[", o, ", ", j, "] = ", c,
                                           " is not in [0, ", g.cin, ")"));
-      OP_REQUIRES(ctx, seen[c] != o,
-                  errors::InvalidArgument("connections row ", o, " lists input channel ", c,
-                                          " twice"));
-      seen[c] = o;
+      row[j] = c;
     }
+    std::sort(row.begin(), row.end());
+    const auto repeated = std::adjacent_find(row.begin(), row.end());
+    OP_REQUIRES(ctx, repeated == row.end(),
+                errors::InvalidArgument("connections row ", o, " lists input channel ",
+                                        repeated == row.end() ? 0 : *repeated, " twice"));
   }
 }
 
@@ -167,8 +171,9 @@ class ChannelSparseDenseKernelOp : public OpKernel {
  public:
   explicit ChannelSparseDenseKernelOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("in_channels", &in_channels_));
-    OP_REQUIRES(ctx, in_channels_ >= 1,
-                errors::InvalidArgument("in_channels must be >= 1, got ", in_channels_));
+    OP_REQUIRES(ctx, in_channels_ >= 1 && in_channels_ <= std::numeric_limits<int32_t>::max(),
+                errors::InvalidArgument("in_channels must be in [1, 2^31) (connections are int32), got ",
+                                        in_channels_));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -42,6 +42,9 @@ template <bool to_dense>
 const char* Launch(int elem_bytes, const void* src, const int32_t* connections, void* dst,
                    int64_t taps, int64_t m, int64_t cout, int64_t cin, void* stream) {
   if (taps < 0 || m < 0 || cout < 0 || cin < 0) return "channel_sparse_dense: negative size";
+  if (elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
+    return "channel_sparse_dense: elem_bytes must be 2, 4 or 8";
+  }
   auto s = static_cast<cudaStream_t>(stream);
   if (to_dense && taps * cin * cout > 0) {
     if (cudaMemsetAsync(dst, 0, taps * cin * cout * elem_bytes, s) != cudaSuccess) {

@@ -15,6 +15,7 @@ The choice is cached for the process: deterministic within it, visible through
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ import tensorflow as tf
 ENV_VAR = "TF_SPARSECONV_CHANNEL_SPARSE"
 MODES = ("auto", "sparse", "dense", "grouped")
 
+logger = logging.getLogger("tf_sparseconv")
 _local = threading.local()
 _lock = threading.Lock()
 _choices: dict[Hashable, tuple[str, dict[str, float]]] = {}
@@ -60,7 +62,8 @@ def channel_sparse_implementation(mode: str) -> Iterator[None]:
 
 
 def current_mode() -> str:
-    """The implementation mode in force in this thread ("auto", "sparse" or "dense")."""
+    """The implementation mode in force in this thread ("auto", "sparse", "dense" or
+    "grouped")."""
     mode = getattr(_local, "mode", None)
     if mode is not None:
         return mode
@@ -78,16 +81,23 @@ def _time(candidates: dict[str, Callable[[], tf.Tensor]], rounds: int, budget_s:
     """Best wall time (ms) of each candidate, run as a `tf.function` (as in a Keras model:
     eager per-op overheads would favour the candidate with fewer ops), over alternating
     rounds after one warm-up call each: at least `rounds`, then more until `budget_s` has
-    passed (small shapes get many rounds, so a load spike does not decide), at most 50."""
-    candidates = {name: tf.function(fn, autograph=False) for name, fn in candidates.items()}
-    for fn in candidates.values():
-        _sync(fn())
-    best = {name: float("inf") for name in candidates}
+    passed (small shapes get many rounds, so a load spike does not decide), at most 50. A
+    candidate that fails (e.g. out of memory at the measured shape) is left out."""
+    functions = {}
+    for name, fn in candidates.items():
+        function = tf.function(fn, autograph=False)
+        try:
+            _sync(function())
+        except (tf.errors.OpError, ValueError) as error:
+            logger.debug("%s: left out of the measurement (%s)", name, error)
+            continue
+        functions[name] = function
+    best = {name: float("inf") for name in functions}
     start = time.perf_counter()
     for i in range(50):
         if i >= rounds and time.perf_counter() - start > budget_s:
             break
-        for name, fn in candidates.items():
+        for name, fn in functions.items():
             t0 = time.perf_counter()
             _sync(fn())
             best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
@@ -99,17 +109,24 @@ def measured_choice(
     candidates: Callable[[], dict[str, Callable[[], tf.Tensor]]],
     rounds: int = 3,
     budget_s: float = 0.25,
+    fallback: str | None = None,
 ) -> tuple[str, dict[str, float], bool]:
     """`(name, times_ms, cached)`: the fastest of the callables that `candidates()` returns
     (built and timed, eagerly, outside any graph being traced, only on the first call for
-    `key`), cached for the process. On a tie the first candidate wins."""
+    `key`), cached for the process. On a tie the first candidate wins; when every candidate
+    fails, `fallback` (with no times)."""
     with _lock:
         hit = _choices.get(key)
         if hit is not None:
             return hit[0], hit[1], True
         with tf.init_scope():
             times = _time(candidates(), rounds, budget_s)
-        best = min(times, key=times.get)
+        if not times:
+            if fallback is None:
+                raise RuntimeError(f"every candidate failed for {key}")
+            best = fallback
+        else:
+            best = min(times, key=times.get)
         _choices[key] = (best, times)
         return best, times, False
 

@@ -82,7 +82,7 @@ def conv2d_batch_safe(x, kernel, strides, padding: str):
     spatial dims and/or Cin channels, depending on the CPU's oneDNN path), so the output shape is
     computed here from the geometry (SAME: ceil(L / s); VALID: max((L - k) // s + 1, 0))."""
     y = tf.nn.conv2d(x, kernel, list(strides), padding)
-    if x.shape.is_fully_defined() and x.shape[0] > 0:
+    if x.shape.is_fully_defined() and x.shape.num_elements() > 0:
         return y
     shape, kshape = tf.shape(x), tf.shape(kernel)
     out = []

@@ -8,9 +8,11 @@ case) and fixed: they are part of the layer's configuration.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import numbers
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -120,6 +122,8 @@ def _dense_eligible(x, kernel, connections, padding, dilations) -> str | None:
         return f"dilations {dilations}: TensorFlow's CPU convolution gradients need dilation 1"
     if None in (x.shape[-1], kernel.shape[-2]):
         return "the number of input channels or the fan-in is unknown at trace time"
+    if 0 in x.shape or 0 in kernel.shape:  # TF's conv2d returns some empty outputs misshaped
+        return "an empty input, kernel or output (the sparse kernel shapes it right)"
     if _static_connections(connections) is None:
         return "the connection lists are not constant (only constant ones are validated before the call)"
     if padding == "VALID":  # tf.nn.conv2d rejects images smaller than the kernel
@@ -130,8 +134,38 @@ def _dense_eligible(x, kernel, connections, padding, dilations) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _device_kind() -> str:
+def _default_device_kind() -> str:
     return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+
+def _op_determinism_enabled() -> bool:
+    """`tf.config.experimental.enable_op_determinism()` is in force (TensorFlow exposes the
+    query only internally; TF_DETERMINISTIC_OPS is its environment form)."""
+    try:
+        from tensorflow.python.framework import config as tf_config
+
+        return bool(tf_config.is_op_determinism_enabled())
+    except (ImportError, AttributeError):
+        return os.environ.get("TF_DETERMINISTIC_OPS", "0").strip().lower() in ("1", "true")
+
+
+def _device_of(x) -> str:
+    """Where the call runs, as far as is known at trace time, as "CPU:0" or "GPU:1": the
+    input's device when set (eager tensors, explicit `tf.device` scopes), else the default."""
+    spec = tf.DeviceSpec.from_string(x.device or "")
+    kind = (spec.device_type or _default_device_kind()).upper()
+    return f"{kind}:{spec.device_index or 0}"
+
+
+def _grouped_reason(values, dtype, device: str) -> str | None:
+    """None when the grouped form applies, else why not."""
+    if _groups(values) is None:
+        return (
+            f"the connection lists are not in equal groups of >= {MIN_GROUP_SIZE} identical consecutive rows"
+        )
+    if dtype == tf.float64 and "GPU" not in device.upper():
+        return "TensorFlow has no CPU gradient for grouped float64 convolutions"
+    return None
 
 
 # The grouped form: output channels in groups of at least this many consecutive channels with
@@ -163,16 +197,14 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
     if not_dense is not None:
         return "sparse", f"the dense form does not apply: {not_dense}"
     values = np.ascontiguousarray(_static_connections(connections), np.int32)
-    grouped = _groups(values) is not None
+    device = _device_of(x)
+    not_grouped = _grouped_reason(values, x.dtype, device)
     if mode == "dense":
         return "dense", "channel_sparse_implementation('dense')"
     if mode == "grouped":
-        if grouped:
+        if not_grouped is None:
             return "grouped", "channel_sparse_implementation('grouped')"
-        return "sparse", (
-            "the grouped form does not apply: the connection lists are not in equal groups of "
-            f">= {MIN_GROUP_SIZE} identical consecutive rows"
-        )
+        return "sparse", f"the grouped form does not apply: {not_grouped}"
     if library is None:  # references (and converter forms): the dense form by the fixed rule
         if kernel.shape[-2] > DENSE_DISPATCH_DENSITY * x.shape[-1]:
             return "dense", (
@@ -181,21 +213,19 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
                 "the equivalent dense kernel"
             )
         return "sparse", "the pure-TF reference"
+    m, cin = kernel.shape[-2], x.shape[-1]
+    rule = "dense" if m > DENSE_DISPATCH_DENSITY * cin else "sparse"
+    relation = ">" if rule == "dense" else "<="
+    rule_reason = f"fan-in {m} of {cin} {relation} DENSE_DISPATCH_DENSITY {DENSE_DISPATCH_DENSITY} x Cin"
     shape = [AUTOTUNE_BATCH if x.shape[0] is None else x.shape[0], *x.shape[1:]]
     if None in shape or None in kernel.shape:
-        m, cin = kernel.shape[-2], x.shape[-1]
-        if m > DENSE_DISPATCH_DENSITY * cin:
-            return "dense", (
-                f"shape {x.shape} not fully known: fan-in {m} of {cin} > DENSE_DISPATCH_DENSITY "
-                f"{DENSE_DISPATCH_DENSITY} x Cin"
-            )
-        return "sparse", (
-            f"shape {x.shape} not fully known: fan-in {m} of {cin} <= DENSE_DISPATCH_DENSITY "
-            f"{DENSE_DISPATCH_DENSITY} x Cin"
-        )
+        return rule, f"shape {x.shape} not fully known: {rule_reason}"
+    if _op_determinism_enabled():
+        # As TensorFlow turns cuDNN's autotuning off: a timing must not decide which kernel runs.
+        return rule, f"op determinism is enabled (no timing decides): {rule_reason}"
     key = (
         "channel_sparse_conv2d",
-        _device_kind(),
+        device,
         x.dtype.name,
         tuple(shape),
         tuple(kernel.shape),
@@ -213,14 +243,15 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
             "dense": lambda: _dense_conv2d(library, xm, km, cm, strides, padding),
             "sparse": lambda: library.tf_sparse_conv_channel_sparse_conv2d(xm, km, cm, **attrs),
         }
-        if grouped:
+        if not_grouped is None:
             found["grouped"] = lambda: _grouped_conv2d(xm, km, values, strides, padding)
         return found
 
-    best, times, cached = _autotune.measured_choice(key, candidates)
+    with tf.device(x.device) if x.device else contextlib.nullcontext():
+        best, times, cached = _autotune.measured_choice(key, candidates, fallback="sparse")
     where = "cached" if cached else "measured now"
     detail = ", ".join(f"{name} {ms:.3g} ms" for name, ms in times.items())
-    return best, f"fastest at {tuple(shape)} x {tuple(kernel.shape)} on the {key[1]} ({where}: {detail})"
+    return best, f"fastest at {tuple(shape)} x {tuple(kernel.shape)} on {device} ({where}: {detail})"
 
 
 def _gather_channels(x, order: np.ndarray):
@@ -308,10 +339,12 @@ def channel_sparse_conv2d(
       dilations) + bias)` for the dense kernel with `dense[:, :, connections[o, j], o]
       = kernel[:, :, j, o]` and zeros elsewhere, at a cost proportional to `m`.
       Where the dense convolution on that kernel is faster (high fan-in, shapes
-      where oneDNN/cuDNN outpace the sparse kernel), it runs instead: the first
-      call of each shape times both and later calls take the faster (see
-      `tsc.ops.channel_sparse_implementation` to force one, and
-      `tsc.ops.explain()` to see which ran). With a bias, the compiled op
+      where oneDNN/cuDNN outpace the sparse kernel), or, for connection lists in
+      equal groups of identical consecutive rows, one grouped convolution on the
+      gathered inputs, that runs instead: the first call of each shape times the
+      candidates and later calls take the fastest (a fixed fan-in rule under
+      `enable_op_determinism()`; see `tsc.ops.channel_sparse_implementation` to
+      force one, and `tsc.ops.explain()` to see which ran). With a bias, the compiled op
       adds it and applies the activation in its output stage
       (`ChannelSparseConv2DBiasActivation`: one pass over the output instead
       of three, as TensorFlow fuses Conv2D + BiasAdd + Relu).
