@@ -1,5 +1,8 @@
 """Shared fixtures of the standalone GPU kernel tests (no TensorFlow).
 
+The tables and helpers the test files share (CuPy or None, dtype tables, storage
+conversions, error bounds, guarded device buffers) are in _common.py.
+
 * ``tsc_gpu_build``: the tests/gpu/build.py module.
 * ``gpu_kernels_lib``: builds tests/gpu/_build/libtsc_gpu_kernels.so once per
   session (needs nvcc only) and returns its path.

@@ -21,24 +21,27 @@ reference self-tests nothing.
 """
 
 import ctypes
-import os
 from dataclasses import astuple, dataclass, replace
 
 import numpy as np
 import pytest
+from _common import (
+    ACC,
+    DTYPES,
+    FORMATS,
+    STORAGE,
+    U_ACC,
+    assert_compiled,
+    assert_guards,
+    cupy,
+    dev_ptr,
+    garbage,
+    guarded,
+    guarded_contents,
+    to_float64,
+    to_storage,
+)
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-DTYPES = list(FORMATS)
-# Storage dtype on the device (bfloat16 travels as its uint16 bit pattern).
-STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
-# Arithmetic type of the kernels.
-ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
-U_ACC = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-24, "float64": 2.0**-53}
 ENTRY_POINTS = (
     "tsc_reduce_mask_gpu_workspace_bytes",
     "tsc_reduce_mask_count_gpu",
@@ -112,28 +115,6 @@ def make_geometry(batch, h, w, c, size, stride=None, offset=(0, 0)):
         grid_size(h, size[0], stride[0], offset[0]),
         grid_size(w, size[1], stride[1], offset[1]),
     )
-
-
-def bf16_bits(values):
-    """bfloat16 bit patterns (round to nearest even) of finite float32 values."""
-    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def to_storage(values, dtype):
-    """values rounded (once) to `dtype`, in the device storage dtype."""
-    values = np.asarray(values)
-    if dtype == "bfloat16":
-        return bf16_bits(values.astype(np.float32))  # exact for float32 input
-    return values.astype(STORAGE[dtype])
-
-
-def to_float64(stored, dtype):
-    """Exact float64 values of device storage."""
-    stored = np.asarray(stored)
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return stored.astype(np.float64)
 
 
 def random_values(rng, shape, dtype, lo=0.25, hi=4.0):
@@ -380,17 +361,6 @@ def bs_lib(gpu_lib):
     return _declare(gpu_lib)
 
 
-def _ptr(a):
-    return a.data.ptr if a is not None and a.size else None
-
-
-def _garbage(shape, dtype):
-    """Output buffer pre-filled with NaN, so unwritten entries show up."""
-    if dtype == "bfloat16":
-        return cupy.full(shape, 0x7FC1, dtype=np.uint16)
-    return cupy.full(shape, np.nan, dtype=STORAGE[dtype])
-
-
 def _workspace(nbytes):
     """Workspace filled with garbage (the kernels must not rely on zeros)."""
     return cupy.full(max(int(nbytes), 0), 0xA5, dtype=np.uint8) if nbytes else None
@@ -410,18 +380,20 @@ def run_reduce_mask(lib, mask_s, g, threshold, avgpool, dtype):
     _check(
         lib.tsc_reduce_mask_count_gpu(
             FORMATS[dtype],
-            _ptr(mask),
+            dev_ptr(mask),
             threshold,
             int(avgpool),
             geo.ctypes.data,
-            _ptr(ws),
+            dev_ptr(ws),
             ctypes.byref(count),
             stream.ptr,
         )
     )
     assert 0 <= count.value <= g.cells
     rows = cupy.full((count.value, 3), -7, dtype=np.int32)
-    _check(lib.tsc_reduce_mask_indices_gpu(geo.ctypes.data, _ptr(ws), _ptr(rows), count.value, stream.ptr))
+    _check(
+        lib.tsc_reduce_mask_indices_gpu(geo.ctypes.data, dev_ptr(ws), dev_ptr(rows), count.value, stream.ptr)
+    )
     stream.synchronize()
     return cupy.asnumpy(rows)
 
@@ -431,10 +403,10 @@ def run_gather(lib, x_s, idx, g, dtype, x_dev=None):
     geo = g.as_int64()
     x = cupy.asarray(x_s) if x_dev is None else x_dev
     d_idx = cupy.asarray(idx)
-    out = _garbage(g.blocks_shape(len(idx)), dtype)
+    out = garbage(g.blocks_shape(len(idx)), dtype)
     _check(
         lib.tsc_sparse_gather_gpu(
-            FORMATS[dtype], _ptr(x), _ptr(d_idx), len(idx), _ptr(out), geo.ctypes.data, stream.ptr
+            FORMATS[dtype], dev_ptr(x), dev_ptr(d_idx), len(idx), dev_ptr(out), geo.ctypes.data, stream.ptr
         )
     )
     stream.synchronize()
@@ -451,19 +423,19 @@ def run_scatter(lib, blocks_s, idx, base_s, g, dtype, add, in_place=False, raw=F
         base = cupy.array(base_s, copy=True)  # never modify the caller's array
     else:
         base = base_s
-    out = base if in_place else _garbage(g.x_shape, dtype)
+    out = base if in_place else garbage(g.x_shape, dtype)
     ws = _workspace(lib.tsc_sparse_scatter_gpu_workspace_bytes(geo.ctypes.data, len(idx)))
     _check(
         lib.tsc_sparse_scatter_gpu(
             FORMATS[dtype],
-            _ptr(blocks),
-            _ptr(d_idx),
+            dev_ptr(blocks),
+            dev_ptr(d_idx),
             len(idx),
-            _ptr(base),
-            _ptr(out),
+            dev_ptr(base),
+            dev_ptr(out),
             int(add),
             geo.ctypes.data,
-            _ptr(ws),
+            dev_ptr(ws),
             stream.ptr,
         )
     )
@@ -643,12 +615,7 @@ def test_geometry_helper():
 
 def test_block_sparse_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
     """block_sparse_op_gpu.cu.cc is in the library with its entry points."""
-    src = os.path.join(tsc_gpu_build.KERNELS_DIR, "block_sparse_op_gpu.cu.cc")
-    assert src in tsc_gpu_build.sources()
-    assert os.path.isfile(tsc_gpu_build._object_path(src))
-    lib = ctypes.CDLL(gpu_kernels_lib)  # loads without a GPU (static cudart)
-    for name in ENTRY_POINTS:
-        assert hasattr(lib, name), name
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "block_sparse_op_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_workspace_sizes(gpu_kernels_lib):
@@ -864,27 +831,6 @@ def test_out_of_range_indices_only(bs_lib, dtype):
         assert_bits_equal("scatter bad rows", run_scatter(bs_lib, blocks_s, idx, x_s, g, dtype, add), x_s)
 
 
-GUARD = 4096  # bytes of PATTERN on each side of a guarded buffer (keeps 256-byte alignment)
-PATTERN = 0x5A
-
-
-def guarded(nbytes):
-    """A device buffer of `nbytes` between two guard zones: (whole allocation, buffer address)."""
-    whole = cupy.full(int(nbytes) + 2 * GUARD, PATTERN, dtype=np.uint8)
-    return whole, whole.data.ptr + GUARD
-
-
-def assert_guards(name, whole):
-    host = cupy.asnumpy(whole)
-    for side, zone in (("before", host[:GUARD]), ("after", host[len(host) - GUARD :])):
-        changed = np.flatnonzero(zone != PATTERN)
-        assert changed.size == 0, f"{name}: {changed.size} bytes written {side} the buffer"
-
-
-def guarded_contents(whole, shape, dtype):
-    return cupy.asnumpy(whole[GUARD : len(whole) - GUARD]).view(STORAGE[dtype]).reshape(shape)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_of_range_rows_stay_in_bounds(bs_lib, dtype):
     """Index values are not checked on the GPU (README, "Validation on GPU"): bad rows (out of
@@ -904,7 +850,7 @@ def test_out_of_range_rows_stay_in_bounds(bs_lib, dtype):
     out, p = guarded(blocks_s.nbytes)
     _check(
         bs_lib.tsc_sparse_gather_gpu(
-            FORMATS[dtype], _ptr(x), _ptr(d_idx), len(idx), p, geo.ctypes.data, stream.ptr
+            FORMATS[dtype], dev_ptr(x), dev_ptr(d_idx), len(idx), p, geo.ctypes.data, stream.ptr
         )
     )
     stream.synchronize()
@@ -916,10 +862,10 @@ def test_out_of_range_rows_stay_in_bounds(bs_lib, dtype):
         _check(
             bs_lib.tsc_sparse_scatter_gpu(
                 FORMATS[dtype],
-                _ptr(d_blocks),
-                _ptr(d_idx),
+                dev_ptr(d_blocks),
+                dev_ptr(d_idx),
                 len(idx),
-                _ptr(x),
+                dev_ptr(x),
                 p,
                 int(add),
                 geo.ctypes.data,
@@ -1056,7 +1002,7 @@ def test_misaligned_pointers(bs_lib, dtype):
             res.data.ptr,
             0,
             geo.ctypes.data,
-            _ptr(ws),
+            dev_ptr(ws),
             stream.ptr,
         )
     )

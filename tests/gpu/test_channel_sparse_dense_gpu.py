@@ -8,15 +8,9 @@ import ctypes
 
 import numpy as np
 import pytest
-
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
+from _common import assert_guards, cupy, guarded_array
 
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
-GUARD = 64  # elements of guard zone on each side of an output
-SENTINEL = 0x5A
 
 
 def _signatures(lib):
@@ -26,18 +20,6 @@ def _signatures(lib):
         pointers = [ctypes.c_void_p] * 3
         fn.argtypes = [ctypes.c_int, *pointers, *[ctypes.c_int64] * 4, ctypes.c_void_p]
     return lib
-
-
-def _guarded(n, dtype):
-    """A device buffer of n elements with GUARD sentinel-filled elements on each side."""
-    raw = cupy.full((n + 2 * GUARD) * np.dtype(dtype).itemsize, SENTINEL, dtype=cupy.uint8)
-    return raw, raw[GUARD * np.dtype(dtype).itemsize : (GUARD + n) * np.dtype(dtype).itemsize].view(dtype)
-
-
-def _guards_intact(raw, n, dtype):
-    host = cupy.asnumpy(raw)
-    size = np.dtype(dtype).itemsize
-    return bool((host[: GUARD * size] == SENTINEL).all() and (host[(GUARD + n) * size :] == SENTINEL).all())
 
 
 def _np_dense(kernel, connections, cin):
@@ -69,13 +51,13 @@ def _run(lib, taps, cin, cout, m, connections, dtype, rng):
     dense_in = rng.standard_normal((taps, cin, cout)).astype(dtype)
     conn = cupy.asarray(connections.astype(np.int32))
     size = np.dtype(dtype).itemsize
-    raw_dense, dense = _guarded(taps * cin * cout, dtype)
+    raw_dense, dense = guarded_array((taps, cin, cout), dtype)
     kernel_dev = cupy.asarray(kernel)  # kept alive until the synchronize below
     err = lib.tsc_channel_sparse_dense_kernel_gpu(
         size, kernel_dev.data.ptr, conn.data.ptr, dense.data.ptr, taps, m, cout, cin, None
     )
     assert err is None, err
-    raw_kernel, gathered = _guarded(taps * m * cout, dtype)
+    raw_kernel, gathered = guarded_array((taps, m, cout), dtype)
     dense_dev = cupy.asarray(dense_in)
     err = lib.tsc_channel_sparse_gather_kernel_gpu(
         size, dense_dev.data.ptr, conn.data.ptr, gathered.data.ptr, taps, m, cout, cin, None
@@ -83,11 +65,11 @@ def _run(lib, taps, cin, cout, m, connections, dtype, rng):
     assert err is None, err
     cupy.cuda.Device().synchronize()
     expected_dense = _np_dense(kernel, connections, cin)
-    np.testing.assert_array_equal(cupy.asnumpy(dense).reshape(taps, cin, cout), expected_dense)
+    np.testing.assert_array_equal(cupy.asnumpy(dense), expected_dense)
     expected_kernel = _np_gather(dense_in, connections)
-    np.testing.assert_array_equal(cupy.asnumpy(gathered).reshape(taps, m, cout), expected_kernel)
-    assert _guards_intact(raw_dense, taps * cin * cout, dtype)
-    assert _guards_intact(raw_kernel, taps * m * cout, dtype)
+    np.testing.assert_array_equal(cupy.asnumpy(gathered), expected_kernel)
+    assert_guards("dense", raw_dense)
+    assert_guards("gathered", raw_kernel)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -19,27 +19,26 @@ the reference and model self-tests nothing.
 """
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from _common import (
+    DTYPES,
+    FORMATS,
+    STORAGE,
+    TINY,
+    U_ACC,
+    assert_close,
+    assert_compiled,
+    cupy,
+    dev_ptr,
+    error_bound,
+    garbage,
+    to_float64,
+    to_storage,
+)
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-DTYPES = list(FORMATS)
-# Storage dtype on the device (bfloat16 travels as its uint16 bit pattern).
-STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
-# Unit roundoff of the accumulation (float for half/bfloat16) and of the
-# output format.
-U_ACC = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-24, "float64": 2.0**-53}
-U_OUT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
-# Absolute slack for results that land in the subnormal range of the output.
-TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 0.0}
 ENTRY_POINTS = (
     "tsc_channel_sparse_conv2d_gpu",
     "tsc_channel_sparse_conv2d_bias_activation_gpu",
@@ -141,28 +140,6 @@ def make_geometry(batch, in_h, in_w, in_c, out_c, m, k, stride=(1, 1), dil=(1, 1
     return Geometry(
         batch, in_h, in_w, in_c, out_h, out_w, out_c, m, k[0], k[1], *stride, *dil, pad_top, pad_left
     )
-
-
-def bf16_bits(values):
-    """bfloat16 bit patterns (round to nearest even) of finite float32 values."""
-    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def to_storage(values, dtype):
-    """values (float64) rounded to `dtype`, in the device storage dtype."""
-    values = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        return bf16_bits(values.astype(np.float32))
-    return values.astype(STORAGE[dtype])
-
-
-def to_float64(stored, dtype):
-    """Exact float64 values of device storage."""
-    stored = np.asarray(stored)
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return stored.astype(np.float64)
 
 
 def random_connections(rng, in_c, out_c, m):
@@ -367,27 +344,8 @@ def emulate_backprop_input(dy, kernel, conn, g, lanes=None):
 
 
 # ----------------------------------------------------------------------------
-# Comparison
+# Problems and their references
 # ----------------------------------------------------------------------------
-
-
-def error_bound(abs_ref, terms, dtype):
-    """|got - exact| bound: `terms`-term float accumulation + one final rounding."""
-    return abs_ref * ((terms + 2) * U_ACC[dtype] + U_OUT[dtype]) + TINY[dtype]
-
-
-def assert_close(name, got, want, bound):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    err = np.abs(got - want)
-    bad = ~(err <= bound)  # NaN (e.g. an unwritten entry) is bad too
-    if bad.any():
-        idx = np.argwhere(bad)
-        first = tuple(idx[0])
-        pytest.fail(
-            f"{name}: {len(idx)} of {got.size} out of bounds, first at {first}: "
-            f"got {got[first]!r} want {want[first]!r} bound {np.broadcast_to(bound, got.shape)[first]!r}"
-        )
 
 
 class Problem:
@@ -455,17 +413,6 @@ def cs_lib(gpu_lib):
     return _declare(gpu_lib)
 
 
-def _garbage(shape, dtype):
-    """Output buffer pre-filled with NaN, so unwritten entries show up."""
-    if dtype == "bfloat16":
-        return cupy.full(shape, 0x7FC1, dtype=np.uint16)
-    return cupy.full(shape, np.nan, dtype=STORAGE[dtype])
-
-
-def _ptr(a):
-    return a.data.ptr if a is not None and a.size else None
-
-
 def workspace_bytes(lib, g):
     """Backprop-input workspace size from the entry point (asserts success)."""
     out = ctypes.c_int64(-1)
@@ -486,7 +433,7 @@ class Guarded:
     def __init__(self, shape, dtype):
         self.shape, self.dtype = tuple(shape), dtype
         self.n = int(np.prod(shape))
-        self.buf = _garbage((self.n + 2 * self.GUARD,), dtype)
+        self.buf = garbage((self.n + 2 * self.GUARD,), dtype)
         self.fill = cupy.asnumpy(self.buf[:1]).view(np.uint8).copy()
         self.view = self.buf[self.GUARD : self.GUARD + self.n].reshape(self.shape)
 
@@ -520,23 +467,27 @@ class Device:
     def forward(self, raw=False):
         y = Guarded(self.g.y_shape, self.prob.dtype)
         self._call(
-            "tsc_channel_sparse_conv2d_gpu", _ptr(self.x), _ptr(self.kernel), _ptr(self.conn), _ptr(y.view)
+            "tsc_channel_sparse_conv2d_gpu",
+            dev_ptr(self.x),
+            dev_ptr(self.kernel),
+            dev_ptr(self.conn),
+            dev_ptr(y.view),
         )
         values = y.result()
         return cupy.asnumpy(y.view) if raw else values
 
     def forward_bias_activation(self, bias_s, activation: int):
         """y = activation(conv + bias) from the fused entry point (bias in storage dtype)."""
-        y = _garbage(self.g.y_shape, self.prob.dtype)
+        y = garbage(self.g.y_shape, self.prob.dtype)
         bias = cupy.asarray(bias_s)
         self._call(
             "tsc_channel_sparse_conv2d_bias_activation_gpu",
-            _ptr(self.x),
-            _ptr(self.kernel),
-            _ptr(self.conn),
-            _ptr(bias),
+            dev_ptr(self.x),
+            dev_ptr(self.kernel),
+            dev_ptr(self.conn),
+            dev_ptr(bias),
             activation,
-            _ptr(y),
+            dev_ptr(y),
         )
         return to_float64(cupy.asnumpy(y), self.prob.dtype)
 
@@ -550,10 +501,10 @@ class Device:
         ws[guard : guard + size] = ws_fill
         self._call(
             "tsc_channel_sparse_conv2d_backprop_input_gpu",
-            _ptr(self.dy),
-            _ptr(self.kernel),
-            _ptr(self.conn),
-            _ptr(dx.view),
+            dev_ptr(self.dy),
+            dev_ptr(self.kernel),
+            dev_ptr(self.conn),
+            dev_ptr(dx.view),
             ws.data.ptr + guard if size else None,
             size,
         )
@@ -567,10 +518,10 @@ class Device:
         dk = Guarded(self.g.kernel_shape, self.prob.dtype)
         self._call(
             "tsc_channel_sparse_conv2d_backprop_kernel_gpu",
-            _ptr(self.x),
-            _ptr(self.dy),
-            _ptr(self.conn),
-            _ptr(dk.view),
+            dev_ptr(self.x),
+            dev_ptr(self.dy),
+            dev_ptr(self.conn),
+            dev_ptr(dk.view),
         )
         values = dk.result()
         return cupy.asnumpy(dk.view) if raw else values
@@ -747,12 +698,7 @@ def test_geometry_helper():
 
 def test_channel_sparse_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
     """channel_sparse_op_gpu.cu.cc is in the library with its entry points."""
-    src = os.path.join(tsc_gpu_build.KERNELS_DIR, "channel_sparse_op_gpu.cu.cc")
-    assert src in tsc_gpu_build.sources()
-    assert os.path.isfile(tsc_gpu_build._object_path(src))
-    lib = ctypes.CDLL(gpu_kernels_lib)  # loads without a GPU (static cudart)
-    for name in ENTRY_POINTS:
-        assert hasattr(lib, name), name
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "channel_sparse_op_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_argument_errors(gpu_kernels_lib):
@@ -923,11 +869,11 @@ def test_backprop_input_workspace_too_small(cs_lib):
     dx = cupy.zeros(g.x_shape, dtype=np.float32)
     err = cs_lib.tsc_channel_sparse_conv2d_backprop_input_gpu(
         FORMATS["float32"],
-        _ptr(dev.dy),
-        _ptr(dev.kernel),
-        _ptr(dev.conn),
-        _ptr(dx),
-        _ptr(ws),
+        dev_ptr(dev.dy),
+        dev_ptr(dev.kernel),
+        dev_ptr(dev.conn),
+        dev_ptr(dx),
+        dev_ptr(ws),
         size - 1,
         dev.geometry.ctypes.data,
         cupy.cuda.get_current_stream().ptr,

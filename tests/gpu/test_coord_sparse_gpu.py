@@ -17,27 +17,27 @@ argument-checking tests only need nvcc, the reference self-tests nothing.
 """
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from _common import (
+    DTYPES,
+    FORMATS,
+    STORAGE,
+    assert_close,
+    assert_compiled,
+    assert_guards,
+    cupy,
+    dev_ptr,
+    error_bound,
+    garbage,
+    guarded,
+    guarded_contents,
+    to_float64,
+    to_storage,
+)
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-DTYPES = list(FORMATS)
-# Storage dtype on the device (bfloat16 travels as its uint16 bit pattern).
-STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
-# Unit roundoff of the accumulation (float for half/bfloat16) and of the
-# output format.
-U_ACC = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-24, "float64": 2.0**-53}
-U_OUT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
-# Absolute slack for results that land in the subnormal range of the output.
-TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 0.0}
 # Kernel grad: extra terms for the partial sums of the thread groups (<= 32).
 GROUP_TERMS = 64
 ENTRY_POINTS = ("tsc_sparse_conv_features_gpu", "tsc_sparse_conv_kernel_grad_gpu")
@@ -47,28 +47,6 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
-
-
-def bf16_bits(values):
-    """bfloat16 bit patterns (round to nearest even) of float32 values (inf kept)."""
-    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def to_storage(values, dtype):
-    """values (float64) rounded to `dtype`, in the device storage dtype."""
-    values = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        return bf16_bits(values.astype(np.float32))
-    return values.astype(STORAGE[dtype])
-
-
-def to_float64(stored, dtype):
-    """Exact float64 values of device storage."""
-    stored = np.asarray(stored)
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return stored.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -237,25 +215,6 @@ def dense_features(features, kernel, rb, num_out):
 # ----------------------------------------------------------------------------
 
 
-def error_bound(abs_ref, terms, dtype):
-    """|got - exact| bound: `terms`-term float accumulation + one final rounding."""
-    return abs_ref * ((terms + 2) * U_ACC[dtype] + U_OUT[dtype]) + TINY[dtype]
-
-
-def assert_close(name, got, want, bound):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    err = np.abs(got - want)
-    bad = ~(err <= bound)  # NaN (e.g. an unwritten entry) is bad too
-    if bad.any():
-        idx = np.argwhere(bad)
-        first = tuple(idx[0])
-        pytest.fail(
-            f"{name}: {len(idx)} of {got.size} out of bounds, first at {first}: "
-            f"got {got[first]!r} want {want[first]!r} bound {np.broadcast_to(bound, got.shape)[first]!r}"
-        )
-
-
 class Problem:
     """Random operands of one rulebook and dtype, and their float64 references.
 
@@ -326,17 +285,6 @@ def cs_lib(gpu_lib):
     return _declare(gpu_lib)
 
 
-def _garbage(shape, dtype):
-    """Output buffer pre-filled with NaN, so unwritten entries show up."""
-    if dtype == "bfloat16":
-        return cupy.full(shape, 0x7FC1, dtype=np.uint16)
-    return cupy.full(shape, np.nan, dtype=STORAGE[dtype])
-
-
-def _ptr(a):
-    return a.data.ptr if a is not None and a.size else None
-
-
 class Device:
     """A Problem's operands on the GPU and the two kernels on them."""
 
@@ -357,40 +305,40 @@ class Device:
 
     def run_features(self, raw=False):
         p = self.prob
-        out = _garbage((p.num_out, p.cout), p.dtype)
+        out = garbage((p.num_out, p.cout), p.dtype)
         self._call(
             "tsc_sparse_conv_features_gpu",
-            _ptr(self.features),
+            dev_ptr(self.features),
             p.n,
-            _ptr(self.kernel),
+            dev_ptr(self.kernel),
             p.rb.num_offsets,
             p.cin,
             p.cout,
-            _ptr(self.pair_ptr),
-            _ptr(self.pairs),
+            dev_ptr(self.pair_ptr),
+            dev_ptr(self.pairs),
             p.rb.num_pairs,
             p.num_out,
-            _ptr(out),
+            dev_ptr(out),
         )
         host = cupy.asnumpy(out)
         return host if raw else to_float64(host, p.dtype)
 
     def run_kernel_grad(self, raw=False):
         p = self.prob
-        kg = _garbage((p.rb.num_offsets, p.cin, p.cout), p.dtype)
+        kg = garbage((p.rb.num_offsets, p.cin, p.cout), p.dtype)
         self._call(
             "tsc_sparse_conv_kernel_grad_gpu",
-            _ptr(self.features),
+            dev_ptr(self.features),
             p.n,
-            _ptr(self.grad),
+            dev_ptr(self.grad),
             p.num_out,
             p.rb.num_offsets,
             p.cin,
             p.cout,
-            _ptr(self.pair_ptr),
-            _ptr(self.pairs),
+            dev_ptr(self.pair_ptr),
+            dev_ptr(self.pairs),
             p.rb.num_pairs,
-            _ptr(kg),
+            dev_ptr(kg),
         )
         host = cupy.asnumpy(kg)
         return host if raw else to_float64(host, p.dtype)
@@ -529,12 +477,7 @@ def test_submanifold_rulebook():
 
 def test_coord_sparse_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
     """coord_sparse_op_gpu.cu.cc is in the library with its entry points."""
-    src = os.path.join(tsc_gpu_build.KERNELS_DIR, "coord_sparse_op_gpu.cu.cc")
-    assert src in tsc_gpu_build.sources()
-    assert os.path.isfile(tsc_gpu_build._object_path(src))
-    lib = ctypes.CDLL(gpu_kernels_lib)  # loads without a GPU (static cudart)
-    for name in ENTRY_POINTS:
-        assert hasattr(lib, name), name
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_op_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_argument_errors(gpu_kernels_lib):
@@ -591,10 +534,6 @@ def test_submanifold_3d(cs_lib, dtype):
     check_all(cs_lib, Problem(rb, 1500, 1500, 24, 40, dtype, seed=12))
 
 
-GUARD = 4096  # bytes of PATTERN on each side of a guarded output (keeps 256-byte alignment)
-PATTERN = 0x5A
-
-
 def clamped_rulebook(pair_ptr, pairs):
     """The rulebook the kernels read from any pair_ptr: offset k's pairs are
     pairs[lo_k : max(lo_k, min(pair_ptr[k + 1], P))] with lo_k = clamp(pair_ptr[k], 0, P)."""
@@ -611,25 +550,21 @@ def run_guarded(lib, name, prob, pair_ptr, pairs, shape, *sizes):
     """One kernel on prob's operands with the given (possibly malformed) rulebook, the output
     between guard zones; returns its float64 values after checking the guards."""
     stream = cupy.cuda.get_current_stream()
-    nbytes = int(np.prod(shape)) * np.dtype(STORAGE[prob.dtype]).itemsize
-    whole = cupy.full(nbytes + 2 * GUARD, PATTERN, dtype=np.uint8)
+    whole, out = guarded(int(np.prod(shape)) * np.dtype(STORAGE[prob.dtype]).itemsize)
     f = cupy.asarray(prob.f_s)
     other = cupy.asarray(prob.k_s if name == "tsc_sparse_conv_features_gpu" else prob.g_s)
     d_ptr, d_pairs = cupy.asarray(pair_ptr), cupy.asarray(pairs)
     if name == "tsc_sparse_conv_features_gpu":  # n, kernel, K, cin, cout, ptr, pairs, P, num_out
-        args = (prob.n, _ptr(other), len(pair_ptr) - 1, prob.cin, prob.cout)
-        tail = (_ptr(d_ptr), _ptr(d_pairs), len(pairs), prob.num_out)
+        args = (prob.n, dev_ptr(other), len(pair_ptr) - 1, prob.cin, prob.cout)
+        tail = (dev_ptr(d_ptr), dev_ptr(d_pairs), len(pairs), prob.num_out)
     else:  # n, grad, m, K, cin, cout, ptr, pairs, P
-        args = (prob.n, _ptr(other), prob.num_out, len(pair_ptr) - 1, prob.cin, prob.cout)
-        tail = (_ptr(d_ptr), _ptr(d_pairs), len(pairs))
-    err = getattr(lib, name)(FORMATS[prob.dtype], _ptr(f), *args, *tail, whole.data.ptr + GUARD, stream.ptr)
+        args = (prob.n, dev_ptr(other), prob.num_out, len(pair_ptr) - 1, prob.cin, prob.cout)
+        tail = (dev_ptr(d_ptr), dev_ptr(d_pairs), len(pairs))
+    err = getattr(lib, name)(FORMATS[prob.dtype], dev_ptr(f), *args, *tail, out, stream.ptr)
     assert err is None, err.decode()
     stream.synchronize()
-    host = cupy.asnumpy(whole)
-    assert (host[:GUARD] == PATTERN).all() and (host[GUARD + nbytes :] == PATTERN).all(), (
-        f"{name}: write outside"
-    )
-    return to_float64(host[GUARD : GUARD + nbytes].view(STORAGE[prob.dtype]).reshape(shape), prob.dtype)
+    assert_guards(name, whole)
+    return to_float64(guarded_contents(whole, shape, prob.dtype), prob.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -740,15 +675,15 @@ def test_kernel_grad_zero_grad_rows(cs_lib):
     """m = 0 (grad has no rows): every pair is out of range, kernel_grad is 0."""
     prob = CASES[1].problem("float32")
     dev = Device(cs_lib, prob)
-    kg = _garbage((prob.rb.num_offsets, prob.cin, prob.cout), "float32")
-    args = (_ptr(dev.features), prob.n, None, 0, prob.rb.num_offsets, prob.cin, prob.cout)
+    kg = garbage((prob.rb.num_offsets, prob.cin, prob.cout), "float32")
+    args = (dev_ptr(dev.features), prob.n, None, 0, prob.rb.num_offsets, prob.cin, prob.cout)
     dev._call(
         "tsc_sparse_conv_kernel_grad_gpu",
         *args,
-        _ptr(dev.pair_ptr),
-        _ptr(dev.pairs),
+        dev_ptr(dev.pair_ptr),
+        dev_ptr(dev.pairs),
         prob.rb.num_pairs,
-        _ptr(kg),
+        dev_ptr(kg),
     )
     assert not np.any(cupy.asnumpy(kg))
 
@@ -765,34 +700,34 @@ def test_timing(cs_lib, dtype, capsys):
         out = cupy.empty((sites, cout), dtype=STORAGE[dtype])
         kg = cupy.empty((rb.num_offsets, cin, cout), dtype=STORAGE[dtype])
         stream = cupy.cuda.get_current_stream()
-        common = (_ptr(dev.pair_ptr), _ptr(dev.pairs), rb.num_pairs)
+        common = (dev_ptr(dev.pair_ptr), dev_ptr(dev.pairs), rb.num_pairs)
         calls = {
             "features": (
                 cs_lib.tsc_sparse_conv_features_gpu,
                 (
-                    _ptr(dev.features),
+                    dev_ptr(dev.features),
                     sites,
-                    _ptr(dev.kernel),
+                    dev_ptr(dev.kernel),
                     rb.num_offsets,
                     cin,
                     cout,
                     *common,
                     sites,
-                    _ptr(out),
+                    dev_ptr(out),
                 ),
             ),
             "kernel_grad": (
                 cs_lib.tsc_sparse_conv_kernel_grad_gpu,
                 (
-                    _ptr(dev.features),
+                    dev_ptr(dev.features),
                     sites,
-                    _ptr(dev.grad),
+                    dev_ptr(dev.grad),
                     sites,
                     rb.num_offsets,
                     cin,
                     cout,
                     *common,
-                    _ptr(kg),
+                    dev_ptr(kg),
                 ),
             ),
         }

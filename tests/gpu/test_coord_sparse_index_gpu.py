@@ -22,18 +22,11 @@ self-tests nothing.
 
 import ctypes
 import itertools
-import os
 
 import numpy as np
 import pytest
+from _common import FORMATS, assert_compiled, assert_guards, cupy, dev_ptr, guarded_array, to_storage
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 ENTRY_POINTS = (
     "tsc_rulebook_check_gpu_workspace_bytes",
     "tsc_rulebook_check_gpu",
@@ -145,17 +138,6 @@ def random_sites(rng, batch, shape, n):
     return np.stack(cols[::-1], axis=1).astype(np.int32).reshape(-1, len(shape) + 1)
 
 
-def bf16_bits(values):
-    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def to_storage(values, dtype):
-    if dtype == "bfloat16":
-        return bf16_bits(values.astype(np.float32))
-    return values.astype(STORAGE[dtype])
-
-
 # ----------------------------------------------------------------------------
 # Oracle self-tests (no GPU)
 # ----------------------------------------------------------------------------
@@ -222,10 +204,6 @@ def _geometry_array(shape, kernel, strides, dilations):
     return g
 
 
-def _ptr(a):
-    return a.data.ptr if a is not None and a.size else None
-
-
 def _ok(err):
     assert err is None, err.decode()
 
@@ -243,7 +221,7 @@ def gpu_rulebook(lib, coords, shape, kernel, strides, dilations, submanifold):
     values = (ctypes.c_int32 * 4)()
     _ok(
         lib.tsc_rulebook_check_gpu(
-            gp, _ptr(d_coords), n, _ptr(ws), ctypes.byref(bad), values, ctypes.byref(batch), stream.ptr
+            gp, dev_ptr(d_coords), n, dev_ptr(ws), ctypes.byref(bad), values, ctypes.byref(batch), stream.ptr
         )
     )
     if bad.value < n:
@@ -257,11 +235,11 @@ def gpu_rulebook(lib, coords, shape, kernel, strides, dilations, submanifold):
     _ok(
         lib.tsc_rulebook_sites_gpu(
             gp,
-            _ptr(d_coords),
+            dev_ptr(d_coords),
             n,
             batch.value,
             sub,
-            _ptr(sites_ws),
+            dev_ptr(sites_ws),
             ctypes.byref(later),
             ctypes.byref(earlier),
             ctypes.byref(m),
@@ -281,20 +259,24 @@ def gpu_rulebook(lib, coords, shape, kernel, strides, dilations, submanifold):
     _ok(
         lib.tsc_rulebook_pairs_gpu(
             gp,
-            _ptr(d_coords),
+            dev_ptr(d_coords),
             n,
             sub,
-            _ptr(sites_ws),
+            dev_ptr(sites_ws),
             m.value,
-            _ptr(out),
-            _ptr(pairs_ws),
-            _ptr(pair_ptr),
+            dev_ptr(out),
+            dev_ptr(pairs_ws),
+            dev_ptr(pair_ptr),
             ctypes.byref(total),
             stream.ptr,
         )
     )
     pairs = cupy.full((total.value, 2), -7, np.int32)
-    _ok(lib.tsc_rulebook_write_pairs_gpu(gp, m.value, _ptr(pairs_ws), total.value, _ptr(pairs), stream.ptr))
+    _ok(
+        lib.tsc_rulebook_write_pairs_gpu(
+            gp, m.value, dev_ptr(pairs_ws), total.value, dev_ptr(pairs), stream.ptr
+        )
+    )
     stream.synchronize()
     return "ok", batch.value, cupy.asnumpy(out), cupy.asnumpy(pair_ptr), cupy.asnumpy(pairs)
 
@@ -313,14 +295,14 @@ def gpu_topk(lib, stored, dtype, batch, width, k, score):
     _ok(
         lib.tsc_topk_sites_gpu(
             FORMATS[dtype],
-            _ptr(d_f),
+            dev_ptr(d_f),
             n,
             c,
-            _ptr(d_c),
+            dev_ptr(d_c),
             width,
             k,
             int(score == "l2"),
-            _ptr(ws),
+            dev_ptr(ws),
             ctypes.byref(bad),
             ctypes.byref(bad_batch),
             ctypes.byref(kept),
@@ -330,7 +312,7 @@ def gpu_topk(lib, stored, dtype, batch, width, k, score):
     if bad.value < n:
         return "bad", bad.value, bad_batch.value
     rows = cupy.full(kept.value, -7, np.int32)
-    _ok(lib.tsc_topk_sites_rows_gpu(_ptr(ws), n, kept.value, _ptr(rows), stream.ptr))
+    _ok(lib.tsc_topk_sites_rows_gpu(dev_ptr(ws), n, kept.value, dev_ptr(rows), stream.ptr))
     stream.synchronize()
     return "ok", cupy.asnumpy(rows)
 
@@ -347,12 +329,7 @@ def idx_lib(gpu_lib):
 
 def test_coord_sparse_index_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
     """coord_sparse_index_gpu.cu.cc is in the library with its entry points."""
-    src = os.path.join(tsc_gpu_build.KERNELS_DIR, "coord_sparse_index_gpu.cu.cc")
-    assert src in tsc_gpu_build.sources()
-    assert os.path.isfile(tsc_gpu_build._object_path(src))
-    lib = ctypes.CDLL(gpu_kernels_lib)  # loads without a GPU (static cudart)
-    for name in ENTRY_POINTS:
-        assert hasattr(lib, name), name
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_index_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_argument_errors(gpu_kernels_lib):
@@ -461,24 +438,6 @@ def test_rulebook_errors(idx_lib):
             assert got == ("dup", dup[0], dup[1])
 
 
-GUARD = 4096  # bytes of PATTERN on each side of a guarded output
-PATTERN = 0x5A
-
-
-def guarded(shape):
-    """An int32 device array of `shape` between guard zones: (whole allocation, array)."""
-    count = int(np.prod(shape))
-    whole = cupy.full(4 * count + 2 * GUARD, PATTERN, dtype=np.uint8)
-    return whole, whole[GUARD : GUARD + 4 * count].view(np.int32).reshape(shape)
-
-
-def assert_guards(name, whole):
-    host = cupy.asnumpy(whole)
-    assert (host[:GUARD] == PATTERN).all() and (host[len(host) - GUARD :] == PATTERN).all(), (
-        f"{name}: write outside the buffer"
-    )
-
-
 def test_unchecked_coords_stay_in_bounds(idx_lib):
     """Phases 2-4 take coords that phase 1 accepted (the op stops at phase 1's error). Fed
     out-of-range coords anyway, as a caller that skipped the check would, they return a
@@ -500,27 +459,27 @@ def test_unchecked_coords_stay_in_bounds(idx_lib):
         later, earlier, m = ctypes.c_int64(-5), ctypes.c_int64(-5), ctypes.c_int64(-5)
         _ok(
             idx_lib.tsc_rulebook_sites_gpu(
-                gp, _ptr(d_coords), n, 3, submanifold, _ptr(sites_ws),
+                gp, dev_ptr(d_coords), n, 3, submanifold, dev_ptr(sites_ws),
                 ctypes.byref(later), ctypes.byref(earlier), ctypes.byref(m), stream.ptr,
             )
         )  # fmt: skip
         assert 0 <= m.value <= n * int(np.prod(kernel))
         num_offsets = int(np.prod(kernel))
-        out_whole, out = guarded((m.value, 3))
-        ptr_whole, pair_ptr = guarded((num_offsets + 1,))
+        out_whole, out = guarded_array((m.value, 3), np.int32)
+        ptr_whole, pair_ptr = guarded_array((num_offsets + 1,), np.int32)
         pairs_ws = cupy.empty(idx_lib.tsc_rulebook_pairs_gpu_workspace_bytes(gp, m.value), np.int8)
         total = ctypes.c_int64(-5)
         _ok(
             idx_lib.tsc_rulebook_pairs_gpu(
-                gp, _ptr(d_coords), n, submanifold, _ptr(sites_ws), m.value, _ptr(out),
-                _ptr(pairs_ws), _ptr(pair_ptr), ctypes.byref(total), stream.ptr,
+                gp, dev_ptr(d_coords), n, submanifold, dev_ptr(sites_ws), m.value, dev_ptr(out),
+                dev_ptr(pairs_ws), dev_ptr(pair_ptr), ctypes.byref(total), stream.ptr,
             )
         )  # fmt: skip
         assert 0 <= total.value <= m.value * num_offsets
-        pairs_whole, pairs = guarded((total.value, 2))
+        pairs_whole, pairs = guarded_array((total.value, 2), np.int32)
         _ok(
             idx_lib.tsc_rulebook_write_pairs_gpu(
-                gp, m.value, _ptr(pairs_ws), total.value, _ptr(pairs), stream.ptr
+                gp, m.value, dev_ptr(pairs_ws), total.value, dev_ptr(pairs), stream.ptr
             )
         )
         stream.synchronize()

@@ -9,36 +9,12 @@ argument tests need nvcc only.
 """
 
 import ctypes
-import os
 
 import numpy as np
 import pytest
+from _common import FORMATS, STORAGE, U_ACC, U_OUT, assert_compiled, cupy, garbage, to_float64, to_storage
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
-U = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
-U_ACC = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-24, "float64": 2.0**-53}
 ENTRY = "tsc_streaming_conv_step_gpu"
-
-
-def to_storage(values, dtype):
-    values = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-    return values.astype(STORAGE[dtype])
-
-
-def to_float64(stored, dtype):
-    stored = np.asarray(stored)
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return stored.astype(np.float64)
 
 
 def oracle(history, frames, kernel, bias, dilation, relu):
@@ -64,9 +40,8 @@ def geometry(batch, steps, channels, filters, taps, dilation, hist=None):
 
 
 def test_streaming_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
-    src = os.path.join(tsc_gpu_build.KERNELS_DIR, "streaming_op_gpu.cu.cc")
-    assert src in tsc_gpu_build.sources()
-    assert hasattr(ctypes.CDLL(gpu_kernels_lib), ENTRY)
+    """streaming_op_gpu.cu.cc is in the library with its entry point."""
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "streaming_op_gpu.cu.cc", (ENTRY,))
 
 
 def test_argument_errors(gpu_kernels_lib):
@@ -114,9 +89,9 @@ def test_step_matches_oracle(gpu_lib, dtype, relu, case):
     history, frames, kernel, bias = (to_float64(p, dtype) for p in parts)
     want_y, want_history = oracle(history, frames, kernel, bias, d, relu)
     abs_y, _ = oracle(np.abs(history), np.abs(frames), np.abs(kernel), np.abs(bias), d, False)
-    bound = abs_y * ((k * c + 2) * U_ACC[dtype] + U[dtype]) + 1e-30
+    bound = abs_y * ((k * c + 2) * U_ACC[dtype] + U_OUT[dtype]) + 1e-30
     dev = [cupy.asarray(p) for p in parts]
-    y = cupy.full((b, t, f), np.nan if dtype != "bfloat16" else 0x7FC1, dtype=STORAGE[dtype])
+    y = garbage((b, t, f), dtype)
     new_history = cupy.zeros((b, (k - 1) * d, c), dtype=STORAGE[dtype])
     g = geometry(b, t, c, f, k, d)
     stream = cupy.cuda.get_current_stream()

@@ -12,16 +12,10 @@ import time
 
 import numpy as np
 import pytest
+from _common import DTYPES, FORMATS, GUARD, assert_guards, cupy, guarded
 
-try:
-    import cupy
-except Exception:  # ImportError, or CuPy without a usable CUDA
-    cupy = None
-
-FORMATS = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 UINT = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32, "float64": np.uint64}
 MODES = {"value": 0, "abs": 1, "relu": 2}
-DTYPES = list(FORMATS)
 
 # Sign bit, +inf bit pattern and the quiet-NaN bit of every format.
 SIGN = {"float16": 0x8000, "bfloat16": 0x8000, "float32": 0x80000000, "float64": 0x8000000000000000}
@@ -397,10 +391,6 @@ def test_mask_grad_explicit_minus_one(topk_lib):
     assert int(np.count_nonzero(dx)) == 8
 
 
-GUARD = 4096  # bytes of PATTERN on each side of a guarded buffer
-PATTERN = 0x5A
-
-
 @pytest.mark.parametrize("element_bytes", [2, 4, 8])
 def test_mask_grad_out_of_range_indices(topk_lib, element_bytes):
     """Indices are not checked on the GPU (README, "Validation on GPU"): entries outside
@@ -417,14 +407,14 @@ def test_mask_grad_out_of_range_indices(topk_lib, element_bytes):
     mask = rng.random(idx.shape) < 0.4
     idx[mask] = rng.choice(wild, size=int(mask.sum()))
     nbytes = outer * size * inner * element_bytes
-    whole = cupy.full(nbytes + 2 * GUARD, PATTERN, dtype=np.uint8)
+    whole, address = guarded(nbytes)
     d_dy, d_idx = cupy.asarray(dy), cupy.asarray(idx)
     stream = cupy.cuda.get_current_stream()
     err = topk_lib.tsc_topk_mask_grad_gpu(
         element_bytes,
         d_dy.data.ptr,
         d_idx.data.ptr,
-        whole.data.ptr + GUARD,
+        address,
         outer,
         size,
         inner,
@@ -433,9 +423,8 @@ def test_mask_grad_out_of_range_indices(topk_lib, element_bytes):
     )
     assert err is None, err.decode()
     stream.synchronize()
-    host = cupy.asnumpy(whole)
-    assert (host[:GUARD] == PATTERN).all() and (host[GUARD + nbytes :] == PATTERN).all(), "write outside dx"
-    dx = host[GUARD : GUARD + nbytes].view(uint).reshape(geometry)
+    assert_guards("dx", whole)
+    dx = cupy.asnumpy(whole[GUARD : GUARD + nbytes]).view(uint).reshape(geometry)
     kept = np.where((idx >= 0) & (idx < size), idx, -1)
     assert_same("dx", dx, reference_grad(dy, kept, geometry, k))
 
