@@ -7,14 +7,19 @@ import re
 from helpers import ROOT, run_python
 
 
-def test_block_sparse_segmentation_quick():
-    script = ROOT / "examples" / "block_sparse_segmentation.py"
+def run_example(name: str, timeout: int = 600) -> str:
+    """The output of `examples/<name>.py --quick`, run as __main__ in a fresh process."""
+    script = ROOT / "examples" / f"{name}.py"
     code = (
         "import sys, runpy\n"
         "sys.argv = ['x', '--quick']\n"
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
-    out = run_python(code, timeout=600).stdout
+    return run_python(code, timeout=timeout).stdout
+
+
+def test_block_sparse_segmentation_quick():
+    out = run_example("block_sparse_segmentation")
     accuracy = re.search(r"pixel accuracy\s+([\d.]+)\s+([\d.]+)", out)
     assert accuracy, out
     # The generated scenes are mostly background; both networks must at least learn that.
@@ -23,13 +28,7 @@ def test_block_sparse_segmentation_quick():
 
 
 def test_voxel_shape_classification_quick():
-    script = ROOT / "examples" / "voxel_shape_classification.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.argv = ['x', '--quick']\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    )
-    out = run_python(code, timeout=600).stdout
+    out = run_example("voxel_shape_classification")
     row = r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\d+$"
     dense = re.search(r"^dense Conv3D" + row, out, re.MULTILINE)
     sparse = re.search(r"^sparse" + row, out, re.MULTILINE)
@@ -42,13 +41,7 @@ def test_voxel_shape_classification_quick():
 
 
 def test_pruning_experiment_quick():
-    script = ROOT / "examples" / "pruning_experiment.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.argv = ['x', '--quick']\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    )
-    out = run_python(code, timeout=600).stdout
+    out = run_example("pruning_experiment")
     row = r"^\| {} \| {} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
     for dataset in ("digits", "MNIST-1D"):
         dense = re.search(row.format(dataset, r"dense \(baseline\)"), out, re.MULTILINE)
@@ -70,13 +63,7 @@ def test_pruning_experiment_quick():
 
 def test_quickstart_quick():
     """The main job end to end: train, prune, strip to channel-sparse, quantise, convert, export, reload."""
-    script = ROOT / "examples" / "quickstart.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.argv = ['x', '--quick']\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    )
-    out = run_python(code, timeout=600).stdout
+    out = run_example("quickstart")
     assert re.search(r"conv2 is ChannelSparseConv2D with fan-in 8 of 32", out), out
     reloaded = re.search(
         r"reloaded in a fresh process: test accuracy ([\d.]+), max \|served - in-process\| = ([\d.e+-]+)", out
@@ -100,13 +87,7 @@ def test_quickstart_quick():
 
 
 def test_qat_experiment_quick():
-    script = ROOT / "examples" / "qat_experiment.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.argv = ['x', '--quick']\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    )
-    out = run_python(code, timeout=600).stdout
+    out = run_example("qat_experiment")
     assert "QAT table" in out, out
     rows = re.findall(r"\| plain \| W8/A8 \| nearest \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \|", out)
     assert rows, out
@@ -116,13 +97,7 @@ def test_qat_experiment_quick():
 
 def test_keyword_spotting_streaming_quick():
     """Trained on clips, streamed frame by frame: equal to the full sequence, exported and served."""
-    script = ROOT / "examples" / "keyword_spotting_streaming.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.argv = ['x', '--quick']\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    )
-    out = run_python(code, timeout=600).stdout
+    out = run_example("keyword_spotting_streaming")
     trained = re.search(r"test accuracy on isolated clips: ([\d.]+)", out)
     assert trained and float(trained.group(1)) > 1 / 7, out  # seven classes
     streamed = re.search(r"max \|streaming - full sequence\| = ([\d.e+-]+)", out)
