@@ -8,8 +8,8 @@
   its uint16 bit pattern);
 * rounding-error bounds and the comparison that reports the first bad entry;
 * device buffers: NaN-filled outputs, guard zones around a buffer;
-* the check that a kernel source is compiled into the library with its entry
-  points (needs nvcc only).
+* ctypes signatures of the entry points, and the check that a kernel source
+  is compiled into the library with its entry points (needs nvcc only).
 """
 
 import ctypes
@@ -138,6 +138,17 @@ def guarded_contents(whole, shape, dtype):
 # ----------------------------------------------------------------------------
 # The library (nvcc only)
 # ----------------------------------------------------------------------------
+
+
+def declare(lib, signatures):
+    """Sets the ctypes signatures of entry points and returns `lib`. `signatures`: name ->
+    argtypes (the entry point returns an error message, None on success) or name ->
+    (argtypes, restype)."""
+    for name, signature in signatures.items():
+        argtypes, restype = signature if isinstance(signature, tuple) else (signature, ctypes.c_char_p)
+        f = getattr(lib, name)
+        f.argtypes, f.restype = argtypes, restype
+    return lib
 
 
 def assert_compiled(gpu_kernels_lib, tsc_gpu_build, source, entry_points):

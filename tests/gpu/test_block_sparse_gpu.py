@@ -34,6 +34,7 @@ from _common import (
     assert_compiled,
     assert_guards,
     cupy,
+    declare,
     dev_ptr,
     garbage,
     guarded,
@@ -339,21 +340,14 @@ def naive_reduce_mask(mask, g, threshold, avgpool):
 def _declare(lib):
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sigs = {
-        "tsc_reduce_mask_gpu_workspace_bytes": (i64, [p]),
-        "tsc_reduce_mask_count_gpu": (
-            ctypes.c_char_p,
-            [i32, p, ctypes.c_float, i32, p, p, ctypes.POINTER(i64), p],
-        ),
-        "tsc_reduce_mask_indices_gpu": (ctypes.c_char_p, [p, p, p, i64, p]),
-        "tsc_sparse_gather_gpu": (ctypes.c_char_p, [i32, p, p, i64, p, p, p]),
-        "tsc_sparse_scatter_gpu_workspace_bytes": (i64, [p, i64]),
-        "tsc_sparse_scatter_gpu": (ctypes.c_char_p, [i32, p, p, i64, p, p, i32, p, p, p]),
+        "tsc_reduce_mask_gpu_workspace_bytes": ([p], i64),
+        "tsc_reduce_mask_count_gpu": [i32, p, ctypes.c_float, i32, p, p, ctypes.POINTER(i64), p],
+        "tsc_reduce_mask_indices_gpu": [p, p, p, i64, p],
+        "tsc_sparse_gather_gpu": [i32, p, p, i64, p, p, p],
+        "tsc_sparse_scatter_gpu_workspace_bytes": ([p, i64], i64),
+        "tsc_sparse_scatter_gpu": [i32, p, p, i64, p, p, i32, p, p, p],
     }
-    for name, (restype, argtypes) in sigs.items():
-        f = getattr(lib, name)
-        f.restype = restype
-        f.argtypes = argtypes
-    return lib
+    return declare(lib, sigs)
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,15 @@ import ctypes
 
 import numpy as np
 import pytest
-from _common import assert_guards, cupy, guarded_array
+from _common import assert_guards, cupy, declare, guarded_array
 
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 
 def _signatures(lib):
-    for name in ("tsc_channel_sparse_dense_kernel_gpu", "tsc_channel_sparse_gather_kernel_gpu"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_char_p
-        pointers = [ctypes.c_void_p] * 3
-        fn.argtypes = [ctypes.c_int, *pointers, *[ctypes.c_int64] * 4, ctypes.c_void_p]
-    return lib
+    argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 4, ctypes.c_void_p]
+    names = ("tsc_channel_sparse_dense_kernel_gpu", "tsc_channel_sparse_gather_kernel_gpu")
+    return declare(lib, dict.fromkeys(names, argtypes))
 
 
 def _np_dense(kernel, connections, cin):

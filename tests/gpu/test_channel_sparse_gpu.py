@@ -32,6 +32,7 @@ from _common import (
     assert_close,
     assert_compiled,
     cupy,
+    declare,
     dev_ptr,
     error_bound,
     garbage,
@@ -401,11 +402,7 @@ def _declare(lib):
         "tsc_channel_sparse_conv2d_backprop_kernel_gpu": [ctypes.c_int, p, p, p, p, p, p],
         "tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes": [p, p],
     }
-    for name, argtypes in sigs.items():
-        f = getattr(lib, name)
-        f.restype = ctypes.c_char_p
-        f.argtypes = argtypes
-    return lib
+    return declare(lib, sigs)
 
 
 @pytest.fixture(scope="module")

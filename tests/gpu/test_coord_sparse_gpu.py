@@ -29,6 +29,7 @@ from _common import (
     assert_compiled,
     assert_guards,
     cupy,
+    declare,
     dev_ptr,
     error_bound,
     garbage,
@@ -273,11 +274,7 @@ def _declare(lib):
         # format, features, n, grad, m, K, cin, cout, pair_ptr, pairs, P, kernel_grad, stream
         "tsc_sparse_conv_kernel_grad_gpu": [ctypes.c_int, p, i64, p, i64, i64, i64, i64, p, p, i64, p, p],
     }
-    for name, argtypes in sigs.items():
-        f = getattr(lib, name)
-        f.restype = ctypes.c_char_p
-        f.argtypes = argtypes
-    return lib
+    return declare(lib, sigs)
 
 
 @pytest.fixture(scope="module")

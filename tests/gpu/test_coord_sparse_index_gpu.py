@@ -25,7 +25,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _common import FORMATS, assert_compiled, assert_guards, cupy, dev_ptr, guarded_array, to_storage
+from _common import FORMATS, assert_compiled, assert_guards, cupy, declare, dev_ptr, guarded_array, to_storage
 
 ENTRY_POINTS = (
     "tsc_rulebook_check_gpu_workspace_bytes",
@@ -186,11 +186,7 @@ def _declare(lib):
         "tsc_topk_sites_gpu": ([i32, p, i64, i64, p, i64, i64, i32, p, p, p, p, p], ctypes.c_char_p),
         "tsc_topk_sites_rows_gpu": ([p, i64, i64, p, p], ctypes.c_char_p),
     }
-    for name, (argtypes, restype) in sigs.items():
-        f = getattr(lib, name)
-        f.argtypes = argtypes
-        f.restype = restype
-    return lib
+    return declare(lib, sigs)
 
 
 def _geometry_array(shape, kernel, strides, dilations):

@@ -12,7 +12,18 @@ import ctypes
 
 import numpy as np
 import pytest
-from _common import FORMATS, STORAGE, U_ACC, U_OUT, assert_compiled, cupy, garbage, to_float64, to_storage
+from _common import (
+    FORMATS,
+    STORAGE,
+    U_ACC,
+    U_OUT,
+    assert_compiled,
+    cupy,
+    declare,
+    garbage,
+    to_float64,
+    to_storage,
+)
 
 ENTRY = "tsc_streaming_conv_step_gpu"
 
@@ -28,10 +39,7 @@ def oracle(history, frames, kernel, bias, dilation, relu):
 
 def _declare(lib):
     p = ctypes.c_void_p
-    f = getattr(lib, ENTRY)
-    f.restype = ctypes.c_char_p
-    f.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_int, p, p, p, p]
-    return f
+    return getattr(declare(lib, {ENTRY: [ctypes.c_int, p, p, p, p, ctypes.c_int, p, p, p, p]}), ENTRY)
 
 
 def geometry(batch, steps, channels, filters, taps, dilation, hist=None):

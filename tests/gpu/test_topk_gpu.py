@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from _common import DTYPES, FORMATS, GUARD, assert_guards, cupy, guarded
+from _common import DTYPES, FORMATS, GUARD, assert_guards, cupy, declare, guarded
 
 UINT = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32, "float64": np.uint64}
 MODES = {"value": 0, "abs": 1, "relu": 2}
@@ -187,21 +187,12 @@ def assert_same(name, got, want):
 
 @pytest.fixture(scope="module")
 def topk_lib(gpu_lib):
-    f = gpu_lib.tsc_topk_mask_gpu
-    f.restype = ctypes.c_char_p
-    f.argtypes = (
-        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        + [ctypes.c_int64] * 4
-        + [ctypes.c_void_p]
-    )
-    g = gpu_lib.tsc_topk_mask_grad_gpu
-    g.restype = ctypes.c_char_p
-    g.argtypes = (
-        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        + [ctypes.c_int64] * 4
-        + [ctypes.c_void_p]
-    )
-    return gpu_lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    sigs = {
+        "tsc_topk_mask_gpu": [ctypes.c_int, ctypes.c_int, p, p, p, i64, i64, i64, i64, p],
+        "tsc_topk_mask_grad_gpu": [ctypes.c_int, p, p, p, i64, i64, i64, i64, p],
+    }
+    return declare(gpu_lib, sigs)
 
 
 def _garbage(shape, dtype):
