@@ -151,6 +151,23 @@ def declare(lib, signatures):
     return lib
 
 
+def time_ms(f, args, reps):
+    """Milliseconds per call of entry point `f(*args)` on the current stream (its last
+    argument), over `reps` calls after a warm-up call; every call must succeed."""
+    stream = cupy.cuda.get_current_stream()
+    err = f(*args)
+    assert err is None, err.decode()
+    stream.synchronize()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    for _ in range(reps):
+        err = f(*args)
+        assert err is None, err.decode()
+    stop.record(stream)
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / reps
+
+
 def assert_compiled(gpu_kernels_lib, tsc_gpu_build, source, entry_points):
     """`source` (a file of tf_sparseconv/cc/kernels) is compiled into the library, which
     exports `entry_points`."""

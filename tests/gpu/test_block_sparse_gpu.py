@@ -39,6 +39,7 @@ from _common import (
     garbage,
     guarded,
     guarded_contents,
+    time_ms,
     to_float64,
     to_storage,
 )
@@ -1112,16 +1113,7 @@ def test_timing(bs_lib, dtype, capsys):
         ]
         parts = []
         for label, f, args in calls:
-            _check(f(*args))
-            stream.synchronize()
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            reps = 10
-            start.record(stream)
-            for _ in range(reps):
-                _check(f(*args))
-            stop.record(stream)
-            stop.synchronize()
-            parts.append(f"{label} {cupy.cuda.get_elapsed_time(start, stop) / reps:.3f} ms")
+            parts.append(f"{label} {time_ms(f, args, reps=10):.3f} ms")
         lines.append(
             f"{dtype} x{g.x_shape} block {g.size_h}x{g.size_w}/{g.stride_h} n={n}: " + ", ".join(parts)
         )

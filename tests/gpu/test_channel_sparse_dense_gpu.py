@@ -19,26 +19,22 @@ def _signatures(lib):
     return declare(lib, dict.fromkeys(names, argtypes))
 
 
+def _placed(connections, cin):
+    """(o, j, c) of every entry c = connections[o, j] in [0, cin), row by row."""
+    return [(o, j, c) for (o, j), c in np.ndenumerate(connections) if 0 <= c < cin]
+
+
 def _np_dense(kernel, connections, cin):
-    taps, m, cout = kernel.shape
-    dense = np.zeros((taps, cin, cout), kernel.dtype)
-    for o in range(cout):
-        for j in range(m):
-            c = connections[o, j]
-            if 0 <= c < cin:
-                dense[:, c, o] = kernel[:, j, o]
+    dense = np.zeros((kernel.shape[0], cin, kernel.shape[2]), kernel.dtype)
+    for o, j, c in _placed(connections, cin):
+        dense[:, c, o] = kernel[:, j, o]
     return dense
 
 
 def _np_gather(dense, connections):
-    taps, cin, cout = dense.shape
-    m = connections.shape[1]
-    kernel = np.zeros((taps, m, cout), dense.dtype)
-    for o in range(cout):
-        for j in range(m):
-            c = connections[o, j]
-            if 0 <= c < cin:
-                kernel[:, j, o] = dense[:, c, o]
+    kernel = np.zeros((dense.shape[0], connections.shape[1], dense.shape[2]), dense.dtype)
+    for o, j, c in _placed(connections, dense.shape[1]):
+        kernel[:, j, o] = dense[:, c, o]
     return kernel
 
 

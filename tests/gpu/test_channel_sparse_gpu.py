@@ -36,6 +36,7 @@ from _common import (
     dev_ptr,
     error_bound,
     garbage,
+    time_ms,
     to_float64,
     to_storage,
 )
@@ -461,17 +462,17 @@ class Device:
         assert err is None, err.decode()
         stream.synchronize()
 
+    def _guarded_call(self, name, shape, inputs, *scalars, raw=False):
+        """Runs `name` on the device arrays `inputs` into a Guarded output of `shape`; returns
+        its float64 values (raw: its storage) after checking the guard zones."""
+        out = Guarded(shape, self.prob.dtype)
+        self._call(name, *(dev_ptr(a) for a in inputs), dev_ptr(out.view), *scalars)
+        values = out.result()  # checks the guard zones
+        return cupy.asnumpy(out.view) if raw else values
+
     def forward(self, raw=False):
-        y = Guarded(self.g.y_shape, self.prob.dtype)
-        self._call(
-            "tsc_channel_sparse_conv2d_gpu",
-            dev_ptr(self.x),
-            dev_ptr(self.kernel),
-            dev_ptr(self.conn),
-            dev_ptr(y.view),
-        )
-        values = y.result()
-        return cupy.asnumpy(y.view) if raw else values
+        inputs = (self.x, self.kernel, self.conn)
+        return self._guarded_call("tsc_channel_sparse_conv2d_gpu", self.g.y_shape, inputs, raw=raw)
 
     def forward_bias_activation(self, bias_s, activation: int):
         """y = activation(conv + bias) from the fused entry point (bias in storage dtype)."""
@@ -491,37 +492,28 @@ class Device:
     def backprop_input(self, raw=False, ws_fill=0xA5):
         """dx; the workspace is filled with ws_fill bytes first (its contents must not
         matter) and has guard zones of another byte on both sides, checked after the call."""
-        dx = Guarded(self.g.x_shape, self.prob.dtype)
         size = workspace_bytes(self.lib, self.g)
         guard, guard_fill = Guarded.GUARD, 0xC3 if ws_fill != 0xC3 else 0x3C
         ws = cupy.full(size + 2 * guard, guard_fill, dtype=np.uint8)
         ws[guard : guard + size] = ws_fill
-        self._call(
+        dx = self._guarded_call(
             "tsc_channel_sparse_conv2d_backprop_input_gpu",
-            dev_ptr(self.dy),
-            dev_ptr(self.kernel),
-            dev_ptr(self.conn),
-            dev_ptr(dx.view),
+            self.g.x_shape,
+            (self.dy, self.kernel, self.conn),
             ws.data.ptr + guard if size else None,
             size,
+            raw=raw,
         )
         host_ws = cupy.asnumpy(ws)
         assert (host_ws[:guard] == guard_fill).all(), "write before the workspace"
         assert (host_ws[guard + size :] == guard_fill).all(), "write after the workspace"
-        values = dx.result()  # checks the guard zones
-        return cupy.asnumpy(dx.view) if raw else values
+        return dx
 
     def backprop_kernel(self, raw=False):
-        dk = Guarded(self.g.kernel_shape, self.prob.dtype)
-        self._call(
-            "tsc_channel_sparse_conv2d_backprop_kernel_gpu",
-            dev_ptr(self.x),
-            dev_ptr(self.dy),
-            dev_ptr(self.conn),
-            dev_ptr(dk.view),
+        inputs = (self.x, self.dy, self.conn)
+        return self._guarded_call(
+            "tsc_channel_sparse_conv2d_backprop_kernel_gpu", self.g.kernel_shape, inputs, raw=raw
         )
-        values = dk.result()
-        return cupy.asnumpy(dk.view) if raw else values
 
 
 def check_all(lib, g, dtype, seed=0, conn=None):
@@ -1006,18 +998,8 @@ def test_timing(cs_lib, dtype, capsys):
         }
         parts = []
         for label, (name, arrays, scalars) in calls.items():
-            f = getattr(cs_lib, name)
             args = [FORMATS[dtype], *(a.data.ptr for a in arrays), *scalars, geo.ctypes.data, stream.ptr]
-            assert f(*args) is None
-            stream.synchronize()
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            reps = 5
-            start.record(stream)
-            for _ in range(reps):
-                assert f(*args) is None
-            stop.record(stream)
-            stop.synchronize()
-            parts.append(f"{label} {cupy.cuda.get_elapsed_time(start, stop) / reps:.3f} ms")
+            parts.append(f"{label} {time_ms(getattr(cs_lib, name), args, reps=5):.3f} ms")
         macs = g.batch * g.out_h * g.out_w * g.out_c * g.m * g.k_h * g.k_w
         lines.append(
             f"{dtype} {g.x_shape} k={g.k_h}x{g.k_w} m={g.m} out_c={g.out_c} ({macs / 1e9:.2f} GMAC): "

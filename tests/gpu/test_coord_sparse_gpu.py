@@ -35,6 +35,7 @@ from _common import (
     garbage,
     guarded,
     guarded_contents,
+    time_ms,
     to_float64,
     to_storage,
 )
@@ -159,43 +160,28 @@ def submanifold_rulebook(rng, num_sites, extent, kernel=3):
 # ----------------------------------------------------------------------------
 
 
-def ref_features(features, kernel, rb, num_out):
+def exact_matmul(a, b):
+    """a @ b without BLAS: the products summed elementwise (exact IEEE propagation of inf / NaN)."""
+    return (a[:, :, None] * b[None]).sum(axis=1)
+
+
+def ref_features(features, kernel, rb, num_out, matmul=np.matmul):
     """out [num_out, cout]: out[dst] += features[src] @ kernel[k] over in-range pairs."""
     n = features.shape[0]
     out = np.zeros((num_out, kernel.shape[2]))
     for k in range(rb.num_offsets):
         src, dst = rb.valid(k, n, num_out)
-        np.add.at(out, dst, features[src] @ kernel[k])
+        np.add.at(out, dst, matmul(features[src], kernel[k]))
     return out
 
 
-def ref_kernel_grad(features, grad, rb):
+def ref_kernel_grad(features, grad, rb, matmul=np.matmul):
     """[K, cin, cout]: kernel_grad[k] = features[src]^T grad[dst] over in-range pairs."""
     n, m = features.shape[0], grad.shape[0]
     kg = np.zeros((rb.num_offsets, features.shape[1], grad.shape[1]))
     for k in range(rb.num_offsets):
         src, dst = rb.valid(k, n, m)
-        kg[k] = features[src].T @ grad[dst]
-    return kg
-
-
-def ref_features_elementwise(features, kernel, rb, num_out):
-    """ref_features without BLAS (exact IEEE propagation of inf / NaN)."""
-    n = features.shape[0]
-    out = np.zeros((num_out, kernel.shape[2]))
-    for k in range(rb.num_offsets):
-        src, dst = rb.valid(k, n, num_out)
-        np.add.at(out, dst, (features[src][:, :, None] * kernel[k][None]).sum(axis=1))
-    return out
-
-
-def ref_kernel_grad_elementwise(features, grad, rb):
-    """ref_kernel_grad without BLAS."""
-    n, m = features.shape[0], grad.shape[0]
-    kg = np.zeros((rb.num_offsets, features.shape[1], grad.shape[1]))
-    for k in range(rb.num_offsets):
-        src, dst = rb.valid(k, n, m)
-        kg[k] = (features[src][:, :, None] * grad[dst][:, None, :]).sum(axis=0)
+        kg[k] = matmul(features[src].T, grad[dst])
     return kg
 
 
@@ -411,13 +397,15 @@ def test_reference_matches_dense_and_adjoint(case):
     np.testing.assert_allclose(out, dense, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
         out,
-        ref_features_elementwise(prob.features, prob.kernel, prob.rb, prob.num_out),
+        ref_features(prob.features, prob.kernel, prob.rb, prob.num_out, exact_matmul),
         rtol=1e-12,
         atol=1e-12,
     )
     # out is linear in kernel: <out, grad> = <kernel, kernel_grad(features, grad)>.
     kg = ref_kernel_grad(prob.features, prob.grad, prob.rb)
-    np.testing.assert_allclose(kg, ref_kernel_grad_elementwise(prob.features, prob.grad, prob.rb), atol=1e-12)
+    np.testing.assert_allclose(
+        kg, ref_kernel_grad(prob.features, prob.grad, prob.rb, exact_matmul), atol=1e-12
+    )
     np.testing.assert_allclose(
         float(np.sum(prob.kernel * kg)), float(np.sum(out * prob.grad)), rtol=1e-10, atol=1e-10
     )
@@ -622,8 +610,8 @@ def test_nonfinite_stays_in_its_pairs(cs_lib, dtype):
     dev = Device(cs_lib, prob)
     with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf in the reference
         wants = (
-            ref_features_elementwise(prob.features, prob.kernel, prob.rb, prob.num_out),
-            ref_kernel_grad_elementwise(prob.features, prob.grad, prob.rb),
+            ref_features(prob.features, prob.kernel, prob.rb, prob.num_out, exact_matmul),
+            ref_kernel_grad(prob.features, prob.grad, prob.rb, exact_matmul),
         )
     gots = (dev.run_features(), dev.run_kernel_grad())
     for name, got, want in zip(("features", "kernel_grad"), gots, wants):
@@ -730,17 +718,7 @@ def test_timing(cs_lib, dtype, capsys):
         }
         parts = []
         for label, (f, operands) in calls.items():
-            args = (FORMATS[dtype], *operands, stream.ptr)
-            assert f(*args) is None
-            stream.synchronize()
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            reps = 5
-            start.record(stream)
-            for _ in range(reps):
-                assert f(*args) is None
-            stop.record(stream)
-            stop.synchronize()
-            parts.append(f"{label} {cupy.cuda.get_elapsed_time(start, stop) / reps:.3f} ms")
+            parts.append(f"{label} {time_ms(f, (FORMATS[dtype], *operands, stream.ptr), reps=5):.3f} ms")
         gmac = rb.num_pairs * cin * cout / 1e9
         lines.append(
             f"{dtype} sites={sites} P={rb.num_pairs} cin={cin} cout={cout} ({gmac:.2f} GMAC): "
