@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from helpers import run_python
 from keras.src.trainers.trainer import model_supports_jit
-from layer_checks import check_config_round_trip
+from layer_checks import check_config_round_trip, check_export_fresh_process
 
 import tf_sparseconv as tsc
 
@@ -312,21 +312,7 @@ def test_dense_input_model_fit_and_export(rng, tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(h)))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     assert np.isfinite(model.fit(x, y, batch_size=8, epochs=2, verbose=0).history["loss"][-1])
-    export_dir = os.path.join(tmp_path, "exported")
-    model.export(export_dir, verbose=False)
-    np.save(os.path.join(tmp_path, "x.npy"), x)
-    np.save(os.path.join(tmp_path, "y.npy"), model.predict(x, verbose=0))
-    run_python(
-        f"""
-import numpy as np, tensorflow as tf
-import tf_sparseconv
-m = tf.saved_model.load({export_dir!r})
-x = np.load({os.path.join(tmp_path, "x.npy")!r})
-y = np.load({os.path.join(tmp_path, "y.npy")!r})
-np.testing.assert_allclose(m.serve(tf.constant(x)).numpy(), y, rtol=1e-5, atol=1e-6)
-m.serve(tf.constant(x[:3]))
-"""
-    )
+    check_export_fresh_process(model, x, tmp_path)
 
 
 @pytest.mark.parametrize(
