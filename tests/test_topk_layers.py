@@ -68,7 +68,7 @@ def test_compute_output_shape_and_bad_arguments():
         tsc.layers.KWinners(k=2, sparsity=0.5)
     with pytest.raises(ValueError, match="`sparsity` must be in"):
         tsc.layers.KWinners(sparsity=1.0)
-    with pytest.raises(ValueError, match="`k` must be an int >= 1"):
+    with pytest.raises(ValueError, match="`k` must be an integer >= 1"):
         tsc.layers.KWinners(k=0)
     with pytest.raises(ValueError, match="`density` must be in"):
         tsc.layers.TopKAttention(density=0.0)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._validation import positive_int
+
 
 def _rows(values, name: str, sample: int, width: int | None) -> np.ndarray:
     array = np.asarray(values)
@@ -62,8 +64,7 @@ def sparse_batches(
       sample, in each sample's order). Use it in `model.fit`, `model.evaluate` and
       `model.predict` (one prediction per sample, samples without sites included).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"sparse_batches: `batch_size` must be an int >= 1, got {batch_size!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     coords = list(coords)
     if not coords:
         raise ValueError("sparse_batches: `coords` has no samples")

@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._validation import integer
 from tf_sparseconv.python.ops._loader import for_converters, for_onnx, references_only
 
 OP_PREFIX = "TfSparseConv>"
@@ -358,8 +359,7 @@ def export_onnx(model, path: str, *, opset: int = 17) -> str:
         import tf2onnx
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("export_onnx needs tf2onnx: pip install tf2onnx onnxruntime") from exc
-    if not isinstance(opset, (int, np.integer)) or opset < 13:
-        raise ValueError(f"`opset` must be an int >= 13, got {opset!r}")
+    opset = integer(opset, "opset", minimum=13)
     with tempfile.TemporaryDirectory(prefix="tsc_onnx_") as tmp:
         with for_onnx():
             key = _portable_saved_model(model, tmp)

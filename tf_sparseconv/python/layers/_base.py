@@ -34,50 +34,6 @@ def count_from_fraction(fraction: float, size):
     return tf.maximum(1, tf.cast(tf.round(fraction * size), tf.int32))
 
 
-def check_fraction(value, name: str, *, allow_zero: bool, allow_one: bool) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a number, got {value!r}") from None
-    lo_ok = value >= 0 if allow_zero else value > 0
-    hi_ok = value <= 1 if allow_one else value < 1
-    if not (lo_ok and hi_ok):
-        lo = "[0" if allow_zero else "(0"
-        hi = "1]" if allow_one else "1)"
-        raise ValueError(f"`{name}` must be in {lo}, {hi}, got {value}")
-    return value
-
-
-def check_exactly_one(**kwargs) -> None:
-    given = [k for k, v in kwargs.items() if v is not None]
-    if len(given) != 1:
-        names = " or ".join(f"`{k}`" for k in kwargs)
-        raise ValueError(f"Pass exactly one of {names}; got {given or 'none'}")
-
-
-def positive_int(value, name: str, allow_none: bool = False):
-    """`value` as a positive int (bools rejected); None passes when `allow_none`."""
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a positive int{extra}, got {value!r}")
-    return value
-
-
-def int_tuple(value, rank: int, name: str) -> tuple[int, ...]:
-    """A positive int, or `rank` of them, as a tuple (Keras-style kernel_size/strides)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * rank
-    try:
-        result = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or a tuple of {rank} ints, got {value!r}") from None
-    if len(result) != rank or min(result) < 1:
-        raise ValueError(f"`{name}` must be a positive int or a tuple of {rank} positive ints, got {value!r}")
-    return result
-
-
 class ConvWeightsMixin:
     """Keras-style initializer/regularizer/constraint arguments of the kernels and biases."""
 

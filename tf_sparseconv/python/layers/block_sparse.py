@@ -8,7 +8,9 @@ import keras
 import tensorflow as tf
 from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
+from tf_sparseconv.python import _validation
+from tf_sparseconv.python._validation import int_tuple, positive_int
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend
 from tf_sparseconv.python.ops import block_sparse_ops
 from tf_sparseconv.python.ops._common import conv2d_batch_safe
 
@@ -64,9 +66,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
         self.kernel_size = int_tuple(kernel_size, 2, "kernel_size")
         self.block_size = int_tuple(block_size, 2, "block_size")
         self.strides = int_tuple(strides, 2, "strides")
-        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
-            raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
-        self.padding = padding.lower()
+        self.padding = _validation.padding(padding)
         # Validates block_size vs strides now rather than at the first call.
         block_sparse_ops.BlockConvGeometry(
             self.kernel_size, self.block_size, self.strides, self.padding.upper()

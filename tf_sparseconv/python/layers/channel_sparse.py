@@ -7,14 +7,9 @@ import numpy as np
 import tensorflow as tf
 from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import (
-    ConvWeightsMixin,
-    check_backend,
-    check_exactly_one,
-    check_fraction,
-    int_tuple,
-    positive_int,
-)
+from tf_sparseconv.python import _validation
+from tf_sparseconv.python._validation import int_tuple, positive_int
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend
 from tf_sparseconv.python.ops import channel_sparse_ops
 
 
@@ -48,33 +43,20 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         check_backend(type(self).__name__)
         self.filters = positive_int(filters, "filters")
-        check_exactly_one(density=density, fan_in=fan_in, connections=connections)
+        _validation.exactly_one(density=density, fan_in=fan_in, connections=connections)
         self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
         self.strides = int_tuple(strides, self.rank, "strides")
         self.dilation_rate = int_tuple(dilation_rate, self.rank, "dilation_rate")
-        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
-            raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}")
-        self.padding = padding.lower()
+        self.padding = _validation.padding(padding)
         self.density = (
-            None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+            None
+            if density is None
+            else _validation.fraction(density, "density", allow_zero=False, allow_one=True)
         )
-        if fan_in is not None and (not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 1):
-            raise ValueError(f"`fan_in` must be a positive int, got {fan_in!r}")
-        self.fan_in = fan_in
+        self.fan_in = positive_int(fan_in, "fan_in", allow_none=True)
         self.connections = None
         if connections is not None:
-            array = np.asarray(connections)
-            if array.ndim != 2 or array.shape[0] != filters or not np.issubdtype(array.dtype, np.integer):
-                raise ValueError(
-                    f"`connections` must be an int array of shape [filters={filters}, m], got shape "
-                    f"{array.shape} and dtype {array.dtype}"
-                )
-            for o, row in enumerate(array):
-                if len(np.unique(row)) != len(row):
-                    raise ValueError(f"`connections` row {o} lists an input channel twice: {row.tolist()}")
-            if array.min() < 0:
-                raise ValueError("`connections` must be non-negative")
-            self.connections = array.astype(np.int32)
+            self.connections = _validation.connection_lists(connections, rows=self.filters)
         self.connection_seed = int(connection_seed)
         self.use_bias = use_bias
         self.activation = activations.get(activation)
@@ -276,14 +258,9 @@ def channel_sparse_from_conv(conv_layer: keras.layers.Layer, connections) -> _Ch
         raise ValueError("`conv_layer` must be built (it provides the weights)")
     if conv_layer.groups != 1 or conv_layer.data_format != "channels_last":
         raise ValueError("only channels_last convolutions with groups=1 can be converted")
-    if conv_layer.padding not in ("same", "valid"):
-        raise ValueError(f"padding {conv_layer.padding!r} cannot be converted (use 'same' or 'valid')")
+    _validation.padding(conv_layer.padding, "conv_layer.padding")
     dense = np.asarray(keras.ops.convert_to_numpy(conv_layer.kernel))
-    connections = np.asarray(connections, dtype=np.int32)
-    if connections.ndim != 2 or connections.shape[0] != conv_layer.filters:
-        raise ValueError(f"`connections` must be [filters={conv_layer.filters}, m], got {connections.shape}")
-    if connections.min() < 0 or connections.max() >= dense.shape[-2]:
-        raise ValueError(f"`connections` must be in [0, {dense.shape[-2]})")
+    connections = _validation.connection_lists(connections, conv_layer.filters, in_channels=dense.shape[-2])
     config = conv_layer.get_config()
     layer = cls(
         filters=conv_layer.filters,

@@ -25,7 +25,8 @@ import keras
 import tensorflow as tf
 from keras import activations, regularizers
 
-from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend, int_tuple, positive_int
+from tf_sparseconv.python._validation import int_tuple, positive_int
+from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend
 from tf_sparseconv.python.ops import coord_sparse_ops
 from tf_sparseconv.python.ops._loader import converting
 

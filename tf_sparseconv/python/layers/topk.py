@@ -8,19 +8,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_sparseconv.python.layers._base import (
-    check_backend,
-    check_exactly_one,
-    check_fraction,
-    count_from_fraction,
-)
+from tf_sparseconv.python import _validation
+from tf_sparseconv.python.layers._base import check_backend, count_from_fraction
 from tf_sparseconv.python.ops import _common, topk_ops
-
-
-def _check_k(k):
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise ValueError(f"`k` must be an int >= 1, got {k!r}")
-    return k
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
@@ -39,12 +29,12 @@ class KWinners(keras.layers.Layer):
     def __init__(self, k: int | None = None, sparsity: float | None = None, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
         check_backend(type(self).__name__)
-        check_exactly_one(k=k, sparsity=sparsity)
-        self.k = _check_k(k)
+        _validation.exactly_one(k=k, sparsity=sparsity)
+        self.k = _validation.positive_int(k, "k", allow_none=True)
         self.sparsity = (
             None
             if sparsity is None
-            else check_fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
+            else _validation.fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
         )
         self.axis = _common.normalize_axis(axis, None)
         self.supports_jit = False
@@ -97,10 +87,12 @@ class TopKAttention(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         check_backend(type(self).__name__)
-        check_exactly_one(k=k, density=density)
-        self.k = _check_k(k)
+        _validation.exactly_one(k=k, density=density)
+        self.k = _validation.positive_int(k, "k", allow_none=True)
         self.density = (
-            None if density is None else check_fraction(density, "density", allow_zero=False, allow_one=True)
+            None
+            if density is None
+            else _validation.fraction(density, "density", allow_zero=False, allow_one=True)
         )
         self.mode = _common.choice(mode, "mode", ("abs", "relu"))
         self.per = _common.choice(per, "per", ("channel", "sample"))

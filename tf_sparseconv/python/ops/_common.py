@@ -7,6 +7,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._validation import as_int, choice, int_tuple, is_int  # noqa: F401 (re-exported)
+
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
@@ -18,16 +20,16 @@ def float_tensor(value, name: str) -> tf.Tensor:
     return t
 
 
-def positive_count(value, name: str) -> tf.Tensor:
-    """A count (k, ...) >= 1: Python ints are checked here, tensors by the op."""
-    if isinstance(value, (numbers.Integral, np.integer)):
-        if isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        if value > np.iinfo(np.int32).max:
+def int_scalar(value, name: str, minimum: int = 1) -> tf.Tensor:
+    """An int32 scalar `>= minimum` (a count k, a row count): Python and NumPy numbers are
+    checked here, tensors by the op."""
+    if isinstance(value, (numbers.Number, np.number)):
+        count = as_int(value)
+        if count is None or count < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        if count > np.iinfo(np.int32).max:
             raise ValueError(f"`{name}` must fit in int32, got {value!r}")
-        return tf.constant(int(value), tf.int32)
-    if isinstance(value, numbers.Number):
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        return tf.constant(count, tf.int32)
     t = tf.convert_to_tensor(value)
     if not t.dtype.is_integer:
         raise ValueError(f"`{name}` must be an integer, got dtype {t.dtype.name}")
@@ -36,44 +38,20 @@ def positive_count(value, name: str) -> tf.Tensor:
     return tf.cast(t, tf.int32)
 
 
+def positive_count(value, name: str) -> tf.Tensor:
+    """A count (k, ...) >= 1: Python ints are checked here, tensors by the op."""
+    return int_scalar(value, name, minimum=1)
+
+
 def normalize_axis(axis, rank: int | None, name: str = "axis") -> int:
-    if not isinstance(axis, (numbers.Integral, np.integer)) or isinstance(axis, bool):
-        raise ValueError(f"`{name}` must be an int, got {axis!r}")
-    axis = int(axis)
+    if as_int(axis) is None:
+        raise ValueError(f"`{name}` must be an integer, got {axis!r}")
+    axis = as_int(axis)
     if rank is None:
         return axis
     if not -rank <= axis < rank:
         raise ValueError(f"`{name}` must be in [{-rank}, {rank}) for a rank-{rank} input, got {axis}")
     return axis % rank
-
-
-def choice(value, name: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"`{name}` must be one of {options}, got {value!r}")
-    return value
-
-
-def int_tuple(value, rank: int, name: str, minimum: int | None = 1) -> tuple[int, ...]:
-    """An int, or `rank` ints, as a tuple of Python ints (sizes, strides, dilations, offsets).
-
-    Bools and non-integral values are rejected, every entry must fit in int32 (op attributes
-    are int32) and be `>= minimum` (no lower bound when `minimum` is None).
-    """
-    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
-        value = (value,) * rank
-    try:
-        entries = tuple(value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an int or {rank} ints, got {value!r}") from None
-    exact = all(isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool) for v in entries)
-    if len(entries) != rank or not exact:
-        raise ValueError(f"`{name}` must be an int or {rank} ints, got {value!r}")
-    limit = np.iinfo(np.int32)
-    low = limit.min if minimum is None else minimum
-    if min(entries) < low or max(entries) > limit.max:
-        bound = f">= {minimum}" if minimum is not None else "in int32 range"
-        raise ValueError(f"`{name}` entries must be {bound}, got {value!r}")
-    return tuple(int(v) for v in entries)
 
 
 def conv2d_batch_safe(x, kernel, strides, padding: str):

@@ -22,7 +22,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
+from tf_sparseconv.python import _validation
+from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, int_tuple, is_int
 from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record, references_only
 
 
@@ -119,7 +120,7 @@ def _assert_indices(indices, shape, size, stride, offset):
 
 def grid_size(length, size: int, stride: int, offset: int) -> int | tf.Tensor:
     """Blocks along an axis: `max(1, ceil((length - offset - size) / stride) + 1)`."""
-    if isinstance(length, (numbers.Integral, np.integer)):
+    if is_int(length):
         return max(1, -((size + offset - int(length)) // stride) + 1)
     return tf.maximum(1, -((size + offset - length) // stride) + 1)
 
@@ -238,7 +239,7 @@ def _same_pad_before(length, k: int, s: int):
         return max(k - 1, 0) // 2
     out = -(-length // s)
     total = (out - 1) * s + k - length
-    if isinstance(total, (numbers.Integral, np.integer)):
+    if is_int(total):
         return max(int(total), 0) // 2
     return tf.maximum(total, 0) // 2
 
@@ -246,7 +247,7 @@ def _same_pad_before(length, k: int, s: int):
 def _conv_out_size(length, k: int, s: int, padding: str):
     if padding == "SAME":
         return -(-length // s)
-    if isinstance(length, (numbers.Integral, np.integer)):
+    if is_int(length):
         return max((int(length) - k) // s + 1, 0)
     return tf.maximum((length - k) // s + 1, 0)
 
@@ -300,7 +301,7 @@ def block_sparse_conv2d(
       by the mask. Cost scales with the active blocks.
     """
     size, strides = _pair(block_size, "block_size"), _pair(strides, "strides")
-    padding = choice(padding.upper() if isinstance(padding, str) else padding, "padding", ("SAME", "VALID"))
+    padding = _validation.padding(padding, upper=True)
     with tf.name_scope(name or "block_sparse_conv2d"):
         x, kernel, mask = _check_conv_operands(x, kernel, mask, "block_sparse_conv2d")
         plain = isinstance(threshold, numbers.Real) and isinstance(avgpool, bool)
@@ -601,7 +602,7 @@ def block_sparse_conv2d_reference(
 ) -> tf.Tensor:
     """Pure-TF `block_sparse_conv2d`: the dense convolution times the upsampled block mask."""
     size, strides = _pair(block_size, "block_size"), _pair(strides, "strides")
-    padding = choice(padding.upper() if isinstance(padding, str) else padding, "padding", ("SAME", "VALID"))
+    padding = _validation.padding(padding, upper=True)
     x, kernel, mask = _check_conv_operands(x, kernel, mask, "block_sparse_conv2d")
     geo = BlockConvGeometry(tuple(int(v) for v in kernel.shape[:2]), size, strides, padding)
     active = _block_values(mask, size, size, (0, 0), avgpool) > tf.cast(

@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import numbers
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python import _validation
 from tf_sparseconv.python.ops import _autotune
 from tf_sparseconv.python.ops._autotune import current_mode
-from tf_sparseconv.python.ops._common import choice, conv2d_batch_safe, float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, int_tuple
 from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record
 
 
@@ -28,9 +28,7 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 
 def _padding(padding) -> str:
-    if not isinstance(padding, str):
-        raise ValueError(f"`padding` must be 'SAME' or 'VALID', got {padding!r}")
-    return choice(padding.upper(), "padding", ("SAME", "VALID"))
+    return _validation.padding(padding, upper=True)
 
 
 def _check_operands(x, kernel, connections, x_rank: int, conv: str):
@@ -81,17 +79,8 @@ def _check_connection_values(connections, in_channels, conv: str) -> None:
     """Validates constant connection lists before graph building (the CPU kernel checks
     them again at run time; on the GPU they stay on the device, unchecked)."""
     values = _static_connections(connections)
-    if values is None or values.ndim != 2 or values.size == 0:
-        return
-    if values.min() < 0 or (in_channels is not None and values.max() >= in_channels):
-        bad = values[(values < 0) | (values >= (in_channels if in_channels is not None else np.inf))]
-        raise ValueError(
-            f"{conv}: `connections` values must be in [0, {in_channels}), got {int(bad.flat[0])}"
-        )
-    ordered = np.sort(values, axis=1)
-    repeated = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
-    if len(repeated):
-        raise ValueError(f"{conv}: `connections` row {int(repeated[0])} lists an input channel twice")
+    if values is not None and values.ndim == 2:
+        _validation.connection_lists(values, in_channels=in_channels, where=conv)
 
 
 def _cpu_has_avx512() -> bool:
@@ -397,11 +386,7 @@ def channel_sparse_conv1d(
 
 
 def _single(value, name: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 1:
-            raise ValueError(f"`{name}` must be an int or a 1-tuple, got {value!r}")
-        value = value[0]
-    return _pair(value, name)[0]
+    return int_tuple(value, 1, name)[0]
 
 
 def random_connections(
@@ -413,19 +398,14 @@ def random_connections(
     distinct input channels; every input channel feeds at least one output
     channel when `m * out_channels >= in_channels`; reproducible from `seed`.
     """
-    for value, arg in ((in_channels, "in_channels"), (out_channels, "out_channels")):
-        if not isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{arg}` must be a positive int, got {value!r}")
-    if (density is None) == (fan_in is None):
-        raise ValueError("Pass exactly one of `density` or `fan_in`")
+    in_channels = _validation.positive_int(in_channels, "in_channels")
+    out_channels = _validation.positive_int(out_channels, "out_channels")
+    _validation.exactly_one(density=density, fan_in=fan_in)
     if density is not None:
-        if not 0 < float(density) <= 1:
-            raise ValueError(f"`density` must be in (0, 1], got {density!r}")
-        m = max(1, round(float(density) * in_channels))
+        density = _validation.fraction(density, "density", allow_zero=False, allow_one=True)
+        m = max(1, round(density * in_channels))
     else:
-        if not isinstance(fan_in, (numbers.Integral, np.integer)) or not 1 <= fan_in <= in_channels:
-            raise ValueError(f"`fan_in` must be an int in [1, {in_channels}], got {fan_in!r}")
-        m = int(fan_in)
+        m = _validation.integer(fan_in, "fan_in", minimum=1, maximum=in_channels)
     rng = np.random.default_rng(seed)
     # A stream of whole permutations covers every input channel before any repeats.
     stream = np.concatenate(
@@ -515,7 +495,7 @@ def dense_kernel(kernel, connections, in_channels) -> tf.Tensor:
     kernel = float_tensor(kernel, "kernel")
     connections = tf.cast(tf.convert_to_tensor(connections), tf.int32)
     library = load_library()
-    if library is None or not isinstance(in_channels, (numbers.Integral, np.integer)):
+    if library is None or not _validation.is_int(in_channels):
         return _dense_kernel_reference(kernel, connections, in_channels)
     return library.tf_sparse_conv_channel_sparse_dense_kernel(
         kernel, connections, in_channels=int(in_channels)

@@ -42,20 +42,23 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 
-from tf_sparseconv.python.ops._common import choice, float_tensor, int_tuple, positive_count
+from tf_sparseconv.python.ops._common import (
+    choice,
+    float_tensor,
+    int_scalar,
+    int_tuple,
+    is_int,
+    positive_count,
+)
 from tf_sparseconv.python.ops._loader import compiled_library, converting, converting_for_onnx, dispatch
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool)
-
-
 def _spatial_shape(spatial_shape) -> tuple[tf.Tensor, int]:
     """spatial_shape as an int32 vector and its static length D (1, 2 or 3)."""
     if isinstance(spatial_shape, (list, tuple)):
-        if not all(_is_int(v) for v in spatial_shape):
+        if not all(is_int(v) for v in spatial_shape):
             raise ValueError(f"`spatial_shape` must be 1, 2 or 3 ints, got {spatial_shape!r}")
         spatial_shape = np.asarray(spatial_shape, np.int64).reshape([len(spatial_shape)])
     t = tf.convert_to_tensor(spatial_shape)
@@ -345,12 +348,7 @@ def to_dense(features, coords, spatial_shape, batch_size) -> tf.Tensor:
     n_f, n_c = features.shape[0], coords.shape[0]
     if n_f is not None and n_c is not None and n_f != n_c:
         raise ValueError(f"`features` has {n_f} rows but `coords` has {n_c}")
-    if _is_int(batch_size):
-        if batch_size < 0:
-            raise ValueError(f"`batch_size` must be >= 0, got {batch_size!r}")
-    elif isinstance(batch_size, numbers.Number):
-        raise ValueError(f"`batch_size` must be an int, got {batch_size!r}")
-    batch = tf.cast(tf.convert_to_tensor(batch_size), tf.int32)
+    batch = int_scalar(batch_size, "batch_size", minimum=0)
     with tf.name_scope("to_dense"):
         checks = [
             tf.debugging.assert_equal(
@@ -436,15 +434,7 @@ def _features_op(features, kernel, pair_ptr, pairs, num_out, symmetric=False):
 
 
 def _num_rows(value, name: str) -> tf.Tensor:
-    if _is_int(value):
-        if not 0 <= value <= _INT32_MAX:
-            raise ValueError(f"`{name}` must be in [0, 2^31 - 1], got {value!r}")
-    elif isinstance(value, numbers.Number):
-        raise ValueError(f"`{name}` must be an int, got {value!r}")
-    t = tf.convert_to_tensor(value)
-    if not t.dtype.is_integer or (t.shape.rank is not None and t.shape.rank != 0):
-        raise ValueError(f"`{name}` must be an integer scalar, got {t.dtype.name} of shape {t.shape}")
-    return tf.cast(t, tf.int32)
+    return int_scalar(value, name, minimum=0)
 
 
 def _rulebook_tensors(pair_ptr, pairs):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._validation import positive_int
 from tf_sparseconv.python.pruning.wrapper import collect_pruned_layers
 
 
@@ -115,10 +116,8 @@ class PruningSummaries(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
             raise ValueError(f"`log_dir` must be a path, got {log_dir!r}")
-        if update_freq != "epoch" and (
-            not isinstance(update_freq, int) or isinstance(update_freq, bool) or update_freq < 1
-        ):
-            raise ValueError(f"`update_freq` must be 'epoch' or a positive int, got {update_freq!r}")
+        if update_freq != "epoch":
+            update_freq = positive_int(update_freq, "update_freq")
         self.log_dir = str(log_dir)
         self.update_freq = update_freq
         self._writer = None

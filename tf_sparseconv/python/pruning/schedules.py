@@ -9,29 +9,16 @@ accepted by `prune_low_magnitude`, including tfmot's own schedule objects
 
 from __future__ import annotations
 
-import numbers
-
 import keras
-import numpy as np
 import tensorflow as tf
 
-
-def is_int(value) -> bool:
-    """A Python or NumPy integer (also a 0-d integer array, as `np.ceil(x).astype(np.int32)`
-    gives), not a bool."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+from tf_sparseconv.python._validation import as_int, integer, is_int
 
 
 def _check_step(value, name: str, allow_minus_one: bool = False) -> int:
-    if not is_int(value):
-        raise ValueError(f"`{name}` must be an int, got {value!r}")
-    value = int(value)
-    if value < 0 and not (allow_minus_one and value == -1):
-        extra = " (or -1)" if allow_minus_one else ""
-        raise ValueError(f"`{name}` must be >= 0{extra}, got {value}")
-    return value
+    if allow_minus_one and as_int(value) == -1:
+        return -1
+    return integer(value, name, minimum=0)
 
 
 def _check_sparsity(value, name: str) -> float:

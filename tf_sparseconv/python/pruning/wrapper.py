@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python._clone import clone_layers, is_cloneable
+from tf_sparseconv.python._validation import int_tuple, positive_int
 from tf_sparseconv.python.layers._base import adopt_input_of
 from tf_sparseconv.python.pruning import masks
 from tf_sparseconv.python.pruning.prunable_layer import has_prunable_weights_method
@@ -16,7 +17,6 @@ from tf_sparseconv.python.pruning.schedules import (
     ConstantSparsity,
     check_schedule,
     deserialize_schedule,
-    is_int,
     serialize_schedule,
 )
 
@@ -58,16 +58,6 @@ def _in_axis(layer) -> int:
     return -1 if isinstance(layer, transposed) else -2
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    try:
-        entries = tuple(value)
-    except TypeError:
-        entries = ()
-    if len(entries) != 2 or not all(is_int(v) for v in entries) or min(entries) < 1:
-        raise ValueError(f"`{name}` must be a pair of positive ints, got {value!r}")
-    return tuple(int(v) for v in entries)
-
-
 def check_pruning_args(
     pruning_schedule, granularity, block_shape, m_by_n, channel_group=1, block_pooling_type="AVG"
 ) -> tuple:
@@ -78,17 +68,16 @@ def check_pruning_args(
     schedule = check_schedule(pruning_schedule)
     if granularity not in masks.GRANULARITIES:
         raise ValueError(f"`granularity` must be one of {masks.GRANULARITIES}, got {granularity!r}")
-    block_shape = _pair(block_shape, "block_shape")
-    m_by_n = _pair(m_by_n, "m_by_n")
+    block_shape = int_tuple(block_shape, 2, "block_shape")
+    m_by_n = int_tuple(m_by_n, 2, "m_by_n")
     if m_by_n[0] >= m_by_n[1]:
         raise ValueError(f"`m_by_n` must be (m, n) with m < n, got {m_by_n!r}")
-    if not is_int(channel_group) or channel_group < 1:
-        raise ValueError(f"`channel_group` must be a positive int, got {channel_group!r}")
+    channel_group = positive_int(channel_group, "channel_group")
     if block_pooling_type not in masks.BLOCK_POOLINGS:
         raise ValueError(
             f"`block_pooling_type` must be one of {masks.BLOCK_POOLINGS}, got {block_pooling_type!r}"
         )
-    return schedule, granularity, block_shape, m_by_n, int(channel_group), block_pooling_type
+    return schedule, granularity, block_shape, m_by_n, channel_group, block_pooling_type
 
 
 def tfmot_arguments(
@@ -103,13 +92,13 @@ def tfmot_arguments(
     is not used (as in tfmot, where it is ignored for m:n sparsity).
     """
     if block_size is not None:
-        block_size = _pair(block_size, "block_size")
+        block_size = int_tuple(block_size, 2, "block_size")
         if block_size != (1, 1):
             if granularity not in ("weight", "block"):
                 raise ValueError(f"`block_size` {block_size} conflicts with `granularity={granularity!r}`")
             granularity, block_shape = "block", block_size
     if sparsity_m_by_n is not None:
-        sparsity_m_by_n = _pair(sparsity_m_by_n, "sparsity_m_by_n")
+        sparsity_m_by_n = int_tuple(sparsity_m_by_n, 2, "sparsity_m_by_n")
         if granularity not in ("weight", "m_by_n"):
             raise ValueError(f"`sparsity_m_by_n` conflicts with `granularity={granularity!r}`")
         m, n = sparsity_m_by_n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from tf_sparseconv.python._validation import positive_int
 from tf_sparseconv.python.quantization.wrappers import QuantizeWrapper
 
 
@@ -56,9 +57,7 @@ class FinishWithNearestRounding(keras.callbacks.Callback):
 
     def __init__(self, nearest_epochs: int = 1):
         super().__init__()
-        if not isinstance(nearest_epochs, int) or isinstance(nearest_epochs, bool) or nearest_epochs < 1:
-            raise ValueError(f"`nearest_epochs` must be a positive int, got {nearest_epochs!r}")
-        self.nearest_epochs = nearest_epochs
+        self.nearest_epochs = positive_int(nearest_epochs, "nearest_epochs")
         self.wrappers: list[QuantizeWrapper] = []
 
     def on_train_begin(self, logs=None) -> None:

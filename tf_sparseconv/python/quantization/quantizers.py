@@ -29,17 +29,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparseconv.python._validation import integer
+
 ROUNDINGS = ("nearest", "stochastic")
 
 
 def check_bits(value, name: str, allow_none: bool = False) -> int | None:
     """`value` as an int bit width in [2, 8] (None passes when `allow_none`)."""
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 2 <= value <= 8:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an int in [2, 8]{extra}, got {value!r}")
-    return int(value)
+    return integer(value, name, minimum=2, maximum=8, allow_none=allow_none)
 
 
 def check_rounding(value) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend import AutocastScope
 
+from tf_sparseconv.python._validation import integer
 from tf_sparseconv.python.ops._loader import converting
 from tf_sparseconv.python.quantization import quantizers
 
@@ -294,9 +295,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             raise ValueError(f"`ema_decay` must be a number in [0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
         self.preserve_sparsity = bool(preserve_sparsity)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"`seed` must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = integer(seed, "seed", allow_none=True)
         self.seed_generator = keras.random.SeedGenerator(seed) if self.rounding == "stochastic" else None
         self.supports_jit = getattr(layer, "supports_jit", True)
         self.specs: list[KernelSpec] = []

@@ -8,11 +8,12 @@ import keras
 import tensorflow as tf
 from keras import activations, constraints, initializers, regularizers
 
-from tf_sparseconv.python.ops._common import int_tuple
+from tf_sparseconv.python._validation import int_tuple, positive_int
 from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step
 
 
 def _positive(value, name: str) -> int:
+    """A positive int, or a 1-tuple of one (Keras' Conv1D accepts both)."""
     return int_tuple(value, 1, name)[0]
 
 
@@ -83,7 +84,7 @@ class StreamingConv1D(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.filters = _positive(filters, "filters")
+        self.filters = positive_int(filters, "filters")
         self.kernel_size = _positive(kernel_size, "kernel_size")
         self.strides = _positive(strides, "strides")
         self.dilation_rate = _positive(dilation_rate, "dilation_rate")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python._clone import is_cloneable
+from tf_sparseconv.python._validation import positive_int
 from tf_sparseconv.python.streaming.cells import StreamingError, make_cell
 
 
@@ -303,8 +303,7 @@ def export_streaming(
     if not isinstance(portable, bool):
         raise ValueError(f"`portable` must be a bool, got {portable!r}")
     streaming = model if isinstance(model, StreamingModel) else to_streaming(model)
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    batch_size = positive_int(batch_size, "batch_size", allow_none=True)
     module = tf.Module()
     # The tf.Variables (not the model: its traced functions; not the Keras wrappers: converters
     # could not freeze them).
