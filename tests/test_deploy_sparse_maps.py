@@ -257,17 +257,18 @@ def model_case(request):
     return request.param, model, inputs, expected
 
 
-@pytest.mark.slow
-def test_litert(model_case, tmp_path):
-    name, model, inputs, expected = model_case
-    path = tsc.export.export_litert(model, str(tmp_path / f"{name}.tflite"))
-    for want, got in zip(expected, _run_litert(path, inputs), strict=True):
-        compare(want, got)
+# target: (export function, file suffix, runner)
+TARGETS = {
+    "litert": (tsc.export.export_litert, ".tflite", _run_litert),
+    "onnx": (tsc.export.export_onnx, ".onnx", _run_onnx),
+}
 
 
 @pytest.mark.slow
-def test_onnx(model_case, tmp_path):
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_converted_model_matches_keras(model_case, target, tmp_path):
     name, model, inputs, expected = model_case
-    path = tsc.export.export_onnx(model, str(tmp_path / f"{name}.onnx"))
-    for want, got in zip(expected, _run_onnx(path, inputs), strict=True):
+    export, suffix, run = TARGETS[target]
+    path = export(model, str(tmp_path / f"{name}{suffix}"))
+    for want, got in zip(expected, run(path, inputs), strict=True):
         compare(want, got)
