@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,16 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subpro
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def op_library():
+    """The compiled op library; skips the test where it is not built."""
+    from tf_sparseconv.python.ops._loader import load_library
+
+    lib = load_library()
+    if lib is None:
+        pytest.skip("the op library is not built")
+    return lib
 
 
 def random_sites(rng, shape, batch, density) -> np.ndarray:

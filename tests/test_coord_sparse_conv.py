@@ -12,12 +12,12 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import random_sites
+from helpers import op_library, random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_coord_sparse_ops import CASES as RULEBOOK_CASES
 
 import tf_sparseconv as tsc
-from tf_sparseconv.python.ops._loader import load_library
 
 # --- the oracle -------------------------------------------------------------------
 
@@ -70,20 +70,9 @@ def sparse_input(rng, shape, batch, density, cin, dtype=np.float64):
     return features, coords
 
 
-# (spatial_shape, kernel_size, strides, dilations, batch, density)
-CASES = [
-    ((9,), (3,), (1,), (1,), 2, 0.5),
-    ((10,), (2,), (2,), (1,), 3, 0.3),
-    ((11,), (4,), (3,), (2,), 2, 0.4),
-    ((7, 6), (3, 3), (1, 1), (1, 1), 2, 0.3),
-    ((8, 9), (2, 3), (2, 1), (1, 2), 2, 0.25),
-    ((6, 7), (3, 3), (3, 3), (1, 1), 1, 0.4),
-    ((5, 5), (4, 4), (2, 2), (2, 2), 2, 0.3),
-    ((5, 4, 6), (3, 3, 3), (1, 1, 1), (1, 1, 1), 2, 0.2),
-    ((6, 5, 4), (2, 3, 2), (2, 2, 2), (1, 2, 1), 2, 0.2),
-    ((4, 5, 5), (3, 3, 3), (3, 1, 2), (1, 1, 1), 1, 0.25),
-    ((6, 6, 5), (3, 1, 2), (1, 1, 1), (2, 1, 1), 2, 0.2),
-]
+# (spatial_shape, kernel_size, strides, dilations, batch, density): the rulebook tests' cases
+# and a dilated 3-D one with a 1-wide kernel axis.
+CASES = [*RULEBOOK_CASES, ((6, 6, 5), (3, 1, 2), (1, 1, 1), (2, 1, 1), 2, 0.2)]
 MODES = [(c, sub) for c in CASES for sub in (True, False) if not (sub and max(c[2]) > 1)]
 IDS = [f"{len(c[0])}d-{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}-{'sub' if sub else 'reg'}" for c, sub in MODES]
 CONV_FNS = {"op": tsc.ops.sparse_conv, "reference": tsc.ops.sparse_conv_reference}
@@ -91,10 +80,7 @@ CONV_FNS = {"op": tsc.ops.sparse_conv, "reference": tsc.ops.sparse_conv_referenc
 
 @pytest.fixture(scope="module")
 def library():
-    lib = load_library()
-    if lib is None:
-        pytest.skip("the op library is not built")
-    return lib
+    return op_library()
 
 
 def test_numpy_oracle_matches_tf_convolution(rng):

@@ -10,12 +10,11 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import random_sites
+from helpers import op_library, random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tf_sparseconv as tsc
-from tf_sparseconv.python.ops._loader import load_library
 
 # --- the oracle -------------------------------------------------------------------
 
@@ -120,10 +119,7 @@ IDS = [f"{len(c[0])}d-{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}-{'sub' if sub else 'reg'}" 
 
 @pytest.fixture(scope="module")
 def library():
-    lib = load_library()
-    if lib is None:
-        pytest.skip("the op library is not built")
-    return lib
+    return op_library()
 
 
 @pytest.mark.parametrize("case,submanifold", MODES, ids=IDS)
