@@ -38,6 +38,26 @@ def op_library():
     return lib
 
 
+def draw_sparse_conv(data, max_extent: int, max_kernel: int, max_dilation: int) -> tuple:
+    """(shape, kernel_size, strides, dilations, submanifold, batch, density) of a sparse convolution
+    drawn with hypothesis' `data`: 1 to 3 spatial dims, strides 1 where submanifold."""
+    from hypothesis import strategies as st
+
+    dims = data.draw(st.integers(1, 3), "dims")
+
+    def sizes(high, label=None):
+        return tuple(data.draw(st.lists(st.integers(1, high), min_size=dims, max_size=dims), label))
+
+    shape = sizes(max_extent, "shape")
+    kernel = sizes(max_kernel, "kernel")
+    dilations = sizes(max_dilation, "dilations")
+    submanifold = data.draw(st.booleans(), "submanifold")
+    strides = (1,) * dims if submanifold else sizes(3)
+    batch = data.draw(st.integers(1, 3), "batch")
+    density = data.draw(st.floats(0.0, 1.0), "density")
+    return shape, kernel, strides, dilations, submanifold, batch, density
+
+
 def random_sites(rng, shape, batch, density) -> np.ndarray:
     """Unique random sites int32 [n, 1 + D] (batch, spatial...) of a sparse map, in random order."""
     volume = batch * int(np.prod(shape))

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import op_library, random_sites
+from helpers import draw_sparse_conv, op_library, random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_coord_sparse_ops import CASES as RULEBOOK_CASES
@@ -654,19 +654,7 @@ def test_topk_sites_bad_score():
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_sparse_conv_vs_oracle(library, data):
-    dims = data.draw(st.integers(1, 3), "dims")
-    axis = st.lists(st.integers(1, 5), min_size=dims, max_size=dims)
-    shape = tuple(data.draw(axis, "shape"))
-    ksize = tuple(data.draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims), "kernel"))
-    dilations = tuple(data.draw(st.lists(st.integers(1, 2), min_size=dims, max_size=dims), "dilations"))
-    submanifold = data.draw(st.booleans(), "submanifold")
-    strides = (
-        (1,) * dims
-        if submanifold
-        else tuple(data.draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
-    )
-    batch = data.draw(st.integers(1, 3), "batch")
-    density = data.draw(st.floats(0.0, 1.0), "density")
+    shape, ksize, strides, dilations, submanifold, batch, density = draw_sparse_conv(data, 5, 3, 2)
     cin, cout = data.draw(st.integers(1, 5), "cin"), data.draw(st.integers(1, 20), "cout")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), "seed"))
     features, coords = sparse_input(rng, shape, batch, density, cin, np.float32)

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import op_library, random_sites
+from helpers import draw_sparse_conv, op_library, random_sites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -352,18 +352,7 @@ def test_no_gradient_registered(library):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_op_vs_oracle(library, data):
-    dims = data.draw(st.integers(1, 3), "dims")
-    shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=dims, max_size=dims), "shape"))
-    kernel = tuple(data.draw(st.lists(st.integers(1, 4), min_size=dims, max_size=dims), "kernel"))
-    dilations = tuple(data.draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims), "dilations"))
-    submanifold = data.draw(st.booleans(), "submanifold")
-    strides = (
-        (1,) * dims
-        if submanifold
-        else tuple(data.draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
-    )
-    batch = data.draw(st.integers(1, 3), "batch")
-    density = data.draw(st.floats(0.0, 1.0), "density")
+    shape, kernel, strides, dilations, submanifold, batch, density = draw_sparse_conv(data, 6, 4, 3)
     seed = data.draw(st.integers(0, 2**31 - 1), "seed")
     coords = random_sites(np.random.default_rng(seed), shape, batch, density)
     expected = oracle_rulebook(coords, shape, kernel, strides, dilations, submanifold)
