@@ -286,45 +286,27 @@ class Device:
         assert err is None, err.decode()
         stream.synchronize()
 
-    def run_features(self, raw=False):
+    def _run(self, name, out_shape, operand, before, after, raw):
+        """One kernel into a NaN-filled output: features, n, operand, *before, K, cin, cout,
+        pair_ptr, pairs, P, *after, out (float64, or the storage with raw)."""
         p = self.prob
-        out = garbage((p.num_out, p.cout), p.dtype)
-        self._call(
-            "tsc_sparse_conv_features_gpu",
-            dev_ptr(self.features),
-            p.n,
-            dev_ptr(self.kernel),
-            p.rb.num_offsets,
-            p.cin,
-            p.cout,
-            dev_ptr(self.pair_ptr),
-            dev_ptr(self.pairs),
-            p.rb.num_pairs,
-            p.num_out,
-            dev_ptr(out),
-        )
+        out = garbage(out_shape, p.dtype)
+        sizes = (p.rb.num_offsets, p.cin, p.cout)
+        rulebook = (dev_ptr(self.pair_ptr), dev_ptr(self.pairs), p.rb.num_pairs)
+        operands = (dev_ptr(self.features), p.n, dev_ptr(operand))
+        self._call(name, *operands, *before, *sizes, *rulebook, *after, dev_ptr(out))
         host = cupy.asnumpy(out)
         return host if raw else to_float64(host, p.dtype)
 
+    def run_features(self, raw=False):
+        p = self.prob
+        shape = (p.num_out, p.cout)
+        return self._run("tsc_sparse_conv_features_gpu", shape, self.kernel, (), (p.num_out,), raw)
+
     def run_kernel_grad(self, raw=False):
         p = self.prob
-        kg = garbage((p.rb.num_offsets, p.cin, p.cout), p.dtype)
-        self._call(
-            "tsc_sparse_conv_kernel_grad_gpu",
-            dev_ptr(self.features),
-            p.n,
-            dev_ptr(self.grad),
-            p.num_out,
-            p.rb.num_offsets,
-            p.cin,
-            p.cout,
-            dev_ptr(self.pair_ptr),
-            dev_ptr(self.pairs),
-            p.rb.num_pairs,
-            dev_ptr(kg),
-        )
-        host = cupy.asnumpy(kg)
-        return host if raw else to_float64(host, p.dtype)
+        shape = (p.rb.num_offsets, p.cin, p.cout)
+        return self._run("tsc_sparse_conv_kernel_grad_gpu", shape, self.grad, (p.num_out,), (), raw)
 
 
 def check_all(lib, prob):

@@ -207,18 +207,8 @@ def gpu_mask(lib, x_dev, dtype, mode, geometry, k):
     y = _garbage((outer, size, inner), UINT[dtype])
     idx = _garbage((outer, k, inner), np.int32)
     stream = cupy.cuda.get_current_stream()
-    err = lib.tsc_topk_mask_gpu(
-        FORMATS[dtype],
-        MODES[mode],
-        x_dev.data.ptr,
-        y.data.ptr,
-        idx.data.ptr,
-        outer,
-        size,
-        inner,
-        k,
-        stream.ptr,
-    )
+    pointers = (x_dev.data.ptr, y.data.ptr, idx.data.ptr)
+    err = lib.tsc_topk_mask_gpu(FORMATS[dtype], MODES[mode], *pointers, *geometry, k, stream.ptr)
     assert err is None, err.decode()
     stream.synchronize()
     return cupy.asnumpy(y), cupy.asnumpy(idx)
@@ -417,18 +407,8 @@ def test_mask_timing(topk_lib, dtype, capsys):
         y = cupy.empty_like(x)
         idx = cupy.empty((outer * k * inner,), dtype=np.int32)
         stream = cupy.cuda.get_current_stream()
-        args = (
-            FORMATS[dtype],
-            MODES["value"],
-            x.data.ptr,
-            y.data.ptr,
-            idx.data.ptr,
-            outer,
-            size,
-            inner,
-            k,
-            stream.ptr,
-        )
+        pointers = (x.data.ptr, y.data.ptr, idx.data.ptr)
+        args = (FORMATS[dtype], MODES["value"], *pointers, *geometry, k, stream.ptr)
         ms = time_ms(topk_lib.tsc_topk_mask_gpu, args, reps=10)
         gbs = x.nbytes * 2 / (ms * 1e-3) / 1e9
         lines.append(f"{dtype} {geometry} k={k}: {ms:.3f} ms ({gbs:.1f} GB/s x+y)")
