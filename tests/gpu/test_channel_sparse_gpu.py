@@ -310,8 +310,14 @@ def emulate_backprop_input(dy, kernel, conn, g, lanes=None):
     row_ptr, ent_o, ent_w = transpose_connections(conn, g.in_c)
     w_taps = kernel.reshape(g.k_h * g.k_w, g.m * g.out_c)  # [tap, e * out_c + o]
 
-    def output_coord(t, stride, size):
-        return t // stride if t % stride == 0 and t // stride < size else None
+    def taps(t0, k, dil, stride, size):
+        """(tap, output coordinate) of one axis' taps, ascending, whose output pixel exists."""
+        for i in range(k):
+            t = t0 - i * dil
+            if t < 0:
+                break
+            if t % stride == 0 and t // stride < size:
+                yield i, t // stride
 
     for b, ih, iw, c in np.ndindex(*g.x_shape):
         part = [0.0] * lanes
@@ -320,20 +326,8 @@ def emulate_backprop_input(dy, kernel, conn, g, lanes=None):
             if r0 >= r1:
                 continue
             acc = 0.0
-            for i in range(g.k_h):
-                th = ih + g.pad_top - i * g.dil_h
-                if th < 0:
-                    break
-                oh = output_coord(th, g.stride_h, g.out_h)
-                if oh is None:
-                    continue
-                for j in range(g.k_w):
-                    tw = iw + g.pad_left - j * g.dil_w
-                    if tw < 0:
-                        break
-                    ow = output_coord(tw, g.stride_w, g.out_w)
-                    if ow is None:
-                        continue
+            for i, oh in taps(ih + g.pad_top, g.k_h, g.dil_h, g.stride_h, g.out_h):
+                for j, ow in taps(iw + g.pad_left, g.k_w, g.dil_w, g.stride_w, g.out_w):
                     for r in range(r0, r1, lanes):
                         acc += dy[b, oh, ow, ent_o[r]] * w_taps[i * g.k_w + j, ent_w[r]]
             part[lane] = acc
