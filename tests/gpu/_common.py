@@ -77,19 +77,25 @@ def error_bound(abs_ref, terms, dtype):
     return abs_ref * ((terms + 2) * U_ACC[dtype] + U_OUT[dtype]) + TINY[dtype]
 
 
+def fail_where(name, bad, got, want, what, bound=None):
+    """Fails if `bad` marks any entry, saying how many and showing the first (and its bound)."""
+    if not bad.any():
+        return
+    idx = np.argwhere(bad)
+    first = tuple(idx[0])
+    limit = "" if bound is None else f" bound {np.broadcast_to(bound, got.shape)[first]!r}"
+    pytest.fail(
+        f"{name}: {len(idx)} of {got.size} {what}, first at {first}: "
+        f"got {got[first]!r} want {want[first]!r}{limit}"
+    )
+
+
 def assert_close(name, got, want, bound):
     """|got - want| <= bound everywhere (NaN, e.g. an unwritten entry, fails)."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, (name, got.shape, want.shape)
     err = np.abs(got - want)
-    bad = ~(err <= bound)  # NaN (e.g. an unwritten entry) is bad too
-    if bad.any():
-        idx = np.argwhere(bad)
-        first = tuple(idx[0])
-        pytest.fail(
-            f"{name}: {len(idx)} of {got.size} out of bounds, first at {first}: "
-            f"got {got[first]!r} want {want[first]!r} bound {np.broadcast_to(bound, got.shape)[first]!r}"
-        )
+    fail_where(name, ~(err <= bound), got, want, "out of bounds", bound)  # NaN is bad too
 
 
 # ----------------------------------------------------------------------------

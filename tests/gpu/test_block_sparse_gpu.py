@@ -36,6 +36,7 @@ from _common import (
     cupy,
     declare,
     dev_ptr,
+    fail_where,
     garbage,
     guarded,
     guarded_contents,
@@ -446,14 +447,7 @@ def assert_bits_equal(name, got, want):
         return
     # Compare bit patterns: NaN (an unwritten entry) never matches a value.
     ok = got.view(np.uint8).reshape(got.shape + (-1,)) == want.view(np.uint8).reshape(want.shape + (-1,))
-    bad = ~ok.all(axis=-1)
-    if bad.any():
-        idx = np.argwhere(bad)
-        first = tuple(idx[0])
-        pytest.fail(
-            f"{name}: {len(idx)} of {got.size} differ, first at {first}: "
-            f"got {got[first]!r} want {want[first]!r}"
-        )
+    fail_where(name, ~ok.all(axis=-1), got, want, "differ")
 
 
 def check_rows(name, got, sure, maybe):

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from _common import DTYPES, FORMATS, assert_guards, cupy, declare, guarded_array, time_ms
+from _common import DTYPES, FORMATS, assert_guards, cupy, declare, fail_where, guarded_array, time_ms
 
 UINT = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32, "float64": np.uint64}
 MODES = {"value": 0, "abs": 1, "relu": 2}
@@ -172,12 +172,7 @@ def reference_grad(dy_bits, indices, geometry, k):
 def assert_same(name, got, want):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, (name, got.shape, want.shape)
-    if not np.array_equal(got, want):
-        bad = np.argwhere(got != want)
-        first = tuple(bad[0])
-        pytest.fail(
-            f"{name}: {len(bad)} mismatches, first at {first}: got {got[first]!r} want {want[first]!r}"
-        )
+    fail_where(name, got != want, got, want, "differ")
 
 
 # ----------------------------------------------------------------------------
