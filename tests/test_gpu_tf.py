@@ -664,6 +664,7 @@ def test_streaming_conv_step(lib, rng, dtype, relu):
 
 def layer_case(name, rng):
     """(model callable, NumPy inputs, its layers, explained ops, expected graph ops)."""
+    conv = {"activation": "relu", "bias_initializer": "random_normal"}  # the convolutions' options
     if name == "KWinners+TopKAttention":
         kw, att = tsc.layers.KWinners(k=20), tsc.layers.TopKAttention(k=10, mode="relu")
         return (
@@ -679,9 +680,7 @@ def layer_case(name, rng):
             ],
         )
     if name == "ChannelSparseConv2D":
-        layer = tsc.layers.ChannelSparseConv2D(
-            24, 3, fan_in=4, activation="relu", bias_initializer="random_normal"
-        )
+        layer = tsc.layers.ChannelSparseConv2D(24, 3, fan_in=4, **conv)
         return (
             layer,
             [rng.standard_normal((2, 19, 17, 16))],
@@ -693,9 +692,7 @@ def layer_case(name, rng):
             ],
         )
     if name == "BlockSparseConv2D":
-        layer = tsc.layers.BlockSparseConv2D(
-            16, 3, block_size=8, activation="relu", bias_initializer="random_normal"
-        )
+        layer = tsc.layers.BlockSparseConv2D(16, 3, block_size=8, **conv)
         return (
             lambda x, mask: layer([x, mask]),
             [rng.standard_normal((2, 37, 41, 8)), blocky_mask(rng, 2, 37, 41, 8)],
@@ -705,7 +702,7 @@ def layer_case(name, rng):
         )
     if name == "SparseConv3D":
         sparsify = tsc.layers.Sparsify()
-        conv1 = tsc.layers.SparseConv3D(8, 3, activation="relu", bias_initializer="random_normal")
+        conv1 = tsc.layers.SparseConv3D(8, 3, **conv)
         conv2 = tsc.layers.SparseConv3D(12, 2, strides=2, submanifold=False, max_active_sites=30)
         x = rng.standard_normal((2, 16, 15, 14, 3)) * (rng.random((2, 16, 15, 14, 1)) < 0.08)
         return (
