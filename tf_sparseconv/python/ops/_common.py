@@ -20,6 +20,18 @@ def float_tensor(value, name: str) -> tf.Tensor:
     return t
 
 
+def float_tensors(**named) -> list[tf.Tensor]:
+    """`float_tensor` of each argument (in order), all of the first one's dtype."""
+    tensors = [float_tensor(value, name) for name, value in named.items()]
+    first_name, first = next(iter(named)), tensors[0]
+    for name, tensor in zip(named, tensors):
+        if tensor.dtype != first.dtype:
+            raise ValueError(
+                f"`{name}` dtype {tensor.dtype.name} must match `{first_name}` dtype {first.dtype.name}"
+            )
+    return tensors
+
+
 def int_scalar(value, name: str, minimum: int = 1) -> tf.Tensor:
     """An int32 scalar `>= minimum` (a count k, a row count): Python and NumPy numbers are
     checked here, tensors by the op."""

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparseconv.python import _validation
-from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, int_tuple, is_int
+from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, float_tensors, int_tuple, is_int
 from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record, references_only
 
 
@@ -75,10 +75,7 @@ def _check_rank(t, rank: int, name: str, layout: str) -> None:
 
 
 def _check_scatter_operands(blocks, indices, base):
-    blocks = float_tensor(blocks, "blocks")
-    base = float_tensor(base, "base")
-    if base.dtype != blocks.dtype:
-        raise ValueError(f"`base` dtype {base.dtype.name} must match `blocks` dtype {blocks.dtype.name}")
+    blocks, base = float_tensors(blocks=blocks, base=base)
     _check_rank(blocks, 4, "blocks", "[n, size_h, size_w, C]")
     _check_rank(base, 4, "base", "[B, H, W, C]")
     indices = _indices(indices)
@@ -253,10 +250,7 @@ def _conv_out_size(length, k: int, s: int, padding: str):
 
 
 def _check_conv_operands(x, kernel, mask, conv: str):
-    x = float_tensor(x, "x")
-    kernel = float_tensor(kernel, "kernel")
-    if kernel.dtype != x.dtype:
-        raise ValueError(f"`kernel` dtype {kernel.dtype.name} must match `x` dtype {x.dtype.name}")
+    x, kernel = float_tensors(x=x, kernel=kernel)
     _check_rank(x, 4, "x", "[B, H, W, Cin]")
     _check_rank(kernel, 4, "kernel", "[kh, kw, Cin, Cout]")
     if None in kernel.shape[:2]:

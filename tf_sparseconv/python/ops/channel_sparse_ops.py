@@ -19,7 +19,7 @@ import tensorflow as tf
 from tf_sparseconv.python import _validation
 from tf_sparseconv.python.ops import _autotune
 from tf_sparseconv.python.ops._autotune import current_mode
-from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import conv2d_batch_safe, float_tensor, float_tensors, int_tuple
 from tf_sparseconv.python.ops._loader import compiled_library, dispatch, load_library, record
 
 
@@ -32,10 +32,7 @@ def _padding(padding) -> str:
 
 
 def _check_operands(x, kernel, connections, x_rank: int, conv: str):
-    x = float_tensor(x, "x")
-    kernel = float_tensor(kernel, "kernel")
-    if kernel.dtype != x.dtype:
-        raise ValueError(f"`kernel` dtype {kernel.dtype.name} must match `x` dtype {x.dtype.name}")
+    x, kernel = float_tensors(x=x, kernel=kernel)
     connections = tf.convert_to_tensor(connections)
     if not connections.dtype.is_integer:
         raise ValueError(f"`connections` must be an int32 tensor, got {connections.dtype.name}")

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_sparseconv.python.ops._common import float_tensor, int_tuple
+from tf_sparseconv.python.ops._common import float_tensor, float_tensors, int_tuple
 from tf_sparseconv.python.ops._loader import dispatch
 
 ACTIVATIONS = (None, "linear", "relu")
 
 
 def _check(history, frames, kernel, bias, dilation, activation):
-    frames = float_tensor(frames, "frames")
-    history = float_tensor(history, "history")
-    kernel = float_tensor(kernel, "kernel")
-    for tensor, name in ((history, "history"), (kernel, "kernel")):
-        if tensor.dtype != frames.dtype:
-            raise ValueError(
-                f"`{name}` dtype {tensor.dtype.name} must match `frames` dtype {frames.dtype.name}"
-            )
+    frames, history, kernel = float_tensors(frames=frames, history=history, kernel=kernel)
     for tensor, name, layout in (
         (frames, "frames", "[B, t, C]"),
         (history, "history", "[B, (taps - 1) * dilation, C]"),
