@@ -5,13 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from tf_sparseconv.python._clone import clone_with, copy_layer_weights, fresh_layer
 from tf_sparseconv.python.layers.channel_sparse import channel_sparse_from_conv
-from tf_sparseconv.python.pruning.wrapper import (
-    PruneLowMagnitude,
-    _default_clone,
-    clone_with,
-    copy_layer_weights,
-)
+from tf_sparseconv.python.pruning.wrapper import PruneLowMagnitude
 
 
 def masked_weights(wrapper: PruneLowMagnitude) -> list[np.ndarray]:
@@ -74,7 +70,7 @@ def _to_channel_sparse(wrapper: PruneLowMagnitude):
     cin = kernel.shape[-2]
     if wrapper.granularity != "kernel" and connections.shape[1] >= cin:
         return None
-    dense = _default_clone(wrapper.layer)
+    dense = fresh_layer(wrapper.layer)
     dense.build((None, *([None] * (kernel.ndim - 2)), cin))
     copy_layer_weights(wrapper.layer, dense)
     _assign_masked(wrapper, dense)
@@ -101,13 +97,13 @@ def strip_pruning(model, to_sparse_layers: bool = False) -> keras.Model:
 
     def clone_layer(layer):
         if not isinstance(layer, PruneLowMagnitude):
-            return _default_clone(layer)
+            return fresh_layer(layer)
         if to_sparse_layers and layer.built:
             sparse = _to_channel_sparse(layer)
             if sparse is not None:
                 converted.add(id(sparse))
                 return sparse
-        return _default_clone(layer.layer)
+        return fresh_layer(layer.layer)
 
     def copy(old, new):
         if id(new) in converted:

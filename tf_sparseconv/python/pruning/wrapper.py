@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_sparseconv.python._clone import clone_layers, is_cloneable
+from tf_sparseconv.python._clone import clone_with, copy_layer_weights, find_layers, fresh_layer
+from tf_sparseconv.python._kernel_layouts import kernel_layout
 from tf_sparseconv.python._validation import int_tuple, positive_int
 from tf_sparseconv.python.layers._base import adopt_input_of
 from tf_sparseconv.python.pruning import masks
@@ -47,15 +48,6 @@ def prunable_types() -> tuple[type, ...]:
         coord_sparse.SparseConv,
         coord_sparse.SparseConvTranspose,
     )
-
-
-def _in_axis(layer) -> int:
-    """The kernel axis of the input channels (-2, or -1 for [*k, out, in] transposed kernels)."""
-    from tf_sparseconv.python.layers import coord_sparse
-
-    transposed = (coord_sparse.SparseConvTranspose, keras.layers.Conv1DTranspose)
-    transposed += (keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-    return -1 if isinstance(layer, transposed) else -2
 
 
 def check_pruning_args(
@@ -278,7 +270,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     @property
     def in_axis(self) -> int:
-        return _in_axis(self.layer)
+        return kernel_layout(self.layer).in_axis
 
     # ---- forward -----------------------------------------------------------------------------
     def _check_step_advanced(self) -> None:
@@ -387,53 +379,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
 def collect_pruned_layers(model) -> list[PruneLowMagnitude]:
     """Every `PruneLowMagnitude` in `model` (nested models included), each once."""
-    found: list[PruneLowMagnitude] = []
-    seen: set[int] = set()
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        if isinstance(layer, PruneLowMagnitude):
-            found.append(layer)
-            return
-        for child in getattr(layer, "layers", None) or []:
-            visit(child)
-
-    visit(model)
-    return found
-
-
-def clone_with(model, clone_layer, copy_weights) -> keras.Model:
-    """`keras.models.clone_model(recursive=True)` with `clone_layer(layer)` and weights copied.
-
-    `copy_weights(old_layer, new_layer)` runs for each cloned layer after the new
-    model is built.
-    """
-    if not is_cloneable(model):
-        raise ValueError(
-            f"`model` must be a Sequential or Functional Keras model, got {type(model).__name__} "
-            "(subclassed models cannot be cloned; wrap their layers yourself)"
-        )
-    new_model, pairs = clone_layers(model, clone_layer)
-    for old, new in pairs:
-        copy_weights(old, new)
-    return new_model
-
-
-def _default_clone(layer):
-    return layer.__class__.from_config(layer.get_config())
-
-
-def copy_layer_weights(old, new) -> None:
-    old_weights, new_weights = old.weights, new.weights
-    if len(old_weights) != len(new_weights):
-        raise ValueError(
-            f"cannot copy the weights of {old.name!r}: {len(old_weights)} weights, the clone has "
-            f"{len(new_weights)}"
-        )
-    for source, target in zip(old_weights, new_weights):
-        target.assign(source.value)
+    return find_layers(model, PruneLowMagnitude)
 
 
 def _is_prunable(layer) -> bool:
@@ -525,14 +471,14 @@ def prune_low_magnitude(
             if isinstance(layer, PruneLowMagnitude):
                 wrapped.append(layer)
             elif isinstance(layer, keras.layers.InputLayer):
-                wrapped.append(_default_clone(layer))
+                wrapped.append(fresh_layer(layer))
             else:
                 wrapped.append(prune_low_magnitude(layer, **options))
         return wrapped
     if isinstance(to_prune, keras.Model):
 
         def clone_layer(layer):
-            new = _default_clone(layer)
+            new = fresh_layer(layer)
             if _is_prunable(layer):
                 return PruneLowMagnitude(new, **options)
             return new

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import keras
 
+from tf_sparseconv.python._clone import find_layers
 from tf_sparseconv.python._validation import positive_int
 from tf_sparseconv.python.quantization.wrappers import QuantizeWrapper
 
 
 def stochastic_wrappers(model) -> list[QuantizeWrapper]:
     """Every `QuantizeWrapper` with `rounding="stochastic"` in `model` (nested models included)."""
-    found: list[QuantizeWrapper] = []
-    seen: set[int] = set()
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        if isinstance(layer, QuantizeWrapper):
-            if layer.rounding == "stochastic":
-                found.append(layer)
-            return
-        for child in getattr(layer, "layers", None) or []:
-            visit(child)
-
-    visit(model)
-    return found
+    return [layer for layer in find_layers(model, QuantizeWrapper) if layer.rounding == "stochastic"]
 
 
 class FinishWithNearestRounding(keras.callbacks.Callback):

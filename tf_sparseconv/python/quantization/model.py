@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tf_sparseconv.python._clone import clone_layers, is_cloneable
+from tf_sparseconv.python._clone import check_cloneable, clone_layers, fresh_layer
 from tf_sparseconv.python.quantization import quantizers
 from tf_sparseconv.python.quantization.annotate import QuantizeAnnotate
 from tf_sparseconv.python.quantization.wrappers import (
@@ -15,15 +15,6 @@ from tf_sparseconv.python.quantization.wrappers import (
     _read,
     kernel_specs,
 )
-
-
-def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-    """A fresh layer from `layer`'s config (a Lambda's Python function is reused: the model is
-    already in memory, so Keras' safe mode for loading files does not apply)."""
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    with SafeModeScope(False):
-        return layer.__class__.from_config(layer.get_config())
 
 
 def _wraps_kernel(layer) -> bool:
@@ -54,11 +45,7 @@ def _check_model(model, name: str = "model"):
         )
     if not model.built:
         raise ValueError(f"`{name}` must be built (call it once or give it an Input)")
-    if not is_cloneable(model):
-        raise ValueError(
-            f"`{name}` must be a Sequential or Functional model (subclassed models cannot be cloned), "
-            f"got {type(model).__name__}"
-        )
+    check_cloneable(model, name)
 
 
 def _check_options(weight_bits, activation_bits, per_channel, rounding) -> None:
@@ -77,7 +64,7 @@ def _quantize(model: keras.Model, annotated_only: bool, prefix: str, options: di
 
     def wrap(layer, preserve_sparsity):
         return QuantizeWrapper(
-            _clone_layer(layer),
+            fresh_layer(layer),
             **{**options, "preserve_sparsity": preserve_sparsity or options["preserve_sparsity"]},
             seed=None if seed is None else seed + next(counter),
             name=f"{prefix}{layer.name}",
@@ -90,7 +77,7 @@ def _quantize(model: keras.Model, annotated_only: bool, prefix: str, options: di
         if isinstance(layer, QuantizeAnnotate):
             layer, selected = layer.layer, True
         if not selected:
-            return _clone_layer(layer)
+            return fresh_layer(layer)
         if layer.built and kernel_specs(layer):
             return wrap(layer, False)
         if _is_pruning_wrapper(layer) and kernel_specs(layer.layer):
@@ -103,7 +90,7 @@ def _quantize(model: keras.Model, annotated_only: bool, prefix: str, options: di
                 f"({type(layer).__name__}). For pruning wrappers, strip them first: prune, fit, "
                 "strip_pruning, then quantize_model(..., preserve_sparsity=True)."
             )
-        return _clone_layer(layer)  # nothing to quantise (no kernel): copied as it is
+        return fresh_layer(layer)  # nothing to quantise (no kernel): copied as it is
 
     qat_model, pairs = clone_layers(model, make_layer)
     for old, new in pairs:
@@ -277,13 +264,13 @@ def convert(qat_model: keras.Model) -> keras.Model:
     def make_layer(layer):
         if isinstance(layer, QuantizeWrapper):
             return IntegerWeightsWrapper(
-                _clone_layer(layer.layer),
+                fresh_layer(layer.layer),
                 weight_bits=layer.weight_bits,
                 activation_bits=layer.activation_bits,
                 per_channel=layer.per_channel,
                 name=layer.name,
             )
-        return _clone_layer(layer)
+        return fresh_layer(layer)
 
     converted, pairs = clone_layers(qat_model, make_layer)
     if not any(isinstance(new, IntegerWeightsWrapper) for _, new in pairs):

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend import AutocastScope
 
+from tf_sparseconv.python._kernel_layouts import kernel_layout
 from tf_sparseconv.python._validation import integer
 from tf_sparseconv.python.ops._loader import converting
 from tf_sparseconv.python.quantization import quantizers
@@ -46,20 +47,6 @@ class KernelSpec:
     @property
     def key(self) -> str:
         return self.attr.lstrip("_") + ("" if self.index is None else f"_{self.index}")
-
-
-def _channel_axes(layer, attr: str) -> tuple[int, ...]:
-    """Output-channel axes of `layer.<attr>` (per-channel scales are taken per entry of them)."""
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-
-    from tf_sparseconv.python.layers.coord_sparse import SparseConvTranspose
-
-    if attr == "depthwise_kernel" or isinstance(layer, BaseDepthwiseConv):
-        return (-2, -1)  # [*k, in, multiplier]: every (in, multiplier) is an output channel
-    if isinstance(layer, (BaseConvTranspose, SparseConvTranspose)):
-        return (-2,)  # [*k, out, in]
-    return (-1,)
 
 
 def _storage_attr(layer, name: str) -> str | None:
@@ -86,11 +73,27 @@ def kernel_specs(layer: keras.layers.Layer) -> list[KernelSpec]:
         if attr is None:
             continue
         value = layer.__dict__[attr]
-        axes = _channel_axes(layer, name)
+        axes = kernel_layout(layer, name).out_axes
         if isinstance(value, (list, tuple)):
             specs.extend(KernelSpec(attr, i, axes) for i in range(len(value)))
         else:
             specs.append(KernelSpec(attr, None, axes))
+    return specs
+
+
+def _build_layer(wrapper, input_shape) -> list[KernelSpec]:
+    """Builds the wrapped layer (when not built yet) and returns its kernels' specs (ValueError
+    when it has none)."""
+    layer = wrapper.layer
+    if not layer.built:
+        layer.build(input_shape)
+        layer.built = True
+    specs = kernel_specs(layer)
+    if not specs:
+        raise ValueError(
+            f"{type(wrapper).__name__}: layer {layer.name!r} ({type(layer).__name__}) has no kernel "
+            "to quantise"
+        )
     return specs
 
 
@@ -302,15 +305,7 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.stochastic_rounding = None  # the switch variable (built, rounding="stochastic")
 
     def build(self, input_shape=None) -> None:
-        if not self.layer.built:
-            self.layer.build(input_shape)
-            self.layer.built = True
-        self.specs = kernel_specs(self.layer)
-        if not self.specs:
-            raise ValueError(
-                f"QuantizeWrapper: layer {self.layer.name!r} ({type(self.layer).__name__}) has no kernel "
-                "to quantise"
-            )
+        self.specs = _build_layer(self, input_shape)
         self.masks = {}
         if self.preserve_sparsity:
             for spec in self.specs:
@@ -457,15 +452,7 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
         self.specs: list[KernelSpec] = []
 
     def build(self, input_shape=None) -> None:
-        if not self.layer.built:
-            self.layer.build(input_shape)
-            self.layer.built = True
-        self.specs = kernel_specs(self.layer)
-        if not self.specs:
-            raise ValueError(
-                f"IntegerWeightsWrapper: layer {self.layer.name!r} ({type(self.layer).__name__}) has no "
-                "kernel"
-            )
+        self.specs = _build_layer(self, input_shape)
         self.kernel_shapes = {}
         self.values = {}
         self.scales = {}
