@@ -528,20 +528,26 @@ RULEBOOK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(RULEBOOK_CASES.values()), ids=list(RULEBOOK_CASES))
-def test_sparse_conv_rulebook(lib, rng, case):
+def rulebook_on_gpu(lib, coords, case):
+    """The compiled SparseConvRulebook op on `coords` in SHAPE3, placed on the GPU."""
     ksize, strides, dilations, submanifold = case
-    coords = random_sites(rng, SHAPE3, 2, 0.04)
-    (cg,) = on_gpu(*prepare([coords], tf.float32))
     with tf.device(GPU):
-        out_coords, pair_ptr, pairs, _ = lib.tf_sparse_conv_sparse_conv_rulebook(
-            cg,
+        return lib.tf_sparse_conv_sparse_conv_rulebook(
+            coords,
             tf.constant(SHAPE3, tf.int32),
             kernel_size=list(ksize),
             strides=list(strides),
             dilations=list(dilations),
             submanifold=submanifold,
         )
+
+
+@pytest.mark.parametrize("case", list(RULEBOOK_CASES.values()), ids=list(RULEBOOK_CASES))
+def test_sparse_conv_rulebook(lib, rng, case):
+    ksize, strides, dilations, submanifold = case
+    coords = random_sites(rng, SHAPE3, 2, 0.04)
+    (cg,) = on_gpu(*prepare([coords], tf.float32))
+    out_coords, pair_ptr, pairs, _ = rulebook_on_gpu(lib, cg, case)
     assert_on_gpu(out_coords, pair_ptr, pairs)
     out = check(
         lambda c: tsc.ops.sparse_conv_rulebook(c, SHAPE3, ksize, strides, dilations, submanifold),
@@ -561,15 +567,8 @@ def test_sparse_conv(lib, rng, dtype, case):
     kernel = rng.standard_normal((*ksize, 8, 12)) / np.sqrt(8 * np.prod(ksize))
     fg, kg = on_gpu(*prepare([features, kernel.reshape(-1, 8, 12)], dtype))
     (cg,) = on_gpu(*prepare([coords], dtype))
+    out_coords, pair_ptr, pairs, _ = rulebook_on_gpu(lib, cg, case)
     with tf.device(GPU):
-        out_coords, pair_ptr, pairs, _ = lib.tf_sparse_conv_sparse_conv_rulebook(
-            cg,
-            tf.constant(SHAPE3, tf.int32),
-            kernel_size=list(ksize),
-            strides=list(strides),
-            dilations=list(dilations),
-            submanifold=submanifold,
-        )
         out = lib.tf_sparse_conv_sparse_conv_features(fg, kg, pair_ptr, pairs, tf.shape(out_coords)[0])
         grad = lib.tf_sparse_conv_sparse_conv_kernel_grad(fg, out, pair_ptr, pairs)
     assert_on_gpu(out, grad)

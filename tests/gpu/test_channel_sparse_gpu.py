@@ -213,12 +213,18 @@ def _interior(g):
     return (slice(None), slice(g.pad_top, g.pad_top + g.in_h), slice(g.pad_left, g.pad_left + g.in_w))
 
 
+def _padded(x, g):
+    """x zero-padded as the convolution reads it."""
+    xp = np.zeros(_padded_shape(g))
+    xp[_interior(g)] = x
+    return xp
+
+
 def ref_forward(x, kernel, conn, g):
     y = np.zeros(g.y_shape)
     if g.out_h == 0 or g.out_w == 0:
         return y
-    xp = np.zeros(_padded_shape(g))
-    xp[_interior(g)] = x
+    xp = _padded(x, g)
     dense = dense_kernel(kernel, conn, g.in_c)
     for i in range(g.k_h):
         for j in range(g.k_w):
@@ -240,8 +246,7 @@ def ref_backprop_kernel(x, dy, conn, g):
     dk = np.zeros(g.kernel_shape)
     if g.out_h == 0 or g.out_w == 0:
         return dk
-    xp = np.zeros(_padded_shape(g))
-    xp[_interior(g)] = x
+    xp = _padded(x, g)
     rows = np.arange(g.out_c)[:, None]
     valid = valid_connections(conn, g.in_c)
     safe = np.where(valid, conn, 0)
