@@ -91,8 +91,10 @@ def padding(value, name: str = "padding", upper: bool = False) -> str:
     return value.upper() if upper else value.lower()
 
 
-def fraction(value, name: str, *, allow_zero: bool, allow_one: bool) -> float:
-    """A number in (0, 1), with 0 and/or 1 allowed, as a float."""
+def fraction(value, name: str, *, allow_zero: bool, allow_one: bool, allow_none: bool = False):
+    """A number in (0, 1), with 0 and/or 1 allowed, as a float (None passes when `allow_none`)."""
+    if value is None and allow_none:
+        return None
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import keras
-from keras import constraints, initializers, regularizers
+from keras import activations, constraints, initializers, regularizers
 
 
 def adopt_input_of(wrapper: keras.layers.Layer, layer: keras.layers.Layer) -> None:
@@ -72,7 +72,11 @@ class ConvWeightsMixin:
         )
 
     def _weight_config(self):
+        """The config entries every convolution layer has: activation, use_bias and the
+        arguments of `_init_weight_args`."""
         return {
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "bias_initializer": initializers.serialize(self.bias_initializer),
             "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),

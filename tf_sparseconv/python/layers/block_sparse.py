@@ -135,8 +135,6 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
                 "avgpool": self.avgpool,
                 "strides": self.strides,
                 "padding": self.padding,
-                "use_bias": self.use_bias,
-                "activation": activations.serialize(self.activation),
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
                 **self._weight_config(),
             }
@@ -255,8 +253,6 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
                 "block_size": self.block_size,
                 "threshold": self.threshold,
                 "avgpool": self.avgpool,
-                "activation": activations.serialize(self.activation),
-                "use_bias": self.use_bias,
                 **self._weight_config(),
             }
         )

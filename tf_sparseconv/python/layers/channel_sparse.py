@@ -48,10 +48,8 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
         self.strides = int_tuple(strides, self.rank, "strides")
         self.dilation_rate = int_tuple(dilation_rate, self.rank, "dilation_rate")
         self.padding = _validation.padding(padding)
-        self.density = (
-            None
-            if density is None
-            else _validation.fraction(density, "density", allow_zero=False, allow_one=True)
+        self.density = _validation.fraction(
+            density, "density", allow_zero=False, allow_one=True, allow_none=True
         )
         self.fan_in = positive_int(fan_in, "fan_in", allow_none=True)
         self.connections = None
@@ -178,8 +176,6 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
                 "strides": self.strides,
                 "padding": self.padding,
                 "dilation_rate": self.dilation_rate,
-                "use_bias": self.use_bias,
-                "activation": activations.serialize(self.activation),
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
                 **self._weight_config(),
             }

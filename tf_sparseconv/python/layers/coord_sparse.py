@@ -493,8 +493,6 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
                 "dilation_rate": self.dilation_rate,
                 "submanifold": self.submanifold,
                 "max_active_sites": self.max_active_sites,
-                "activation": activations.serialize(self.activation),
-                "use_bias": self.use_bias,
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
                 **self._weight_config(),
             }
@@ -620,8 +618,6 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
                 "filters": self.filters,
                 "kernel_size": self.kernel_size,
                 "strides": self.strides,
-                "activation": activations.serialize(self.activation),
-                "use_bias": self.use_bias,
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
                 **self._weight_config(),
             }

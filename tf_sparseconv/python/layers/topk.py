@@ -31,10 +31,8 @@ class KWinners(keras.layers.Layer):
         check_backend(type(self).__name__)
         _validation.exactly_one(k=k, sparsity=sparsity)
         self.k = _validation.positive_int(k, "k", allow_none=True)
-        self.sparsity = (
-            None
-            if sparsity is None
-            else _validation.fraction(sparsity, "sparsity", allow_zero=True, allow_one=False)
+        self.sparsity = _validation.fraction(
+            sparsity, "sparsity", allow_zero=True, allow_one=False, allow_none=True
         )
         self.axis = _common.normalize_axis(axis, None)
         self.supports_jit = False
@@ -89,10 +87,8 @@ class TopKAttention(keras.layers.Layer):
         check_backend(type(self).__name__)
         _validation.exactly_one(k=k, density=density)
         self.k = _validation.positive_int(k, "k", allow_none=True)
-        self.density = (
-            None
-            if density is None
-            else _validation.fraction(density, "density", allow_zero=False, allow_one=True)
+        self.density = _validation.fraction(
+            density, "density", allow_zero=False, allow_one=True, allow_none=True
         )
         self.mode = _common.choice(mode, "mode", ("abs", "relu"))
         self.per = _common.choice(per, "per", ("channel", "sample"))

@@ -193,8 +193,11 @@ def _last_axis(axis, rank: int = 3) -> bool:
     return all(int(a) % rank == rank - 1 for a in axes)
 
 
-def _conv_cell(layer, channels, kernel_size, stride, dilation, padding, valid):
-    span = (kernel_size - 1) * dilation + 1
+def _conv_cell(layer, channels, valid):
+    """The cell of a 1-D convolution layer (Keras' `kernel_size`, `strides`, `dilation_rate`
+    and `padding` attributes) whose `valid(x)` gives the outputs of the windows of `x`."""
+    stride, dilation, padding = layer.strides[0], layer.dilation_rate[0], layer.padding.lower()
+    span = (layer.kernel_size[0] - 1) * dilation + 1
     if padding == "causal":
         return WindowCell(layer, channels, span, stride, 0, valid)
     if padding == "valid":
@@ -228,29 +231,13 @@ def make_cell(layer, input_shapes) -> Cell:
     if isinstance(layer, ChannelSparseConv1D):
         # Its own call on a window is the valid convolution (padding 'valid', or
         # 'same' with one tap and stride 1, which pads nothing).
-        return _conv_cell(
-            layer,
-            channels,
-            layer.kernel_size[0],
-            layer.strides[0],
-            layer.dilation_rate[0],
-            layer.padding.lower(),
-            lambda x: layer(x, training=False),
-        )
+        return _conv_cell(layer, channels, lambda x: layer(x, training=False))
     if isinstance(layer, keras.layers.Conv1D):
         if layer.groups != 1 or layer.data_format != "channels_last":
             raise StreamingError(f"{name}: only channels_last Conv1D with groups=1 can stream")
         if layer.padding == "causal" and layer.strides[0] == 1:
             return ConvStepCell(layer, channels, layer.dilation_rate[0])
-        return _conv_cell(
-            layer,
-            channels,
-            layer.kernel_size[0],
-            layer.strides[0],
-            layer.dilation_rate[0],
-            layer.padding,
-            _conv_valid(layer, layer.strides[0], layer.dilation_rate[0]),
-        )
+        return _conv_cell(layer, channels, _conv_valid(layer, layer.strides[0], layer.dilation_rate[0]))
     if isinstance(layer, (keras.layers.MaxPooling1D, keras.layers.AveragePooling1D)):
         if layer.data_format != "channels_last":
             raise StreamingError(f"{name}: only channels_last pooling can stream")

@@ -6,9 +6,10 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras import activations, constraints, initializers, regularizers
+from keras import activations
 
 from tf_sparseconv.python._validation import int_tuple, positive_int
+from tf_sparseconv.python.layers._base import ConvWeightsMixin
 from tf_sparseconv.python.ops.streaming_ops import streaming_conv_step
 
 
@@ -42,7 +43,7 @@ def valid_conv(x, kernel, bias, activation, stride: int, dilation: int) -> tf.Te
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
-class StreamingConv1D(keras.layers.Layer):
+class StreamingConv1D(ConvWeightsMixin, keras.layers.Layer):
     """Causal convolution over `[B, T, C]` (kernel `[k, C, filters]`).
 
     Output frame `j` reads the input frames `j * strides - (k - 1) * dilation_rate`
@@ -90,12 +91,14 @@ class StreamingConv1D(keras.layers.Layer):
         self.dilation_rate = _positive(dilation_rate, "dilation_rate")
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+        self._init_weight_args(
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+        )
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self.supports_jit = False  # a custom op
 
@@ -110,24 +113,8 @@ class StreamingConv1D(keras.layers.Layer):
             raise ValueError(
                 f"{self.name}: the channel dimension of the input must be known, got {input_shape}"
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(self.kernel_size, channels, self.filters),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.filters,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-            if self.use_bias
-            else None
-        )
+        self.kernel = self._kernel("kernel", (self.kernel_size, channels, self.filters))
+        self.bias = self._bias("bias", self.filters) if self.use_bias else None
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: channels})
         self.built = True
 
@@ -158,12 +145,5 @@ class StreamingConv1D(keras.layers.Layer):
             "kernel_size": self.kernel_size,
             "strides": self.strides,
             "dilation_rate": self.dilation_rate,
-            "activation": activations.serialize(self.activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": initializers.serialize(self.kernel_initializer),
-            "bias_initializer": initializers.serialize(self.bias_initializer),
-            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": constraints.serialize(self.kernel_constraint),
-            "bias_constraint": constraints.serialize(self.bias_constraint),
+            **self._weight_config(),
         }
