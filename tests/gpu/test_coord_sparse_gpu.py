@@ -33,8 +33,7 @@ from _common import (
     dev_ptr,
     error_bound,
     garbage,
-    guarded,
-    guarded_contents,
+    guarded_array,
     time_ms,
     to_float64,
     to_storage,
@@ -517,7 +516,7 @@ def run_guarded(lib, name, prob, pair_ptr, pairs, shape, *sizes):
     """One kernel on prob's operands with the given (possibly malformed) rulebook, the output
     between guard zones; returns its float64 values after checking the guards."""
     stream = cupy.cuda.get_current_stream()
-    whole, out = guarded(int(np.prod(shape)) * np.dtype(STORAGE[prob.dtype]).itemsize)
+    whole, out = guarded_array(shape, STORAGE[prob.dtype])
     f = cupy.asarray(prob.f_s)
     other = cupy.asarray(prob.k_s if name == "tsc_sparse_conv_features_gpu" else prob.g_s)
     d_ptr, d_pairs = cupy.asarray(pair_ptr), cupy.asarray(pairs)
@@ -527,11 +526,11 @@ def run_guarded(lib, name, prob, pair_ptr, pairs, shape, *sizes):
     else:  # n, grad, m, K, cin, cout, ptr, pairs, P
         args = (prob.n, dev_ptr(other), prob.num_out, len(pair_ptr) - 1, prob.cin, prob.cout)
         tail = (dev_ptr(d_ptr), dev_ptr(d_pairs), len(pairs))
-    err = getattr(lib, name)(FORMATS[prob.dtype], dev_ptr(f), *args, *tail, out, stream.ptr)
+    err = getattr(lib, name)(FORMATS[prob.dtype], dev_ptr(f), *args, *tail, out.data.ptr, stream.ptr)
     assert err is None, err.decode()
     stream.synchronize()
     assert_guards(name, whole)
-    return to_float64(guarded_contents(whole, shape, prob.dtype), prob.dtype)
+    return to_float64(cupy.asnumpy(out), prob.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
