@@ -1,10 +1,12 @@
 """Builds the standalone GPU kernel library used by the tests in tests/gpu/.
 
 Every ``tf_sparseconv/cc/kernels/*_gpu.cu.cc`` file (TensorFlow-independent
-CUDA code exposing ``extern "C"`` entry points) is compiled with nvcc and
-linked into ONE shared library, ``tests/gpu/_build/libtsc_gpu_kernels.so``,
-with the CUDA runtime linked statically (it loads without a GPU and next to
-CuPy's runtime). New op families only need to add their own ``*_gpu.cu.cc`` file.
+CUDA code behind the launchers of ``*_launcher.h``) and the test-only
+``extern "C"`` entry points beside this file (``tests/gpu/*_entry.cu.cc``)
+are compiled with nvcc and linked into ONE shared library,
+``tests/gpu/_build/libtsc_gpu_kernels.so``, with the CUDA runtime linked
+statically (it loads without a GPU and next to CuPy's runtime). A new op
+family adds its ``*_gpu.cu.cc`` and ``*_entry.cu.cc``.
 
 Toolkit: the package build's finder (tools/build_ops.py ``find_cuda_toolkit``:
 $NVCC, $CUDA_HOME/$CUDA_PATH, a pip toolkit of this Python, PATH,
@@ -147,7 +149,11 @@ def find_compute_sanitizer(nvcc=None):
 
 
 def sources():
-    return sorted(glob.glob(os.path.join(KERNELS_DIR, "*_gpu.cu.cc")))
+    """The kernels (tf_sparseconv/cc/kernels/*_gpu.cu.cc) and their test-only C entry points
+    (tests/gpu/*_entry.cu.cc, which the TensorFlow op library does not compile)."""
+    return sorted(glob.glob(os.path.join(KERNELS_DIR, "*_gpu.cu.cc"))) + sorted(
+        glob.glob(os.path.join(HERE, "*_entry.cu.cc"))
+    )
 
 
 def _inputs():

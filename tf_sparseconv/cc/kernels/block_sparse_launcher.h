@@ -2,7 +2,7 @@
 // ops (raw device pointers, a cudaStream_t passed as void*). Each returns
 // nullptr on success or a static error string. Semantics and layouts are in
 // block_sparse_common.h; `format` is the dtype of mask / x / blocks / base /
-// out (topk_common.h's FloatFormat). For gather and scatter, g.grid_h and
+// out (float_format.h's FloatFormat). For gather and scatter, g.grid_h and
 // g.grid_w are the index limits (BlockIndexLimit), not the grid formula:
 // rows with b, bh or bw outside [0, batch) x [0, grid_h) x [0, grid_w) are
 // skipped (gather: all-zero block).
@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "tf_sparseconv/cc/kernels/block_sparse_common.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 
@@ -52,23 +52,5 @@ const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks,
                                    void* workspace, void* stream);
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-// C entry points for ctypes (tests/gpu/): `geometry` points to 12 int64 in
-// the field order of BlockGeometry.
-int64_t tsc_reduce_mask_gpu_workspace_bytes(const int64_t* geometry);
-const char* tsc_reduce_mask_count_gpu(int format, const void* mask, float threshold,
-                                      int avgpool, const int64_t* geometry,
-                                      void* workspace, int64_t* count, void* stream);
-const char* tsc_reduce_mask_indices_gpu(const int64_t* geometry, void* workspace,
-                                        int32_t* indices, int64_t count, void* stream);
-const char* tsc_sparse_gather_gpu(int format, const void* x, const int32_t* indices,
-                                  int64_t n, void* blocks, const int64_t* geometry,
-                                  void* stream);
-int64_t tsc_sparse_scatter_gpu_workspace_bytes(const int64_t* geometry, int64_t n);
-const char* tsc_sparse_scatter_gpu(int format, const void* blocks, const int32_t* indices,
-                                   int64_t n, const void* base, void* out, int add,
-                                   const int64_t* geometry, void* workspace, void* stream);
-}
 
 #endif  // TF_SPARSECONV_CC_KERNELS_BLOCK_SPARSE_LAUNCHER_H_

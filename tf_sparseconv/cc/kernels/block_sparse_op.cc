@@ -25,9 +25,6 @@
 #include <sys/mman.h>
 #endif
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_sparseconv/cc/kernels/block_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
 
@@ -36,19 +33,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
-#if TF_SPARSECONV_CUDA
-using GPUDevice = Eigen::GpuDevice;
-#endif
 
 namespace {
 
@@ -555,31 +539,22 @@ class SparseScatterOp : public BlockOpBase {
   bool add_ = false;
 };
 
-#define TSC_REGISTER(DEVICE, DEV, T)                                                      \
+#define TSC_REGISTER(DEV, T)                                                              \
   REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>ReduceMask").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
-      ReduceMaskOp<DEV, T>);                                                              \
+      Name("TfSparseConv>ReduceMask").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),     \
+      ReduceMaskOp<DEV##Device, T>);                                                      \
   REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>SparseGather").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
-      SparseGatherOp<DEV, T>);                                                            \
+      Name("TfSparseConv>SparseGather").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),   \
+      SparseGatherOp<DEV##Device, T>);                                                    \
   REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>SparseScatter").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"), \
-      SparseScatterOp<DEV, T, false>);                                                    \
+      Name("TfSparseConv>SparseScatter").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),  \
+      SparseScatterOp<DEV##Device, T, false>);                                            \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseScatterZeros")                         \
-                              .Device(::tensorflow::DEVICE)                               \
+                              .Device(TSC_DEVICE(DEV))                                    \
                               .HostMemory("shape")                                        \
                               .TypeConstraint<T>("T"),                                    \
-                          SparseScatterOp<DEV, T, true>);
-TSC_REGISTER(DEVICE_CPU, CPUDevice, Eigen::half);
-TSC_REGISTER(DEVICE_CPU, CPUDevice, Eigen::bfloat16);
-TSC_REGISTER(DEVICE_CPU, CPUDevice, float);
-TSC_REGISTER(DEVICE_CPU, CPUDevice, double);
-#if TF_SPARSECONV_CUDA
-TSC_REGISTER(DEVICE_GPU, GPUDevice, Eigen::half);
-TSC_REGISTER(DEVICE_GPU, GPUDevice, Eigen::bfloat16);
-TSC_REGISTER(DEVICE_GPU, GPUDevice, float);
-TSC_REGISTER(DEVICE_GPU, GPUDevice, double);
-#endif
+                          SparseScatterOp<DEV##Device, T, true>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER
 
 }  // namespace tf_sparseconv

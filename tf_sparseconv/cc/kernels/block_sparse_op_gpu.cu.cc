@@ -62,7 +62,8 @@
 #include "tf_sparseconv/cc/kernels/block_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/block_sparse_launcher.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
@@ -82,20 +83,18 @@ constexpr int64_t kTile = int64_t{kScanThreads} * kScanItems;
 constexpr int kTileScanThreads = 1024;  // the one-block scan of tile sums
 constexpr int64_t kAlign = 256;         // workspace sub-buffers
 
-// ---------------------------------------------------------------------------
-// Element types
-// ---------------------------------------------------------------------------
+// --- Element types ----------------------------------------------------------
 
 using gpu::Elem;  // gpu_elem.cu.h
+using gpu::Check;  // gpu_util.cu.h
+using gpu::LastError;  // gpu_util.cu.h
 
 __device__ __forceinline__ float NegInf(float) { return -__int_as_float(0x7f800000); }
 __device__ __forceinline__ double NegInf(double) {
   return -__longlong_as_double(0x7ff0000000000000ll);
 }
 
-// ---------------------------------------------------------------------------
-// Device helpers
-// ---------------------------------------------------------------------------
+// --- Device helpers ---------------------------------------------------------
 
 // Exclusive prefix sum of v over the B threads of a block (B a multiple of
 // 32, <= 1024); *total is the block's sum. Every thread must call it.
@@ -145,9 +144,7 @@ __device__ __forceinline__ int64_t CellOf(const int32_t* __restrict__ row,
   return (b * g.grid_h + bh) * g.grid_w + bw;
 }
 
-// ---------------------------------------------------------------------------
-// Prefix sums by tiles
-// ---------------------------------------------------------------------------
+// --- Prefix sums by tiles ---------------------------------------------------
 
 // sums[t] = sum of in[t * kTile, (t + 1) * kTile) (clipped to items).
 template <typename C>
@@ -189,9 +186,7 @@ template <typename C>
 const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums,
                            cudaStream_t stream);
 
-// ---------------------------------------------------------------------------
-// ReduceMask
-// ---------------------------------------------------------------------------
+// --- ReduceMask -------------------------------------------------------------
 
 // flags[k] for the blocks k = (b * grid_h + bh) * grid_w + bw; L lanes per
 // block (1: row-major sequential sum, the CPU kernel's order; 32: one warp,
@@ -281,9 +276,7 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-// ---------------------------------------------------------------------------
-// SparseScatter: bucket index
-// ---------------------------------------------------------------------------
+// --- SparseScatter: bucket index --------------------------------------------
 
 __global__ void __launch_bounds__(kThreads)
     CellCountKernel(const int32_t* __restrict__ indices, int32_t n,
@@ -357,9 +350,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---------------------------------------------------------------------------
-// SparseGather / SparseScatter
-// ---------------------------------------------------------------------------
+// --- SparseGather / SparseScatter -------------------------------------------
 
 // blocks[k, i, j, u] (u: channel unit) from x; one thread per element.
 template <typename U, typename Index>
@@ -501,18 +492,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---------------------------------------------------------------------------
-// Host side
-// ---------------------------------------------------------------------------
-
-const char* LastError() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-const char* Check(cudaError_t err) {
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
+// --- Host side --------------------------------------------------------------
 
 unsigned GridFor(int64_t work, int64_t threads) {
   const int64_t blocks = (work + threads - 1) / threads;
@@ -614,6 +594,19 @@ int CopyUnit(int64_t row_bytes, const void* a, const void* b, const void* c) {
     if (row_bytes % u == 0 && mis % static_cast<uintptr_t>(u) == 0) return u;
   }
   return 2;
+}
+
+// fn(TypeTag<U>{}) with U the type of CopyUnit's unit (uint4, uint2, uint32_t
+// or uint16_t).
+template <typename Fn>
+const char* DispatchCopyUnit(int64_t row_bytes, const void* a, const void* b, const void* c,
+                             Fn&& fn) {
+  switch (CopyUnit(row_bytes, a, b, c)) {
+    case 16: return fn(gpu::TypeTag<uint4>{});
+    case 8: return fn(gpu::TypeTag<uint2>{});
+    case 4: return fn(gpu::TypeTag<uint32_t>{});
+    default: return fn(gpu::TypeTag<uint16_t>{});
+  }
 }
 
 template <typename C>
@@ -729,9 +722,7 @@ const char* GatherConfig(const void* x, const int32_t* indices, void* blocks,
 
 }  // namespace
 
-// ---------------------------------------------------------------------------
-// Launchers
-// ---------------------------------------------------------------------------
+// --- Launchers --------------------------------------------------------------
 
 int64_t ReduceMaskGpuWorkspaceBytes(const BlockGeometry& g) {
   Sizes s;
@@ -756,20 +747,10 @@ const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask,
   uint8_t* flags = reinterpret_cast<uint8_t*>(ws);
   int64_t* tile_sums = reinterpret_cast<int64_t*>(ws + layout.tile_sums);
   const char* err = kUnknownFormat;
-  switch (format) {
-    case FloatFormat::kHalf:
-      err = FlagsTyped<__half>(mask, threshold, avgpool, g, s.cells, flags, st);
-      break;
-    case FloatFormat::kBFloat16:
-      err = FlagsTyped<__nv_bfloat16>(mask, threshold, avgpool, g, s.cells, flags, st);
-      break;
-    case FloatFormat::kFloat:
-      err = FlagsTyped<float>(mask, threshold, avgpool, g, s.cells, flags, st);
-      break;
-    case FloatFormat::kDouble:
-      err = FlagsTyped<double>(mask, threshold, avgpool, g, s.cells, flags, st);
-      break;
-  }
+  err = gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return FlagsTyped<T>(mask, threshold, avgpool, g, s.cells, flags, st);
+  });
   if (err) return err;
   if ((err = LaunchTileScan(flags, s.cells, tile_sums, st))) return err;
   int64_t total = 0;
@@ -816,20 +797,12 @@ const char* LaunchSparseGatherGpu(FloatFormat format, const void* x,
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool use32 = Use32(g, s, elems);
   const int64_t row_bytes = g.c * bytes;
-  switch (CopyUnit(row_bytes, x, blocks, nullptr)) {
-    case 16:
-      return GatherConfig<uint4>(x, indices, blocks, g, row_bytes / 16,
-                                 elems * bytes / 16, use32, st);
-    case 8:
-      return GatherConfig<uint2>(x, indices, blocks, g, row_bytes / 8,
-                                 elems * bytes / 8, use32, st);
-    case 4:
-      return GatherConfig<uint32_t>(x, indices, blocks, g, row_bytes / 4,
-                                    elems * bytes / 4, use32, st);
-    default:
-      return GatherConfig<uint16_t>(x, indices, blocks, g, row_bytes / 2,
-                                    elems * bytes / 2, use32, st);
-  }
+  return DispatchCopyUnit(row_bytes, x, blocks, nullptr, [&](auto tag) {
+    using U = typename decltype(tag)::type;
+    constexpr int64_t kUnit = sizeof(U);
+    return GatherConfig<U>(x, indices, blocks, g, row_bytes / kUnit, elems * bytes / kUnit, use32,
+                           st);
+  });
 }
 
 int64_t SparseScatterGpuWorkspaceBytes(const BlockGeometry& g, int64_t n) {
@@ -893,113 +866,19 @@ const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks,
 
   const bool use32 = Use32(g, s, elems);
   if (add) {
-    switch (format) {
-      case FloatFormat::kHalf:
-        return ScatterConfig<__half, true>(blocks, indices, base, out, starts,
-                                           sorted, g, g.c, elems, use32, st);
-      case FloatFormat::kBFloat16:
-        return ScatterConfig<__nv_bfloat16, true>(blocks, indices, base, out,
-                                                  starts, sorted, g, g.c, elems,
-                                                  use32, st);
-      case FloatFormat::kFloat:
-        return ScatterConfig<float, true>(blocks, indices, base, out, starts,
-                                          sorted, g, g.c, elems, use32, st);
-      case FloatFormat::kDouble:
-        return ScatterConfig<double, true>(blocks, indices, base, out, starts,
-                                           sorted, g, g.c, elems, use32, st);
-    }
-    return kUnknownFormat;
+    return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      return ScatterConfig<T, true>(blocks, indices, base, out, starts, sorted, g, g.c, elems,
+                                    use32, st);
+    });
   }
   const int64_t row_bytes = g.c * bytes;
-  switch (CopyUnit(row_bytes, blocks, base, out)) {
-    case 16:
-      return ScatterConfig<uint4, false>(blocks, indices, base, out, starts,
-                                         sorted, g, row_bytes / 16,
-                                         elems * bytes / 16, use32, st);
-    case 8:
-      return ScatterConfig<uint2, false>(blocks, indices, base, out, starts,
-                                         sorted, g, row_bytes / 8,
-                                         elems * bytes / 8, use32, st);
-    case 4:
-      return ScatterConfig<uint32_t, false>(blocks, indices, base, out, starts,
-                                            sorted, g, row_bytes / 4,
-                                            elems * bytes / 4, use32, st);
-    default:
-      return ScatterConfig<uint16_t, false>(blocks, indices, base, out, starts,
-                                            sorted, g, row_bytes / 2,
-                                            elems * bytes / 2, use32, st);
-  }
+  return DispatchCopyUnit(row_bytes, blocks, base, out, [&](auto tag) {
+    using U = typename decltype(tag)::type;
+    constexpr int64_t kUnit = sizeof(U);
+    return ScatterConfig<U, false>(blocks, indices, base, out, starts, sorted, g, row_bytes / kUnit,
+                                   elems * bytes / kUnit, use32, st);
+  });
 }
 
 }  // namespace tf_sparseconv
-
-namespace {
-
-tf_sparseconv::BlockGeometry UnpackGeometry(const int64_t* v) {
-  tf_sparseconv::BlockGeometry g;
-  g.batch = v[0];
-  g.h = v[1];
-  g.w = v[2];
-  g.c = v[3];
-  g.size_h = v[4];
-  g.size_w = v[5];
-  g.stride_h = v[6];
-  g.stride_w = v[7];
-  g.offset_h = v[8];
-  g.offset_w = v[9];
-  g.grid_h = v[10];
-  g.grid_w = v[11];
-  return g;
-}
-
-constexpr const char* kNullGeometry = "tsc_block_sparse: geometry is null";
-
-}  // namespace
-
-extern "C" {
-
-int64_t tsc_reduce_mask_gpu_workspace_bytes(const int64_t* geometry) {
-  if (geometry == nullptr) return 0;
-  return tf_sparseconv::ReduceMaskGpuWorkspaceBytes(UnpackGeometry(geometry));
-}
-
-const char* tsc_reduce_mask_count_gpu(int format, const void* mask, float threshold,
-                                      int avgpool, const int64_t* geometry,
-                                      void* workspace, int64_t* count, void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchReduceMaskCountGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), mask, threshold,
-      avgpool != 0, UnpackGeometry(geometry), workspace, count, stream);
-}
-
-const char* tsc_reduce_mask_indices_gpu(const int64_t* geometry, void* workspace,
-                                        int32_t* indices, int64_t count, void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchReduceMaskIndicesGpu(UnpackGeometry(geometry),
-                                                   workspace, indices, count, stream);
-}
-
-const char* tsc_sparse_gather_gpu(int format, const void* x, const int32_t* indices,
-                                  int64_t n, void* blocks, const int64_t* geometry,
-                                  void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchSparseGatherGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, indices, n, blocks,
-      UnpackGeometry(geometry), stream);
-}
-
-int64_t tsc_sparse_scatter_gpu_workspace_bytes(const int64_t* geometry, int64_t n) {
-  if (geometry == nullptr) return 0;
-  return tf_sparseconv::SparseScatterGpuWorkspaceBytes(UnpackGeometry(geometry), n);
-}
-
-const char* tsc_sparse_scatter_gpu(int format, const void* blocks, const int32_t* indices,
-                                   int64_t n, const void* base, void* out, int add,
-                                   const int64_t* geometry, void* workspace, void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchSparseScatterGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), blocks, indices, n, base, out,
-      add != 0, UnpackGeometry(geometry), workspace, stream);
-}
-
-}  // extern "C"

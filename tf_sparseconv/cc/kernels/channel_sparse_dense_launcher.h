@@ -27,16 +27,4 @@ const char* LaunchChannelSparseGatherKernelGpu(int elem_bytes, const void* dense
 
 }  // namespace tf_sparseconv
 
-extern "C" {
-// C entry points for ctypes (tests/gpu/).
-const char* tsc_channel_sparse_dense_kernel_gpu(int elem_bytes, const void* kernel,
-                                                const int32_t* connections, void* dense,
-                                                int64_t taps, int64_t m, int64_t cout,
-                                                int64_t cin, void* stream);
-const char* tsc_channel_sparse_gather_kernel_gpu(int elem_bytes, const void* dense,
-                                                 const int32_t* connections, void* kernel,
-                                                 int64_t taps, int64_t m, int64_t cout,
-                                                 int64_t cin, void* stream);
-}
-
 #endif  // TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_DENSE_LAUNCHER_H_

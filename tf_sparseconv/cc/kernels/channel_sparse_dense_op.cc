@@ -18,9 +18,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/platform/mutex.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
@@ -30,15 +27,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace {
 
@@ -144,7 +132,6 @@ struct DenseFunctor<CPUDevice, T> {
 };
 
 #if TF_SPARSECONV_CUDA
-using GPUDevice = Eigen::GpuDevice;
 
 template <typename T>
 struct DenseFunctor<GPUDevice, T> {
@@ -268,30 +255,16 @@ class ChannelSparseGatherKernelOp : public OpKernel {
 
 }  // namespace
 
-#define TSC_REGISTER(DEVICE, DEVICE_TYPE, T)                                              \
+#define TSC_REGISTER(DEV, T)                                                              \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseDenseKernel")                   \
-                              .Device(::tensorflow::DEVICE_TYPE)                          \
+                              .Device(TSC_DEVICE(DEV))                                    \
                               .TypeConstraint<T>("T"),                                    \
-                          ChannelSparseDenseKernelOp<DEVICE, T>);                         \
+                          ChannelSparseDenseKernelOp<DEV##Device, T>);                    \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseGatherKernel")                  \
-                              .Device(::tensorflow::DEVICE_TYPE)                          \
+                              .Device(TSC_DEVICE(DEV))                                    \
                               .TypeConstraint<T>("T"),                                    \
-                          ChannelSparseGatherKernelOp<DEVICE, T>);
-#define TSC_REGISTER_CPU(T) TSC_REGISTER(CPUDevice, DEVICE_CPU, T)
-TSC_REGISTER_CPU(Eigen::half);
-TSC_REGISTER_CPU(Eigen::bfloat16);
-TSC_REGISTER_CPU(float);
-TSC_REGISTER_CPU(double);
-#undef TSC_REGISTER_CPU
-
-#if TF_SPARSECONV_CUDA
-#define TSC_REGISTER_GPU(T) TSC_REGISTER(GPUDevice, DEVICE_GPU, T)
-TSC_REGISTER_GPU(Eigen::half);
-TSC_REGISTER_GPU(Eigen::bfloat16);
-TSC_REGISTER_GPU(float);
-TSC_REGISTER_GPU(double);
-#undef TSC_REGISTER_GPU
-#endif  // TF_SPARSECONV_CUDA
+                          ChannelSparseGatherKernelOp<DEV##Device, T>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER
 
 }  // namespace tf_sparseconv

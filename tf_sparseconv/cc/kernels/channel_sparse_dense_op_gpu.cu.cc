@@ -94,23 +94,3 @@ const char* LaunchChannelSparseGatherKernelGpu(int elem_bytes, const void* dense
 }
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-
-const char* tsc_channel_sparse_dense_kernel_gpu(int elem_bytes, const void* kernel,
-                                                const int32_t* connections, void* dense,
-                                                int64_t taps, int64_t m, int64_t cout,
-                                                int64_t cin, void* stream) {
-  return tf_sparseconv::LaunchChannelSparseDenseKernelGpu(elem_bytes, kernel, connections, dense,
-                                                          taps, m, cout, cin, stream);
-}
-
-const char* tsc_channel_sparse_gather_kernel_gpu(int elem_bytes, const void* dense,
-                                                 const int32_t* connections, void* kernel,
-                                                 int64_t taps, int64_t m, int64_t cout,
-                                                 int64_t cin, void* stream) {
-  return tf_sparseconv::LaunchChannelSparseGatherKernelGpu(elem_bytes, dense, connections, kernel,
-                                                           taps, m, cout, cin, stream);
-}
-
-}  // extern "C"

@@ -2,7 +2,7 @@
 // convolution (raw device pointers, a cudaStream_t passed as void*). Each
 // returns nullptr on success or a static error string. Layouts and the
 // formula are in channel_sparse_common.h; `format` is the dtype of x, kernel,
-// y, dy, dx and dkernel (topk_common.h's FloatFormat). Arithmetic is in float
+// y, dy, dx and dkernel (float_format.h's FloatFormat). Arithmetic is in float
 // for half/bfloat16 and in the dtype otherwise. Results are bitwise
 // deterministic. `connections` (device memory) are not validated: entries
 // outside [0, in_c) contribute nothing and are never dereferenced.
@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 
@@ -51,30 +51,5 @@ const char* LaunchChannelSparseConv2DBackpropKernelGpu(
     void* stream);
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-// C entry points for ctypes (tests/gpu/): `geometry` points to 16 int64 in
-// the field order of ChannelSparseGeometry.
-const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
-                                          const void* kernel,
-                                          const int32_t* connections, void* y,
-                                          const int64_t* geometry,
-                                          void* stream);
-// `bias` may be nullptr; activation 0 = linear, 1 = relu.
-const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
-    int format, const void* x, const void* kernel, const int32_t* connections,
-    const void* bias, int activation, void* y, const int64_t* geometry,
-    void* stream);
-// *bytes = the workspace size of tsc_channel_sparse_conv2d_backprop_input_gpu.
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes(
-    const int64_t* geometry, int64_t* bytes);
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
-    int format, const void* dy, const void* kernel, const int32_t* connections,
-    void* dx, void* workspace, int64_t workspace_bytes, const int64_t* geometry,
-    void* stream);
-const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
-    int format, const void* x, const void* dy, const int32_t* connections,
-    void* dkernel, const int64_t* geometry, void* stream);
-}
 
 #endif  // TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_LAUNCHER_H_

@@ -58,7 +58,8 @@
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
@@ -81,6 +82,9 @@ constexpr int64_t kTargetThreads = int64_t{1} << 17;
 // ---------------------------------------------------------------------------
 
 using gpu::Elem;  // gpu_elem.cu.h
+using gpu::Check;      // gpu_util.cu.h
+using gpu::LastError;  // gpu_util.cu.h
+using gpu::MemsetZero;  // gpu_util.cu.h
 
 // ---------------------------------------------------------------------------
 // Device helpers
@@ -422,17 +426,6 @@ __global__ void __launch_bounds__(B)
 // Host side
 // ---------------------------------------------------------------------------
 
-const char* LastError() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-const char* MemsetZero(void* p, int64_t bytes, cudaStream_t stream) {
-  const cudaError_t err =
-      cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), stream);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 unsigned GridFor(int64_t work, int64_t threads) {
   const int64_t blocks = (work + threads - 1) / threads;
   return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
@@ -594,9 +587,10 @@ const char* MakeTransposeLayout(void* base, const ChannelSparseGeometry& g,
   l->temp_bytes = 0;
   cub::DoubleBuffer<uint32_t> keys(l->keys[0], l->keys[1]);
   cub::DoubleBuffer<int32_t> vals(l->vals[0], l->vals[1]);
-  const cudaError_t err = cub::DeviceRadixSort::SortPairs(
-      nullptr, l->temp_bytes, keys, vals, static_cast<int>(n), 0, l->key_bits);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (const char* err = Check(cub::DeviceRadixSort::SortPairs(
+          nullptr, l->temp_bytes, keys, vals, static_cast<int>(n), 0, l->key_bits))) {
+    return err;
+  }
   l->temp = c.Take<char>(static_cast<int64_t>(l->temp_bytes));
   l->total = c.Total();
   return nullptr;
@@ -622,10 +616,10 @@ const char* BuildTranspose(const int32_t* conn, const ChannelSparseGeometry& g,
   cub::DoubleBuffer<uint32_t> keys(l.keys[0], l.keys[1]);
   cub::DoubleBuffer<int32_t> vals(l.vals[0], l.vals[1]);
   size_t temp_bytes = l.temp_bytes;
-  const cudaError_t err = cub::DeviceRadixSort::SortPairs(
-      l.temp, temp_bytes, keys, vals, static_cast<int>(n), 0, l.key_bits,
-      stream);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (const char* err = Check(cub::DeviceRadixSort::SortPairs(
+          l.temp, temp_bytes, keys, vals, static_cast<int>(n), 0, l.key_bits, stream))) {
+    return err;
+  }
   const int64_t finish = n > g.in_c + 1 ? n : g.in_c + 1;
   TransposeFinishKernel<<<GridFor(finish, kThreads), kThreads, 0, stream>>>(
       keys.Current(), vals.Current(), n, g.in_c, g.m, g.out_c, l.row_ptr,
@@ -747,17 +741,10 @@ const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
     return MemsetZero(y, s.y * bytes, st);
   }
   // (With a bias the kernel runs anyway: its empty sums give activation(bias).)
-  switch (format) {
-    case FloatFormat::kHalf:
-      return ForwardTyped<__half>(x, kernel, connections, bias, relu, y, g, s, st);
-    case FloatFormat::kBFloat16:
-      return ForwardTyped<__nv_bfloat16>(x, kernel, connections, bias, relu, y, g, s, st);
-    case FloatFormat::kFloat:
-      return ForwardTyped<float>(x, kernel, connections, bias, relu, y, g, s, st);
-    case FloatFormat::kDouble:
-      return ForwardTyped<double>(x, kernel, connections, bias, relu, y, g, s, st);
-  }
-  return "tsc_channel_sparse: unknown float format";
+  return gpu::DispatchFormat(format, "tsc_channel_sparse: unknown float format", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return ForwardTyped<T>(x, kernel, connections, bias, relu, y, g, s, st);
+  });
 }
 
 const char* ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
@@ -799,17 +786,10 @@ const char* LaunchChannelSparseConv2DBackpropInputGpu(
            "ChannelSparseConv2DBackpropInputGpuWorkspaceBytes";
   }
   if (const char* err = BuildTranspose(connections, g, l, st)) return err;
-  switch (format) {
-    case FloatFormat::kHalf:
-      return BackpropInputTyped<__half>(dy, kernel, dx, l, g, s, st);
-    case FloatFormat::kBFloat16:
-      return BackpropInputTyped<__nv_bfloat16>(dy, kernel, dx, l, g, s, st);
-    case FloatFormat::kFloat:
-      return BackpropInputTyped<float>(dy, kernel, dx, l, g, s, st);
-    case FloatFormat::kDouble:
-      return BackpropInputTyped<double>(dy, kernel, dx, l, g, s, st);
-  }
-  return "tsc_channel_sparse: unknown float format";
+  return gpu::DispatchFormat(format, "tsc_channel_sparse: unknown float format", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return BackpropInputTyped<T>(dy, kernel, dx, l, g, s, st);
+  });
 }
 
 const char* LaunchChannelSparseConv2DBackpropKernelGpu(
@@ -826,101 +806,10 @@ const char* LaunchChannelSparseConv2DBackpropKernelGpu(
     // No output pixels or no input: dkernel is all zeros.
     return MemsetZero(dkernel, s.kernel * bytes, st);
   }
-  switch (format) {
-    case FloatFormat::kHalf:
-      return BackpropKernelTyped<__half>(x, dy, connections, dkernel, g, s, st);
-    case FloatFormat::kBFloat16:
-      return BackpropKernelTyped<__nv_bfloat16>(x, dy, connections, dkernel, g,
-                                                s, st);
-    case FloatFormat::kFloat:
-      return BackpropKernelTyped<float>(x, dy, connections, dkernel, g, s, st);
-    case FloatFormat::kDouble:
-      return BackpropKernelTyped<double>(x, dy, connections, dkernel, g, s, st);
-  }
-  return "tsc_channel_sparse: unknown float format";
+  return gpu::DispatchFormat(format, "tsc_channel_sparse: unknown float format", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return BackpropKernelTyped<T>(x, dy, connections, dkernel, g, s, st);
+  });
 }
 
 }  // namespace tf_sparseconv
-
-namespace {
-
-tf_sparseconv::ChannelSparseGeometry UnpackGeometry(const int64_t* v) {
-  tf_sparseconv::ChannelSparseGeometry g;
-  g.batch = v[0];
-  g.in_h = v[1];
-  g.in_w = v[2];
-  g.in_c = v[3];
-  g.out_h = v[4];
-  g.out_w = v[5];
-  g.out_c = v[6];
-  g.m = v[7];
-  g.k_h = v[8];
-  g.k_w = v[9];
-  g.stride_h = v[10];
-  g.stride_w = v[11];
-  g.dil_h = v[12];
-  g.dil_w = v[13];
-  g.pad_top = v[14];
-  g.pad_left = v[15];
-  return g;
-}
-
-constexpr const char* kNullGeometry = "tsc_channel_sparse: geometry is null";
-
-}  // namespace
-
-extern "C" {
-
-const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
-                                          const void* kernel,
-                                          const int32_t* connections, void* y,
-                                          const int64_t* geometry,
-                                          void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchChannelSparseConv2DGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
-      nullptr, false, y, UnpackGeometry(geometry), stream);
-}
-
-const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
-    int format, const void* x, const void* kernel, const int32_t* connections,
-    const void* bias, int activation, void* y, const int64_t* geometry,
-    void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  if (activation != 0 && activation != 1) {
-    return "tsc_channel_sparse: activation must be 0 (linear) or 1 (relu)";
-  }
-  return tf_sparseconv::LaunchChannelSparseConv2DGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
-      bias, activation == 1, y, UnpackGeometry(geometry), stream);
-}
-
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes(
-    const int64_t* geometry, int64_t* bytes) {
-  if (bytes == nullptr) return "tsc_channel_sparse: bytes is null";
-  *bytes = 0;
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
-      UnpackGeometry(geometry), bytes);
-}
-
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
-    int format, const void* dy, const void* kernel, const int32_t* connections,
-    void* dx, void* workspace, int64_t workspace_bytes,
-    const int64_t* geometry, void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchChannelSparseConv2DBackpropInputGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), dy, kernel, connections,
-      dx, workspace, workspace_bytes, UnpackGeometry(geometry), stream);
-}
-
-const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
-    int format, const void* x, const void* dy, const int32_t* connections,
-    void* dkernel, const int64_t* geometry, void* stream) {
-  if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchChannelSparseConv2DBackpropKernelGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, dy, connections,
-      dkernel, UnpackGeometry(geometry), stream);
-}
-
-}  // extern "C"

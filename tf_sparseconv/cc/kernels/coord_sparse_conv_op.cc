@@ -31,9 +31,6 @@
 #include <vector>
 
 #include "Eigen/Core"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
 
@@ -42,19 +39,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
-#if TF_SPARSECONV_CUDA
-using GPUDevice = Eigen::GpuDevice;
-#endif
 
 namespace {
 
@@ -685,57 +669,27 @@ class TopKSitesOp : public OpKernel {
   bool l2_ = true;
 };
 
-#define TSC_REGISTER_CPU(T)                                                                  \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfSparseConv>SparseConvFeatures").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      SparseConvFeaturesOp<CPUDevice, T>);                                                   \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfSparseConv>SparseConvKernelGrad").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      SparseConvKernelGradOp<CPUDevice, T>);                                                 \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfSparseConv>TopKSites").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      TopKSitesOp<CPUDevice, T>);
-TSC_REGISTER_CPU(Eigen::half)
-TSC_REGISTER_CPU(Eigen::bfloat16)
-TSC_REGISTER_CPU(float)
-TSC_REGISTER_CPU(double)
-#undef TSC_REGISTER_CPU
-
-REGISTER_KERNEL_BUILDER(
-    Name("TfSparseConv>SparseConvRulebookTranspose").Device(::tensorflow::DEVICE_CPU),
-    SparseConvRulebookTransposeOp);
-
-#if TF_SPARSECONV_CUDA
-#define TSC_REGISTER_GPU(T)                                                                  \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvFeatures")                          \
-                              .Device(::tensorflow::DEVICE_GPU)                              \
-                              .TypeConstraint<T>("T")                                        \
-                              .HostMemory("num_out"),                                        \
-                          SparseConvFeaturesOp<GPUDevice, T>);                               \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfSparseConv>SparseConvKernelGrad").Device(::tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
-      SparseConvKernelGradOp<GPUDevice, T>);
-TSC_REGISTER_GPU(Eigen::half)
-TSC_REGISTER_GPU(Eigen::bfloat16)
-TSC_REGISTER_GPU(float)
-TSC_REGISTER_GPU(double)
-#undef TSC_REGISTER_GPU
-
 // TopKSites on the GPU: k in host memory; the kept rows are computed on the
-// device (coord_sparse_index_gpu.cu.cc). SparseConvRulebook's GPU kernel is
-// registered in coord_sparse_op.cc; SparseConvRulebookTranspose is CPU-only
-// (TensorFlow places it on the CPU and copies its int32 result).
-#define TSC_REGISTER_GPU_TOPK(T)                                           \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKSites")                  \
-                              .Device(::tensorflow::DEVICE_GPU)            \
-                              .TypeConstraint<T>("T")                      \
-                              .HostMemory("k"),                            \
-                          TopKSitesOp<GPUDevice, T>);
-TSC_REGISTER_GPU_TOPK(Eigen::half)
-TSC_REGISTER_GPU_TOPK(Eigen::bfloat16)
-TSC_REGISTER_GPU_TOPK(float)
-TSC_REGISTER_GPU_TOPK(double)
-#undef TSC_REGISTER_GPU_TOPK
-#endif  // TF_SPARSECONV_CUDA
+// device (coord_sparse_index_gpu.cu.cc). SparseConvRulebook's kernels are
+// registered in coord_sparse_op.cc.
+#define TSC_REGISTER(DEV, T)                                                               \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvFeatures")                          \
+                              .Device(TSC_DEVICE(DEV))                                     \
+                              .TypeConstraint<T>("T") TSC_ON_GPU(DEV, .HostMemory("num_out")), \
+                          SparseConvFeaturesOp<DEV##Device, T>);                           \
+  REGISTER_KERNEL_BUILDER(                                                                 \
+      Name("TfSparseConv>SparseConvKernelGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+      SparseConvKernelGradOp<DEV##Device, T>);                                             \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKSites")                                   \
+                              .Device(TSC_DEVICE(DEV))                                     \
+                              .TypeConstraint<T>("T") TSC_ON_GPU(DEV, .HostMemory("k")),   \
+                          TopKSitesOp<DEV##Device, T>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
+#undef TSC_REGISTER
+
+// SparseConvRulebookTranspose is CPU-only (TensorFlow places it on the CPU and
+// copies its int32 result).
+REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebookTranspose").Device(TSC_DEVICE(CPU)),
+                        SparseConvRulebookTransposeOp);
 
 }  // namespace tf_sparseconv

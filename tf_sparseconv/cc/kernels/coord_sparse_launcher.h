@@ -1,7 +1,7 @@
 // TensorFlow-independent launchers for the GPU kernels of coordinate sparse
 // convolution (raw device pointers, a cudaStream_t passed as void*). Each
 // returns nullptr on success or a static error string. `format` is the dtype
-// of the float tensors (topk_common.h's FloatFormat); half and bfloat16
+// of the float tensors (float_format.h's FloatFormat); half and bfloat16
 // accumulate in float, float in float, double in double.
 //
 // Rulebook layout (SparseConvRulebook / SparseConvRulebookTranspose): pair_ptr
@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 
@@ -43,21 +43,6 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
                                           int64_t num_pairs, void* kernel_grad, void* stream);
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-// C entry points for ctypes (tests/gpu/).
-const char* tsc_sparse_conv_features_gpu(int format, const void* features, int64_t n,
-                                         const void* kernel, int64_t num_offsets, int64_t cin,
-                                         int64_t cout, const int32_t* pair_ptr,
-                                         const int32_t* pairs, int64_t num_pairs,
-                                         int64_t num_out, void* out, void* stream);
-const char* tsc_sparse_conv_kernel_grad_gpu(int format, const void* features, int64_t n,
-                                            const void* grad, int64_t m, int64_t num_offsets,
-                                            int64_t cin, int64_t cout, const int32_t* pair_ptr,
-                                            const int32_t* pairs, int64_t num_pairs,
-                                            void* kernel_grad, void* stream);
-}
-
 
 // ---------------------------------------------------------------------------
 // Index bookkeeping on the GPU (coord_sparse_index_gpu.cu.cc):
@@ -123,36 +108,5 @@ const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kep
                                    int32_t* rows, void* stream);
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-// C entry points for ctypes (tests/gpu/). `geometry`: 13 int64 = dims,
-// in_shape[3], kernel_size[3], strides[3], dilations[3] (unused entries
-// ignored); booleans as int.
-int64_t tsc_rulebook_check_gpu_workspace_bytes();
-const char* tsc_rulebook_check_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
-                                   void* workspace, int64_t* bad_row, int32_t* bad_values,
-                                   int64_t* batch, void* stream);
-int64_t tsc_rulebook_sites_gpu_workspace_bytes(const int64_t* geometry, int64_t n,
-                                               int submanifold);
-const char* tsc_rulebook_sites_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
-                                   int64_t batch, int submanifold, void* workspace,
-                                   int64_t* dup_later, int64_t* dup_earlier, int64_t* num_out,
-                                   void* stream);
-int64_t tsc_rulebook_pairs_gpu_workspace_bytes(const int64_t* geometry, int64_t num_out);
-const char* tsc_rulebook_pairs_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
-                                   int submanifold, const void* sites_workspace,
-                                   int64_t num_out, int32_t* out_coords, void* workspace,
-                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream);
-const char* tsc_rulebook_write_pairs_gpu(const int64_t* geometry, int64_t num_out,
-                                         const void* workspace, int64_t num_pairs,
-                                         int32_t* pairs, void* stream);
-int64_t tsc_topk_sites_gpu_workspace_bytes(int64_t n);
-const char* tsc_topk_sites_gpu(int format, const void* features, int64_t n, int64_t c,
-                               const int32_t* coords, int64_t width, int64_t k, int l2,
-                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
-                               int64_t* kept, void* stream);
-const char* tsc_topk_sites_rows_gpu(const void* workspace, int64_t n, int64_t kept,
-                                    int32_t* rows, void* stream);
-}
 
 #endif  // TF_SPARSECONV_CC_KERNELS_COORD_SPARSE_LAUNCHER_H_

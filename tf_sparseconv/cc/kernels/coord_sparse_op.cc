@@ -29,9 +29,6 @@
 #include <limits>
 #include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
 
@@ -40,14 +37,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
 
 namespace {
 

@@ -67,12 +67,15 @@
 
 #include "tf_sparseconv/cc/kernels/coord_sparse_launcher.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
 
 using gpu::Elem;  // gpu_elem.cu.h
+using gpu::LastError;  // gpu_util.cu.h
+using gpu::MemsetZero;  // gpu_util.cu.h
 
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 constexpr int64_t kIndex32Limit = int64_t{1} << 31;
@@ -519,17 +522,6 @@ __global__ void __launch_bounds__(kGradMaxThreads)
 // Host side
 // ---------------------------------------------------------------------------
 
-const char* LastError() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-const char* MemsetZero(void* p, int64_t bytes, cudaStream_t stream) {
-  const cudaError_t err =
-      cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), stream);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 unsigned GridFor(int64_t blocks) {
   return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
                                                        : kMaxGridBlocks);
@@ -705,17 +697,10 @@ const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features
   }
   const FeaturesArgs a{features, n,        kernel, num_offsets, cin, cout,
                        pair_ptr, pairs,    num_pairs, num_out,  out};
-  switch (format) {
-    case FloatFormat::kHalf:
-      return FeaturesTyped<__half>(a, st);
-    case FloatFormat::kBFloat16:
-      return FeaturesTyped<__nv_bfloat16>(a, st);
-    case FloatFormat::kFloat:
-      return FeaturesTyped<float>(a, st);
-    case FloatFormat::kDouble:
-      return FeaturesTyped<double>(a, st);
-  }
-  return kUnknownFormat;
+  return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return FeaturesTyped<T>(a, st);
+  });
 }
 
 const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features,
@@ -749,43 +734,10 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
   }
   const GradArgs a{features, n,        grad,  m,         num_offsets, cin,
                    cout,     pair_ptr, pairs, num_pairs, kernel_grad};
-  switch (format) {
-    case FloatFormat::kHalf:
-      return GradTyped<__half>(a, st);
-    case FloatFormat::kBFloat16:
-      return GradTyped<__nv_bfloat16>(a, st);
-    case FloatFormat::kFloat:
-      return GradTyped<float>(a, st);
-    case FloatFormat::kDouble:
-      return GradTyped<double>(a, st);
-  }
-  return kUnknownFormat;
+  return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return GradTyped<T>(a, st);
+  });
 }
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-
-const char* tsc_sparse_conv_features_gpu(int format, const void* features, int64_t n,
-                                         const void* kernel, int64_t num_offsets,
-                                         int64_t cin, int64_t cout,
-                                         const int32_t* pair_ptr,
-                                         const int32_t* pairs, int64_t num_pairs,
-                                         int64_t num_out, void* out, void* stream) {
-  return tf_sparseconv::LaunchSparseConvFeaturesGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), features, n, kernel,
-      num_offsets, cin, cout, pair_ptr, pairs, num_pairs, num_out, out, stream);
-}
-
-const char* tsc_sparse_conv_kernel_grad_gpu(int format, const void* features, int64_t n,
-                                            const void* grad, int64_t m,
-                                            int64_t num_offsets, int64_t cin,
-                                            int64_t cout, const int32_t* pair_ptr,
-                                            const int32_t* pairs, int64_t num_pairs,
-                                            void* kernel_grad, void* stream) {
-  return tf_sparseconv::LaunchSparseConvKernelGradGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), features, n, grad, m,
-      num_offsets, cin, cout, pair_ptr, pairs, num_pairs, kernel_grad, stream);
-}
-
-}  // extern "C"

@@ -1,11 +1,14 @@
 // Element types of the CUDA kernels (no TensorFlow headers): the arithmetic
-// type of each storage type (float for half/bfloat16) and its conversions.
-// Shared by every *_gpu.cu.cc.
+// type of each storage type (float for half/bfloat16) and its conversions,
+// and DispatchFormat, the storage type of a FloatFormat. Shared by every
+// *_gpu.cu.cc.
 #ifndef TF_SPARSECONV_CC_KERNELS_GPU_ELEM_CU_H_
 #define TF_SPARSECONV_CC_KERNELS_GPU_ELEM_CU_H_
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace gpu {
@@ -48,6 +51,32 @@ struct Elem<double> {
   static __device__ __forceinline__ double Load(double v) { return v; }
   static __device__ __forceinline__ double Store(double v) { return v; }
 };
+
+// A type as a value, for the generic lambdas DispatchFormat calls.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// fn(TypeTag<T>{}) with T the CUDA storage type of `format` (__half,
+// __nv_bfloat16, float, double); `unknown` for a format out of range. E.g.
+//   return DispatchFormat(format, kUnknownFormat, [&](auto tag) {
+//     return LaunchTyped<typename decltype(tag)::type>(...);
+//   });
+template <typename Fn>
+const char* DispatchFormat(FloatFormat format, const char* unknown, Fn&& fn) {
+  switch (format) {
+    case FloatFormat::kHalf:
+      return fn(TypeTag<__half>{});
+    case FloatFormat::kBFloat16:
+      return fn(TypeTag<__nv_bfloat16>{});
+    case FloatFormat::kFloat:
+      return fn(TypeTag<float>{});
+    case FloatFormat::kDouble:
+      return fn(TypeTag<double>{});
+  }
+  return unknown;
+}
 
 }  // namespace gpu
 }  // namespace tf_sparseconv

@@ -1,6 +1,7 @@
-// Helpers shared by the OpKernels of every op family: the storage format of
-// each supported dtype, CPU parallel loops on TensorFlow's thread pool, and
-// the raw CUDA stream handed to the TF-independent GPU launchers.
+// The preamble of the OpKernels of every op family: the TensorFlow names they
+// use, the device aliases, one registration macro over the four float types,
+// CPU parallel loops on TensorFlow's thread pool and the raw CUDA stream
+// handed to the TF-independent GPU launchers.
 #ifndef TF_SPARSECONV_CC_KERNELS_KERNEL_UTIL_H_
 #define TF_SPARSECONV_CC_KERNELS_KERNEL_UTIL_H_
 
@@ -8,8 +9,10 @@
 #include <functional>
 
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/lib/core/threadpool.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/dtype_traits.h"
 
 #if TF_SPARSECONV_CUDA
 #include "xla/stream_executor/stream.h"
@@ -17,45 +20,47 @@
 
 namespace tf_sparseconv {
 
-// Storage type (an unsigned integer of the same width), float format and bit
-// layout of each supported dtype.
-template <typename T>
-struct DTypeTraits;
-template <>
-struct DTypeTraits<Eigen::half> {
-  using U = uint16_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kHalf;
-  static FormatBits<U> Bits() { return HalfBits(); }
-};
-template <>
-struct DTypeTraits<Eigen::bfloat16> {
-  using U = uint16_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kBFloat16;
-  static FormatBits<U> Bits() { return BFloat16Bits(); }
-};
-template <>
-struct DTypeTraits<float> {
-  using U = uint32_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kFloat;
-  static FormatBits<U> Bits() { return FloatBits(); }
-};
-template <>
-struct DTypeTraits<double> {
-  using U = uint64_t;
-  static constexpr FloatFormat kFormat = FloatFormat::kDouble;
-  static FormatBits<U> Bits() { return DoubleBits(); }
-};
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
 
-// Arithmetic (accumulation) type of each storage type: float for the 16-bit
-// types, else the type itself.
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
+// The devices a functor or kernel class is templated on.
+using CPUDevice = Eigen::ThreadPoolDevice;
+#if TF_SPARSECONV_CUDA
+using GPUDevice = Eigen::GpuDevice;
+#endif
+
+// Registration of a family's kernels: REGISTER(DEV, T) is expanded for DEV in
+// CPU (and GPU in CUDA builds) and T in the four float types. Inside it,
+// TSC_DEVICE(DEV) is the device name (::tensorflow::DEVICE_CPU),
+// DEV##Device the device type (CPUDevice) and TSC_ON_GPU(DEV, ...) its
+// arguments on the GPU only (e.g. `.HostMemory("k")`). For example:
+//   #define REGISTER(DEV, T)                                              \
+//     REGISTER_KERNEL_BUILDER(                                            \
+//         Name("TfSparseConv>Op").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+//         MyOp<DEV##Device, T>);
+//   TSC_REGISTER_FLOAT_KERNELS(REGISTER)
+//   #undef REGISTER
+#define TSC_DEVICE(DEV) ::tensorflow::DEVICE_##DEV
+#define TSC_ON_GPU(DEV, ...) TSC_ON_GPU_##DEV(__VA_ARGS__)
+#define TSC_ON_GPU_CPU(...)
+#define TSC_ON_GPU_GPU(...) __VA_ARGS__
+#define TSC_FOR_FLOAT_TYPES(REGISTER, DEV) \
+  REGISTER(DEV, Eigen::half)               \
+  REGISTER(DEV, Eigen::bfloat16)           \
+  REGISTER(DEV, float)                     \
+  REGISTER(DEV, double)
+#if TF_SPARSECONV_CUDA
+#define TSC_REGISTER_FLOAT_KERNELS(REGISTER) \
+  TSC_FOR_FLOAT_TYPES(REGISTER, CPU)         \
+  TSC_FOR_FLOAT_TYPES(REGISTER, GPU)
+#else
+#define TSC_REGISTER_FLOAT_KERNELS(REGISTER) TSC_FOR_FLOAT_TYPES(REGISTER, CPU)
+#endif
 
 // fn(begin, end) over [0, total) on the op's CPU worker threads; `cost_per_unit`
 // (in cycles, roughly) lets TensorFlow choose the shard size.

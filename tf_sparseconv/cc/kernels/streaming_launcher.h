@@ -2,14 +2,14 @@
 // (raw device pointers, a cudaStream_t passed as void*). Returns nullptr on
 // success or a static error string. Layouts and the formula are in
 // streaming_common.h; `format` is the dtype of every float operand
-// (topk_common.h's FloatFormat); arithmetic in float for half/bfloat16.
+// (float_format.h's FloatFormat); arithmetic in float for half/bfloat16.
 #ifndef TF_SPARSECONV_CC_KERNELS_STREAMING_LAUNCHER_H_
 #define TF_SPARSECONV_CC_KERNELS_STREAMING_LAUNCHER_H_
 
 #include <cstdint>
 
 #include "tf_sparseconv/cc/kernels/streaming_common.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 
@@ -21,15 +21,5 @@ const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history,
                                        const StreamingGeometry& g, void* stream);
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-// C entry point for ctypes (tests/gpu/): `geometry` points to 7 int64 in the
-// field order of StreamingGeometry; activation 0 = linear, 1 = relu.
-const char* tsc_streaming_conv_step_gpu(int format, const void* history,
-                                        const void* frames, const void* kernel,
-                                        const void* bias, int activation,
-                                        void* y, void* new_history,
-                                        const int64_t* geometry, void* stream);
-}
 
 #endif  // TF_SPARSECONV_CC_KERNELS_STREAMING_LAUNCHER_H_

@@ -13,9 +13,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
 #include "tf_sparseconv/cc/kernels/streaming_common.h"
 
@@ -24,15 +21,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace {
 
@@ -142,7 +130,6 @@ struct StreamingStepFunctor<CPUDevice, T> {
 };
 
 #if TF_SPARSECONV_CUDA
-using GPUDevice = Eigen::GpuDevice;
 
 template <typename T>
 struct StreamingStepFunctor<GPUDevice, T> {
@@ -222,28 +209,12 @@ class StreamingConvStepOp : public OpKernel {
   bool relu_ = false;
 };
 
-#define TSC_REGISTER_CPU(T)                                                        \
+#define TSC_REGISTER(DEV, T)                                                       \
   REGISTER_KERNEL_BUILDER(Name("TfSparseConv>StreamingConvStep")                   \
-                              .Device(::tensorflow::DEVICE_CPU)                    \
+                              .Device(TSC_DEVICE(DEV))                             \
                               .TypeConstraint<T>("T"),                             \
-                          StreamingConvStepOp<CPUDevice, T>);
-TSC_REGISTER_CPU(Eigen::half);
-TSC_REGISTER_CPU(Eigen::bfloat16);
-TSC_REGISTER_CPU(float);
-TSC_REGISTER_CPU(double);
-#undef TSC_REGISTER_CPU
-
-#if TF_SPARSECONV_CUDA
-#define TSC_REGISTER_GPU(T)                                                        \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>StreamingConvStep")                   \
-                              .Device(::tensorflow::DEVICE_GPU)                    \
-                              .TypeConstraint<T>("T"),                             \
-                          StreamingConvStepOp<GPUDevice, T>);
-TSC_REGISTER_GPU(Eigen::half);
-TSC_REGISTER_GPU(Eigen::bfloat16);
-TSC_REGISTER_GPU(float);
-TSC_REGISTER_GPU(double);
-#undef TSC_REGISTER_GPU
-#endif  // TF_SPARSECONV_CUDA
+                          StreamingConvStepOp<DEV##Device, T>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
+#undef TSC_REGISTER
 
 }  // namespace tf_sparseconv

@@ -9,14 +9,16 @@
 #include <cstdint>
 
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
+#include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
 #include "tf_sparseconv/cc/kernels/streaming_common.h"
 #include "tf_sparseconv/cc/kernels/streaming_launcher.h"
-#include "tf_sparseconv/cc/kernels/topk_common.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
 
-using gpu::Elem;
+using gpu::Elem;       // gpu_elem.cu.h
+using gpu::LastError;  // gpu_util.cu.h
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
@@ -89,8 +91,7 @@ const char* StepTyped(const void* history, const void* frames, const void* kerne
         static_cast<const T*>(history), static_cast<const T*>(frames),
         static_cast<T*>(new_history), g);
   }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return LastError();
 }
 
 }  // namespace
@@ -108,43 +109,10 @@ const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history,
     return "tsc_streaming: hist must be (taps - 1) * dilation";
   }
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (format) {
-    case FloatFormat::kHalf:
-      return StepTyped<__half>(history, frames, kernel, bias, relu, y, new_history, g, st);
-    case FloatFormat::kBFloat16:
-      return StepTyped<__nv_bfloat16>(history, frames, kernel, bias, relu, y, new_history, g, st);
-    case FloatFormat::kFloat:
-      return StepTyped<float>(history, frames, kernel, bias, relu, y, new_history, g, st);
-    case FloatFormat::kDouble:
-      return StepTyped<double>(history, frames, kernel, bias, relu, y, new_history, g, st);
-  }
-  return "tsc_streaming: unknown float format";
+  return gpu::DispatchFormat(format, "tsc_streaming: unknown float format", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return StepTyped<T>(history, frames, kernel, bias, relu, y, new_history, g, st);
+  });
 }
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-
-const char* tsc_streaming_conv_step_gpu(int format, const void* history, const void* frames,
-                                        const void* kernel, const void* bias, int activation,
-                                        void* y, void* new_history, const int64_t* geometry,
-                                        void* stream) {
-  if (geometry == nullptr) return "tsc_streaming: geometry is null";
-  if (activation != 0 && activation != 1) {
-    return "tsc_streaming: activation must be 0 (linear) or 1 (relu)";
-  }
-  if (format < 0 || format > 3) return "tsc_streaming: unknown float format";
-  tf_sparseconv::StreamingGeometry g;
-  g.batch = geometry[0];
-  g.steps = geometry[1];
-  g.hist = geometry[2];
-  g.channels = geometry[3];
-  g.filters = geometry[4];
-  g.taps = geometry[5];
-  g.dilation = geometry[6];
-  return tf_sparseconv::LaunchStreamingConvStepGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), history, frames, kernel, bias,
-      activation == 1, y, new_history, g, stream);
-}
-
-}  // extern "C"

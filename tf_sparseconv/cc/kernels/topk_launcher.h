@@ -28,15 +28,4 @@ const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
 
 }  // namespace tf_sparseconv
 
-extern "C" {
-// C entry points for ctypes (tests/gpu/): the same launchers with plain ints.
-const char* tsc_topk_mask_gpu(int format, int mode, const void* x, void* y,
-                              int32_t* indices, int64_t outer, int64_t size,
-                              int64_t inner, int64_t k, void* stream);
-const char* tsc_topk_mask_grad_gpu(int element_bytes, const void* dy,
-                                   const int32_t* indices, void* dx,
-                                   int64_t outer, int64_t size, int64_t inner,
-                                   int64_t k, void* stream);
-}
-
 #endif  // TF_SPARSECONV_CC_KERNELS_TOPK_LAUNCHER_H_

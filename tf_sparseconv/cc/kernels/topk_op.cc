@@ -18,10 +18,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/lib/core/threadpool.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
 #include "tf_sparseconv/cc/kernels/topk_common.h"
 
@@ -30,14 +26,6 @@
 #endif
 
 namespace tf_sparseconv {
-
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
 
 namespace {
 
@@ -333,7 +321,6 @@ struct TopKMaskFunctor;
 template <typename Device, typename T>
 struct TopKMaskGradFunctor;
 
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 template <typename T>
 struct TopKMaskFunctor<CPUDevice, T> {
@@ -363,7 +350,6 @@ struct TopKMaskGradFunctor<CPUDevice, T> {
 };
 
 #if TF_SPARSECONV_CUDA
-using GPUDevice = Eigen::GpuDevice;
 
 template <typename T>
 struct TopKMaskFunctor<GPUDevice, T> {
@@ -549,42 +535,25 @@ class TopKAttentionGradOp : public OpKernel {
   bool per_sample_;
 };
 
-#define TSC_REGISTER_TOPK(DEVICE, DEVICE_TYPE, T)                              \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>KWinners")                        \
-                              .Device(DEVICE)                                  \
-                              .HostMemory("k")                                 \
-                              .TypeConstraint<T>("T"),                         \
-                          KWinnersOp<DEVICE_TYPE, T>);                         \
-  REGISTER_KERNEL_BUILDER(                                                     \
-      Name("TfSparseConv>KWinnersGrad").Device(DEVICE).TypeConstraint<T>("T"), \
-      KWinnersGradOp<DEVICE_TYPE, T>);                                         \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttention")                   \
-                              .Device(DEVICE)                                  \
-                              .HostMemory("k")                                 \
-                              .TypeConstraint<T>("T"),                         \
-                          TopKAttentionOp<DEVICE_TYPE, T>);                    \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttentionGrad")               \
-                              .Device(DEVICE)                                  \
-                              .TypeConstraint<T>("T"),                         \
-                          TopKAttentionGradOp<DEVICE_TYPE, T>);
-
-#define TSC_REGISTER_TOPK_CPU(T) TSC_REGISTER_TOPK(DEVICE_CPU, CPUDevice, T)
-TSC_REGISTER_TOPK_CPU(Eigen::half);
-TSC_REGISTER_TOPK_CPU(Eigen::bfloat16);
-TSC_REGISTER_TOPK_CPU(float);
-TSC_REGISTER_TOPK_CPU(double);
-#undef TSC_REGISTER_TOPK_CPU
-
-#if TF_SPARSECONV_CUDA
-#define TSC_REGISTER_TOPK_GPU(T) \
-  TSC_REGISTER_TOPK(::tensorflow::DEVICE_GPU, GPUDevice, T)
-TSC_REGISTER_TOPK_GPU(Eigen::half);
-TSC_REGISTER_TOPK_GPU(Eigen::bfloat16);
-TSC_REGISTER_TOPK_GPU(float);
-TSC_REGISTER_TOPK_GPU(double);
-#undef TSC_REGISTER_TOPK_GPU
-#endif
-
-#undef TSC_REGISTER_TOPK
+#define TSC_REGISTER(DEV, T)                                                           \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>KWinners")                                \
+                              .Device(TSC_DEVICE(DEV))                                 \
+                              .HostMemory("k")                                         \
+                              .TypeConstraint<T>("T"),                                 \
+                          KWinnersOp<DEV##Device, T>);                                 \
+  REGISTER_KERNEL_BUILDER(                                                             \
+      Name("TfSparseConv>KWinnersGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+      KWinnersGradOp<DEV##Device, T>);                                                 \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttention")                           \
+                              .Device(TSC_DEVICE(DEV))                                 \
+                              .HostMemory("k")                                         \
+                              .TypeConstraint<T>("T"),                                 \
+                          TopKAttentionOp<DEV##Device, T>);                            \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttentionGrad")                       \
+                              .Device(TSC_DEVICE(DEV))                                 \
+                              .TypeConstraint<T>("T"),                                 \
+                          TopKAttentionGradOp<DEV##Device, T>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
+#undef TSC_REGISTER
 
 }  // namespace tf_sparseconv

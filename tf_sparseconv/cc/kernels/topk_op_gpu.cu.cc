@@ -34,6 +34,7 @@
 
 #include <cstdint>
 
+#include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
 #include "tf_sparseconv/cc/kernels/topk_common.h"
 #include "tf_sparseconv/cc/kernels/topk_launcher.h"
 
@@ -317,10 +318,8 @@ __global__ void TopKMaskGradKernel(const U* __restrict__ dy,
   }
 }
 
-const char* LastError() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
+using gpu::Check;
+using gpu::LastError;
 
 int64_t GridFor(int64_t work) {
   return work < kMaxGridBlocks ? work : kMaxGridBlocks;
@@ -385,9 +384,8 @@ const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
   if (g.outer == 0 || g.inner == 0 || g.size == 0) return nullptr;  // empty
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (g.k == 0) {
-    const cudaError_t err = cudaMemsetAsync(
-        y, 0, static_cast<size_t>(g.outer * g.size * g.inner) * bytes, s);
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return Check(cudaMemsetAsync(
+        y, 0, static_cast<size_t>(g.outer * g.size * g.inner) * bytes, s));
   }
   switch (format) {
     case FloatFormat::kHalf:
@@ -415,9 +413,10 @@ const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
   const int64_t elements = g.outer * g.size * g.inner;
   if (elements == 0) return nullptr;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const cudaError_t err = cudaMemsetAsync(
-      dx, 0, static_cast<size_t>(elements) * element_bytes, s);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (const char* err = Check(cudaMemsetAsync(
+          dx, 0, static_cast<size_t>(elements) * element_bytes, s))) {
+    return err;
+  }
   const int64_t entries = g.outer * g.k * g.inner;
   if (entries == 0) return nullptr;
   constexpr int kThreads = 256;
@@ -444,25 +443,3 @@ const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
 }
 
 }  // namespace tf_sparseconv
-
-extern "C" {
-
-const char* tsc_topk_mask_gpu(int format, int mode, const void* x, void* y,
-                              int32_t* indices, int64_t outer, int64_t size,
-                              int64_t inner, int64_t k, void* stream) {
-  return tf_sparseconv::LaunchTopKMaskGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format),
-      static_cast<tf_sparseconv::ScoreMode>(mode), x, y, indices,
-      tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
-}
-
-const char* tsc_topk_mask_grad_gpu(int element_bytes, const void* dy,
-                                   const int32_t* indices, void* dx,
-                                   int64_t outer, int64_t size, int64_t inner,
-                                   int64_t k, void* stream) {
-  return tf_sparseconv::LaunchTopKMaskGradGpu(
-      element_bytes, dy, indices, dx,
-      tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
-}
-
-}  // extern "C"

@@ -4,17 +4,9 @@
 // and semantics: tf_sparseconv/cc/kernels/block_sparse_common.h. The
 // block-sparse convolution itself is composed in Python (gather with a
 // halo -> dense convolution on the blocks -> scatter).
-#include "tensorflow/core/framework/common_shape_fns.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "tf_sparseconv/cc/ops/shape_util.h"
 
 namespace tf_sparseconv {
-
-using ::tensorflow::Status;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-
 namespace {
 
 // A (height, width) attribute; sizes and strides must be positive.

@@ -2,17 +2,9 @@
 // each output channel reads only its own list of `m` input channels
 // (Changpinyo et al., "The Power of Sparsity in Convolutional Neural
 // Networks"). Conv1D is expressed in Python as the in_h = k_h = 1 case.
-#include "tensorflow/core/framework/common_shape_fns.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "tf_sparseconv/cc/ops/shape_util.h"
 
 namespace tf_sparseconv {
-
-using ::tensorflow::Status;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-
 namespace {
 
 // Output length along one spatial axis (unknown while the input length is).

@@ -1,15 +1,8 @@
 // Op registration of the streaming step of a causal 1-D convolution (the hot
 // path of tsc.streaming): one op per layer and frame instead of a dozen.
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "tf_sparseconv/cc/ops/shape_util.h"
 
 namespace tf_sparseconv {
-
-using ::tensorflow::Status;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-
 namespace {
 
 Status StreamingConvStepShape(InferenceContext* c) {

@@ -5,17 +5,9 @@
 // (int32, ascending per slice; -1 for a winner dropped by mode="relu"); the
 // gradient ops scatter the upstream gradient back to those positions, which
 // is cheaper than selecting again.
-#include "tensorflow/core/framework/common_shape_fns.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "tf_sparseconv/cc/ops/shape_util.h"
 
 namespace tf_sparseconv {
-
-using ::tensorflow::Status;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-
 namespace {
 
 // Number of winners per slice for a slice of `size` entries: min(k, size),
