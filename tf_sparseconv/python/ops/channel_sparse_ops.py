@@ -425,9 +425,9 @@ def _attrs(op):
     return {name: op.get_attr(name) for name in ("strides", "padding", "dilations")}
 
 
-@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2D")
-def _channel_sparse_conv2d_grad(op, grad):
-    x, kernel, connections = op.inputs
+def _input_and_kernel_grads(op, x, kernel, connections, grad):
+    """`(dx, dkernel)` of a channel-sparse convolution of `x` by `kernel` (the attributes of
+    `op`) whose output has gradient `grad`."""
     library = compiled_library()
     attrs = _attrs(op)
     dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
@@ -436,7 +436,13 @@ def _channel_sparse_conv2d_grad(op, grad):
     dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
         x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
     )
-    return dx, dkernel, None
+    return dx, dkernel
+
+
+@tf.RegisterGradient("TfSparseConv>ChannelSparseConv2D")
+def _channel_sparse_conv2d_grad(op, grad):
+    x, kernel, connections = op.inputs
+    return (*_input_and_kernel_grads(op, x, kernel, connections, grad), None)
 
 
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBiasActivation")
@@ -445,14 +451,7 @@ def _channel_sparse_conv2d_bias_activation_grad(op, grad):
     if op.get_attr("activation") == b"relu" or op.get_attr("activation") == "relu":
         # d relu(z) / dz = [y > 0] with y = relu(z) (the output holds the mask).
         grad = tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
-    library = compiled_library()
-    attrs = _attrs(op)
-    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
-    )
-    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
-        x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
-    )
+    dx, dkernel = _input_and_kernel_grads(op, x, kernel, connections, grad)
     dbias = tf.reduce_sum(grad, axis=[0, 1, 2])
     return dx, dkernel, None, dbias
 

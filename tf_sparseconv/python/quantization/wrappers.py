@@ -243,8 +243,28 @@ def _with_layer_dtype(layer, kwargs: dict) -> dict:
 # --- quantisation-aware training ----------------------------------------------------------
 
 
+class _QuantizedWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
+    """What `QuantizeWrapper` and `IntegerWeightsWrapper` share: the bit widths and
+    `per_channel` in the config, the wrapped layer's output shape."""
+
+    def compute_output_shape(self, input_shape) -> tuple | list:
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "per_channel": self.per_channel,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return super().from_config(dict(config), custom_objects=custom_objects)  # leaves `config` as it is
+
+
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
-class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
+class QuantizeWrapper(_QuantizedWrapper):
     """Quantisation-aware training of one layer: fake-quantised kernels and outputs.
 
     The wrapped layer keeps its float kernels (trainable, original shapes); each
@@ -395,34 +415,24 @@ class QuantizeWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             outputs = self.layer(inputs)
         return self._quantize_output(outputs, training)
 
-    def compute_output_shape(self, input_shape) -> tuple | list:
-        return self.layer.compute_output_shape(input_shape)
-
     def compute_output_spec(self, inputs, training=None) -> Any:
         return self.layer.compute_output_spec(inputs)
 
     def get_config(self) -> dict:
         return {
             **super().get_config(),
-            "weight_bits": self.weight_bits,
-            "activation_bits": self.activation_bits,
-            "per_channel": self.per_channel,
             "rounding": self.rounding,
             "ema_decay": self.ema_decay,
             "preserve_sparsity": self.preserve_sparsity,
             "seed": self.seed,
         }
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return super().from_config(dict(config), custom_objects=custom_objects)  # leaves `config` as it is
-
 
 # --- converted (integer weights) -----------------------------------------------------------
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
-class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
+class IntegerWeightsWrapper(_QuantizedWrapper):
     """Inference form of `QuantizeWrapper`: integer kernels plus float scales.
 
     Each kernel is stored as an int8 variable `<name>_values` (8-bit weights one
@@ -521,22 +531,7 @@ class IntegerWeightsWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
             outputs = self.layer(inputs)
         return self._quantize_output(outputs, training=False)
 
-    def compute_output_shape(self, input_shape) -> tuple | list:
-        return self.layer.compute_output_shape(input_shape)
-
     def compute_output_spec(self, inputs) -> Any:
         replacements = {spec: self.dequantized_kernel(spec) for spec in self.specs}
         with _kernels_replaced(self.layer, replacements):
             return self.layer.compute_output_spec(inputs)
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "weight_bits": self.weight_bits,
-            "activation_bits": self.activation_bits,
-            "per_channel": self.per_channel,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return super().from_config(dict(config), custom_objects=custom_objects)
