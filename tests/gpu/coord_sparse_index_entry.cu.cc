@@ -1,4 +1,4 @@
-// Test-only C entry points of coord_sparse_index_gpu.cu.cc for ctypes (tests/gpu/test_*_gpu.py):
+// Test-only C entry points of coord_sparse_index_op_gpu.cu.cc for ctypes (tests/gpu/test_*_gpu.py):
 // the launchers of coord_sparse_launcher.h with plain ints and arrays. Compiled into the
 // standalone harness library by tests/gpu/build.py only, never into the
 // TensorFlow op library.

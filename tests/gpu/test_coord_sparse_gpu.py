@@ -1,4 +1,4 @@
-"""GPU tests of the coordinate sparse convolution kernels (coord_sparse_op_gpu.cu.cc).
+"""GPU tests of the coordinate sparse convolution kernels (coord_sparse_conv_op_gpu.cu.cc).
 
 Runs SparseConvFeatures and SparseConvKernelGrad through their ``extern "C"``
 entry points (ctypes) on CuPy device memory and compares them with an
@@ -442,8 +442,8 @@ def test_submanifold_rulebook():
 
 
 def test_coord_sparse_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
-    """coord_sparse_op_gpu.cu.cc is in the library with its entry points."""
-    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_op_gpu.cu.cc", ENTRY_POINTS)
+    """coord_sparse_conv_op_gpu.cu.cc is in the library with its entry points."""
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_conv_op_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_argument_errors(gpu_kernels_lib):

@@ -1,4 +1,4 @@
-"""GPU tests of the index bookkeeping kernels (coord_sparse_index_gpu.cu.cc).
+"""GPU tests of the index bookkeeping kernels (coord_sparse_index_op_gpu.cu.cc).
 
 Runs the SparseConvRulebook phases (check, sites, pairs, write pairs) and
 TopKSites through their ``extern "C"`` entry points (ctypes) on CuPy device
@@ -324,8 +324,8 @@ def idx_lib(gpu_lib):
 
 
 def test_coord_sparse_index_kernels_compile(gpu_kernels_lib, tsc_gpu_build):
-    """coord_sparse_index_gpu.cu.cc is in the library with its entry points."""
-    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_index_gpu.cu.cc", ENTRY_POINTS)
+    """coord_sparse_index_op_gpu.cu.cc is in the library with its entry points."""
+    assert_compiled(gpu_kernels_lib, tsc_gpu_build, "coord_sparse_index_op_gpu.cu.cc", ENTRY_POINTS)
 
 
 def test_argument_errors(gpu_kernels_lib):

@@ -1,6 +1,9 @@
-// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernel of SparseConvRulebook, the
-// (input site, output site) pairs of a "SAME"-padded convolution on a sparse
-// map, per kernel offset. Geometry and hashing: coord_sparse_common.h.
+// CPU (and, with TF_SPARSECONV_CUDA, GPU) kernels of the coordinate family's
+// index bookkeeping: SparseConvRulebook, the (input site, output site) pairs
+// of a "SAME"-padded convolution on a sparse map, per kernel offset, and
+// TopKSites (the attention step: the k sites of highest feature norm per
+// sample). Geometry and hashing: coord_sparse_common.h. Their GPU kernels are
+// in coord_sparse_index_op_gpu.cu.cc; the convolution in coord_sparse_conv_op.cc.
 //
 // CPU scheme.
 //  1. One pass over coords validates every site and inserts its packed key
@@ -15,18 +18,21 @@
 //     offset, at most one input position, looked up in the hash table.
 //     Fixed blocks of output rows find and count their pairs per offset
 //     (parallel), a prefix sum in (offset, block) order places every block's
-//     run, and a second parallel pass copies them there. Offsets come out grouped and sorted
-//     by output row, and the result does not depend on the thread count.
+//     run, and a second parallel pass copies them there. Offsets come out
+//     grouped and sorted by output row, and the result does not depend on the thread count.
 //     Submanifold rulebooks with even kernel extents (k - 1) * d are
 //     symmetric: only the first half of the offsets (and the centre) is looked
 //     up; the rest are mirror images, placed by one sweep over the rows.
 // GPU (same results, same error messages): ComputeGpu below and
-// coord_sparse_index_gpu.cu.cc (sorted keys instead of the hash table).
+// coord_sparse_index_op_gpu.cu.cc (sorted keys instead of the hash table).
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
@@ -446,7 +452,7 @@ class SparseConvRulebookOp : public OpKernel {
   }
 
 #if TF_SPARSECONV_CUDA
-  // The same rulebook on the GPU (coord_sparse_index_gpu.cu.cc), in phases
+  // The same rulebook on the GPU (coord_sparse_index_op_gpu.cu.cc), in phases
   // with host-side counts: check the sites, sort them and find the output
   // sites, then the pairs. coords is device memory, spatial_shape and
   // out_spatial_shape host memory.
@@ -554,5 +560,180 @@ REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook")
                             .HostMemory("out_spatial_shape"),
                         SparseConvRulebookOp);
 #endif
+
+// ---------------------------------------------------------------------------
+// TopKSites
+
+namespace {
+
+// Score of a feature row: L2 norm or max |value| (NaN if any value is NaN).
+template <typename T, typename A>
+A RowScore(const T* row, int64_t c, bool l2) {
+  A s = 0;
+  bool nan = false;
+  for (int64_t i = 0; i < c; ++i) {
+    const A v = static_cast<A>(row[i]);
+    nan |= std::isnan(v);
+    s = l2 ? s + v * v : std::max(s, std::abs(v));
+  }
+  return nan ? std::numeric_limits<A>::quiet_NaN() : (l2 ? std::sqrt(s) : s);
+}
+
+// Strict "ranks above": larger score first (NaN above everything), then lower row.
+template <typename A>
+struct RanksAbove {
+  const A* score;
+  bool operator()(int32_t a, int32_t b) const {
+    const A sa = score[a], sb = score[b];
+    const bool na = std::isnan(sa), nb = std::isnan(sb);
+    if (na != nb) return na;
+    if (!na && sa != sb) return sa > sb;
+    return a < b;
+  }
+};
+
+}  // namespace
+
+template <typename Device, typename T>
+class TopKSitesOp : public OpKernel {
+ public:
+  explicit TopKSitesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::string score;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("score", &score));
+    l2_ = score == "l2";
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    using A = typename Acc<T>::type;
+    const Tensor& features_t = ctx->input(0);
+    const Tensor& coords_t = ctx->input(1);
+    const Tensor& k_t = ctx->input(2);
+    OP_REQUIRES(ctx, features_t.dims() == 2,
+                errors::InvalidArgument("features must be [N, C], got shape ",
+                                        features_t.shape().DebugString()));
+    OP_REQUIRES(ctx, coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
+                         coords_t.dim_size(1) <= 1 + kMaxCoordDims,
+                errors::InvalidArgument("coords must be int32 [N, 1 + D] (D = 1, 2, 3), got shape ",
+                                        coords_t.shape().DebugString()));
+    OP_REQUIRES(ctx, coords_t.dim_size(0) == features_t.dim_size(0),
+                errors::InvalidArgument("features has ", features_t.dim_size(0),
+                                        " rows but coords has ", coords_t.dim_size(0)));
+    OP_REQUIRES(ctx, k_t.dims() == 0,
+                errors::InvalidArgument("k must be an int32 scalar, got shape ",
+                                        k_t.shape().DebugString()));
+    const int64_t k = k_t.scalar<int32_t>()();
+    OP_REQUIRES(ctx, k >= 1, errors::InvalidArgument("k must be >= 1, got ", k));
+    const int64_t n = features_t.dim_size(0), c = features_t.dim_size(1);
+    const int64_t width = coords_t.dim_size(1);
+    OP_REQUIRES(ctx, n <= kInt32Max,
+                errors::InvalidArgument("features has more than 2^31 - 1 rows"));
+#if TF_SPARSECONV_CUDA
+    if constexpr (!std::is_same<Device, CPUDevice>::value) {
+      ComputeGpu(ctx, n, c, width, k);
+      return;
+    }
+#endif
+    const int32_t* coords = coords_t.flat<int32_t>().data();
+    const T* features = features_t.flat<T>().data();
+    int64_t batch = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t b = coords[i * width];
+      OP_REQUIRES(ctx, b >= 0,
+                  errors::InvalidArgument("coords[", i, ", 0] = ", b,
+                                          " is a negative batch index"));
+      batch = std::max<int64_t>(batch, int64_t{b} + 1);
+    }
+    // Rows grouped by sample, ascending within each: counting sort when the
+    // batch indices are dense, a sort of (b, row) keys otherwise.
+    std::vector<int32_t> order(n);
+    std::vector<int64_t> start;
+    if (batch <= 2 * n + 16) {
+      start.assign(batch + 1, 0);
+      for (int64_t i = 0; i < n; ++i) ++start[coords[i * width] + 1];
+      for (int64_t b = 0; b < batch; ++b) start[b + 1] += start[b];
+      std::vector<int64_t> next(start.begin(), start.end() - 1);
+      for (int64_t i = 0; i < n; ++i) order[next[coords[i * width]]++] = static_cast<int32_t>(i);
+    } else {
+      std::vector<uint64_t> keys(n);
+      for (int64_t i = 0; i < n; ++i) {
+        keys[i] = (static_cast<uint64_t>(coords[i * width]) << 32) | static_cast<uint64_t>(i);
+      }
+      std::sort(keys.begin(), keys.end());
+      start.push_back(0);
+      for (int64_t i = 0; i < n; ++i) {
+        order[i] = static_cast<int32_t>(keys[i] & 0xffffffffu);
+        if (i > 0 && (keys[i] >> 32) != (keys[i - 1] >> 32)) start.push_back(i);
+      }
+      start.push_back(n);
+    }
+    const int64_t groups = static_cast<int64_t>(start.size()) - 1;
+    std::vector<A> score(n);
+    std::vector<uint8_t> keep(n, 0);
+    ParallelFor(ctx, n, c * 3 + 5, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) score[i] = RowScore<T, A>(features + i * c, c, l2_);
+    });
+    ParallelFor(ctx, groups, std::max<int64_t>(n / std::max<int64_t>(groups, 1), 1) * 20,
+                [&](int64_t g0, int64_t g1) {
+                  for (int64_t g = g0; g < g1; ++g) {
+                    int32_t* first = order.data() + start[g];
+                    int32_t* last = order.data() + start[g + 1];
+                    if (last - first > k) {
+                      std::nth_element(first, first + k, last, RanksAbove<A>{score.data()});
+                      last = first + k;
+                    }
+                    for (int32_t* it = first; it < last; ++it) keep[*it] = 1;
+                  }
+                });
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) kept += keep[i];
+    Tensor* rows_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({kept}), &rows_t));
+    int32_t* rows = rows_t->flat<int32_t>().data();
+    for (int64_t i = 0, at = 0; i < n; ++i) {
+      if (keep[i]) rows[at++] = static_cast<int32_t>(i);
+    }
+  }
+
+ private:
+#if TF_SPARSECONV_CUDA
+  // The same selection on the GPU (coord_sparse_index_op_gpu.cu.cc): features
+  // and coords are device memory, k host memory; the number of kept rows
+  // (and the first negative batch index) come back to the host.
+  void ComputeGpu(OpKernelContext* ctx, int64_t n, int64_t c, int64_t width, int64_t k) {
+    const int64_t bytes = TopKSitesGpuWorkspaceBytes(n);
+    OP_REQUIRES(ctx, bytes >= 0, errors::InvalidArgument("features has too many rows"));
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({bytes}), &workspace));
+    void* ws = workspace.flat<int8_t>().data();
+    int64_t bad = n, kept = 0;
+    int32_t bad_batch = 0;
+    const char* err = LaunchTopKSitesGpu(
+        DTypeTraits<T>::kFormat, ctx->input(0).flat<T>().data(), n, c,
+        ctx->input(1).flat<int32_t>().data(), width, k, l2_, ws, &bad, &bad_batch, &kept,
+        GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
+    OP_REQUIRES(ctx, bad >= n,
+                errors::InvalidArgument("coords[", bad, ", 0] = ", bad_batch,
+                                        " is a negative batch index"));
+    Tensor* rows_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({kept}), &rows_t));
+    err = LaunchTopKSitesRowsGpu(ws, n, kept, rows_t->flat<int32_t>().data(), GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
+  }
+#endif
+
+  bool l2_ = true;
+};
+
+// TopKSites on the GPU: k in host memory; the kept rows are computed on the
+// device (coord_sparse_index_op_gpu.cu.cc).
+#define TSC_REGISTER(DEV, T)                                                             \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKSites")                                 \
+                              .Device(TSC_DEVICE(DEV))                                   \
+                              .TypeConstraint<T>("T") TSC_ON_GPU(DEV, .HostMemory("k")), \
+                          TopKSitesOp<DEV##Device, T>);
+TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
+#undef TSC_REGISTER
 
 }  // namespace tf_sparseconv

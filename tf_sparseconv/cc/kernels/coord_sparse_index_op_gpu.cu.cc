@@ -4,7 +4,7 @@
 // Defines the launchers declared in coord_sparse_launcher.h (second section).
 // No TensorFlow headers: the file is built by the TF op build and,
 // standalone, by tests/gpu/build.py. Semantics: the op docs in
-// coord_sparse_ops.cc and the CPU kernels in coord_sparse_op.cc /
+// coord_sparse_ops.cc and the CPU kernels in coord_sparse_index_op.cc /
 // coord_sparse_conv_op.cc; the GPU results are identical to the CPU ones.
 //
 // SparseConvRulebook, in phases with host-side counts (each phase copies a

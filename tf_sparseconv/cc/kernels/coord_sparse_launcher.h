@@ -45,9 +45,9 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
 }  // namespace tf_sparseconv
 
 // ---------------------------------------------------------------------------
-// Index bookkeeping on the GPU (coord_sparse_index_gpu.cu.cc):
+// Index bookkeeping on the GPU (coord_sparse_index_op_gpu.cu.cc):
 // SparseConvRulebook and TopKSites. Results are identical to the CPU kernels'
-// (coord_sparse_op.cc, coord_sparse_conv_op.cc). Workspaces are device
+// (coord_sparse_index_op.cc). Workspaces are device
 // buffers of at least the ...WorkspaceBytes(...) bytes (any alignment); a
 // negative size means the problem is too large for the GPU kernels. Calls
 // that return host-side counts synchronise the stream. Limits: N * K (regular
