@@ -85,9 +85,11 @@ constexpr int64_t kAlign = 256;         // workspace sub-buffers
 
 // --- Element types ----------------------------------------------------------
 
-using gpu::Elem;  // gpu_elem.cu.h
-using gpu::Check;  // gpu_util.cu.h
-using gpu::LastError;  // gpu_util.cu.h
+using gpu::Elem;
+using gpu::Check;
+using gpu::LastError;
+using gpu::MulNonNeg;
+using gpu::Product;
 
 __device__ __forceinline__ float NegInf(float) { return -__int_as_float(0x7f800000); }
 __device__ __forceinline__ double NegInf(double) {
@@ -507,19 +509,6 @@ unsigned GridForTiles(int64_t tiles) {
 int64_t Align(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 int64_t Tiles(int64_t items) { return (items + kTile - 1) / kTile; }
-
-// *out = a * b for a, b >= 0; false on int64 overflow.
-bool MulNonNeg(int64_t a, int64_t b, int64_t* out) {
-  if (a != 0 && b > INT64_MAX / a) return false;
-  *out = a * b;
-  return true;
-}
-
-// *out = a * b * c * d (all >= 0); false on int64 overflow.
-bool Product(int64_t a, int64_t b, int64_t c, int64_t d, int64_t* out) {
-  return MulNonNeg(a, b, out) && MulNonNeg(*out, c, out) &&
-         MulNonNeg(*out, d, out);
-}
 
 constexpr const char* kUnknownFormat = "tsc_block_sparse: unknown float format";
 

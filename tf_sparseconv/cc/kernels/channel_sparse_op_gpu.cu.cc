@@ -81,10 +81,12 @@ constexpr int64_t kTargetThreads = int64_t{1} << 17;
 // Element types
 // ---------------------------------------------------------------------------
 
-using gpu::Elem;  // gpu_elem.cu.h
-using gpu::Check;      // gpu_util.cu.h
-using gpu::LastError;  // gpu_util.cu.h
-using gpu::MemsetZero;  // gpu_util.cu.h
+using gpu::Elem;
+using gpu::Check;
+using gpu::LastError;
+using gpu::MulNonNeg;
+using gpu::Product;
+using gpu::MemsetZero;
 
 // ---------------------------------------------------------------------------
 // Device helpers
@@ -430,19 +432,6 @@ unsigned GridFor(int64_t work, int64_t threads) {
   const int64_t blocks = (work + threads - 1) / threads;
   return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
                                                        : kMaxGridBlocks);
-}
-
-// *out = a * b for a, b >= 0; false on int64 overflow.
-bool MulNonNeg(int64_t a, int64_t b, int64_t* out) {
-  if (a != 0 && b > INT64_MAX / a) return false;
-  *out = a * b;
-  return true;
-}
-
-// *out = a * b * c * d (all >= 0); false on int64 overflow.
-bool Product(int64_t a, int64_t b, int64_t c, int64_t d, int64_t* out) {
-  return MulNonNeg(a, b, out) && MulNonNeg(*out, c, out) &&
-         MulNonNeg(*out, d, out);
 }
 
 // Sizes derived from a geometry (all checked for overflow).

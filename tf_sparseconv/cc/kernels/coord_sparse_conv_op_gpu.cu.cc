@@ -73,9 +73,10 @@
 namespace tf_sparseconv {
 namespace {
 
-using gpu::Elem;  // gpu_elem.cu.h
-using gpu::LastError;  // gpu_util.cu.h
-using gpu::MemsetZero;  // gpu_util.cu.h
+using gpu::Elem;
+using gpu::LastError;
+using gpu::MulNonNeg;
+using gpu::MemsetZero;
 
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 constexpr int64_t kIndex32Limit = int64_t{1} << 31;
@@ -528,13 +529,6 @@ unsigned GridFor(int64_t blocks) {
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// *out = a * b for a, b >= 0; false on int64 overflow.
-bool MulNonNeg(int64_t a, int64_t b, int64_t* out) {
-  if (a != 0 && b > INT64_MAX / a) return false;
-  *out = a * b;
-  return true;
-}
 
 // Channel tile: the smallest of 16, 32, 64 that covers c (64 above).
 int PickTile(int64_t c) { return c <= 16 ? 16 : (c <= 32 ? 32 : 64); }

@@ -194,6 +194,44 @@ class SparseConvRulebookOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    ConvGeometry g{};
+    CheckInputs(ctx, &g);
+    if (!ctx->status().ok()) return;
+#if TF_SPARSECONV_CUDA
+    if (on_gpu_) {
+      ComputeGpu(ctx, g);
+      return;
+    }
+#endif
+    const Tensor& coords_t = ctx->input(0);
+    const int64_t n = coords_t.dim_size(0);
+    const int32_t* coords = coords_t.flat<int32_t>().data();
+    // 1. Validate the sites and index them.
+    SiteTable sites;
+    IndexSites(ctx, g, coords, n, &sites);
+    if (!ctx->status().ok()) return;
+    // 2. Output sites.
+    Tensor* out_coords_t = nullptr;
+    WriteOutputSites(ctx, g, coords_t, &out_coords_t);
+    if (!ctx->status().ok()) return;
+    // 3. The rulebook, from the output side.
+    WriteRulebook(ctx, g, sites.Index(), *out_coords_t);
+    if (!ctx->status().ok()) return;
+    WriteOutShape(ctx, g);
+  }
+
+ private:
+  // The owner of a SiteIndex's storage.
+  struct SiteTable {
+    std::vector<HashSlot> table;
+    std::vector<int32_t> grid;
+    int64_t capacity = 0;
+    bool use_grid = false;
+    SiteIndex Index() const { return {table.data(), capacity, use_grid ? grid.data() : nullptr}; }
+  };
+
+  // The shapes of coords and spatial_shape; the geometry.
+  void CheckInputs(OpKernelContext* ctx, ConvGeometry* g) const {
     const Tensor& coords_t = ctx->input(0);
     const Tensor& shape_t = ctx->input(1);
     const int dims = static_cast<int>(kernel_.size());
@@ -213,31 +251,28 @@ class SparseConvRulebookOp : public OpKernel {
                 errors::InvalidArgument("coords has more than 2^31 - 1 rows: ",
                                         coords_t.shape().DebugString()));
 
-    ConvGeometry g{};
-    g.dims = dims;
+    g->dims = dims;
     const auto shape_v = shape_t.vec<int32_t>();
     for (int a = 0; a < dims; ++a) {
       OP_REQUIRES(ctx, shape_v(a) >= 1,
                   errors::InvalidArgument("spatial_shape must be positive, got ", shape_v(a),
                                           " at axis ", a));
-      g.in_shape[a] = shape_v(a);
-      g.kernel[a] = kernel_[a];
-      g.stride[a] = strides_[a];
-      g.dilation[a] = dilations_[a];
+      g->in_shape[a] = shape_v(a);
+      g->kernel[a] = kernel_[a];
+      g->stride[a] = strides_[a];
+      g->dilation[a] = dilations_[a];
     }
-    FinishGeometry(&g);
-#if TF_SPARSECONV_CUDA
-    if (on_gpu_) {
-      ComputeGpu(ctx, g);
-      return;
-    }
-#endif
+    FinishGeometry(g);
+  }
 
-    const int64_t n = coords_t.dim_size(0);
+  // Validates every site (batch index, inside the grid, unique) and indexes
+  // them (serial; reports the first duplicate): a dense grid of rows when the
+  // grid is small next to the lookups it will serve (one load per lookup,
+  // neighbours adjacent in memory), else a hash table.
+  static void IndexSites(OpKernelContext* ctx, const ConvGeometry& g, const int32_t* coords,
+                         int64_t n, SiteTable* sites) {
+    const int dims = g.dims;
     const int64_t width = dims + 1;
-    const int32_t* coords = coords_t.flat<int32_t>().data();
-
-    // 1. Validate the sites; find the batch size.
     int64_t batch = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* row = coords + i * width;
@@ -255,16 +290,16 @@ class SparseConvRulebookOp : public OpKernel {
     OP_REQUIRES(ctx, GridVolume(batch, dims, g.in_shape) >= 0,
                 errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
                                         "index with 62-bit keys"));
-
-    // Index of the input sites (serial; reports the first duplicate): a dense
-    // grid of rows when the grid is small next to the lookups it will serve
-    // (one load per lookup, neighbours adjacent in memory), else a hash table.
     const int64_t volume = GridVolume(batch, dims, g.in_shape);
     const bool use_grid =
         volume <= kMaxDenseIndex && volume <= 16 * std::max<int64_t>(n, 1) * g.num_offsets;
-    const int64_t capacity = use_grid ? 0 : HashCapacity(n);
-    std::vector<HashSlot> table(capacity, HashSlot{kEmptyKey, -1, 0});
-    std::vector<int32_t> grid(use_grid ? volume : 0, -1);
+    sites->use_grid = use_grid;
+    sites->capacity = use_grid ? 0 : HashCapacity(n);
+    const int64_t capacity = sites->capacity;
+    sites->table.assign(capacity, HashSlot{kEmptyKey, -1, 0});
+    sites->grid.assign(use_grid ? volume : 0, -1);
+    std::vector<HashSlot>& table = sites->table;
+    std::vector<int32_t>& grid = sites->grid;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* row = coords + i * width;
       int64_t x[kMaxCoordDims];
@@ -281,10 +316,17 @@ class SparseConvRulebookOp : public OpKernel {
                   errors::InvalidArgument("coords has duplicate sites: rows ", dup, " and ", i,
                                           " are the same site; sites must be unique"));
     }
-    const SiteIndex index{table.data(), capacity, use_grid ? grid.data() : nullptr};
+  }
 
-    // 2. Output sites.
-    Tensor* out_coords_t = nullptr;
+  // Output 0, the output sites: the input sites (submanifold) or every output
+  // position that reads one, in packed-key order.
+  void WriteOutputSites(OpKernelContext* ctx, const ConvGeometry& g, const Tensor& coords_t,
+                        Tensor** out_coords) const {
+    const int dims = g.dims;
+    const int64_t n = coords_t.dim_size(0);
+    const int64_t width = dims + 1;
+    const int32_t* coords = coords_t.flat<int32_t>().data();
+    Tensor*& out_coords_t = *out_coords;
     if (submanifold_) {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, coords_t.shape(), &out_coords_t));
       if (n > 0) {
@@ -305,10 +347,16 @@ class SparseConvRulebookOp : public OpKernel {
         for (int64_t c = 0; c < width; ++c) out[j * width + c] = static_cast<int32_t>(site[c]);
       }
     }
+  }
 
-    // 3. The rulebook, from the output side.
-    const int64_t m = out_coords_t->dim_size(0);
-    const int32_t* out_coords = out_coords_t->flat<int32_t>().data();
+  // Outputs 1 and 2, the rulebook: every output site looks up, per offset,
+  // the input site it reads.
+  void WriteRulebook(OpKernelContext* ctx, const ConvGeometry& g, const SiteIndex& index,
+                     const Tensor& out_coords_t) const {
+    const int dims = g.dims;
+    const int64_t width = dims + 1;
+    const int64_t m = out_coords_t.dim_size(0);
+    const int32_t* out_coords = out_coords_t.flat<int32_t>().data();
     const int64_t num_offsets = g.num_offsets;
     const int64_t num_blocks = (m + kBlockRows - 1) / kBlockRows;
     // A submanifold rulebook whose kernel extents (k - 1) * d are all even is
@@ -402,7 +450,11 @@ class SparseConvRulebookOp : public OpKernel {
                     }
                   });
     }
+  }
 
+  // Output 3, the output grid's spatial shape.
+  static void WriteOutShape(OpKernelContext* ctx, const ConvGeometry& g) {
+    const int dims = g.dims;
     Tensor* out_shape_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({dims}), &out_shape_t));
     for (int a = 0; a < dims; ++a) {
@@ -410,7 +462,6 @@ class SparseConvRulebookOp : public OpKernel {
     }
   }
 
- private:
   // Sorted, unique packed keys (output grid) of every output position that
   // reads at least one of the n input sites.
   static void OutputSites(OpKernelContext* ctx, const ConvGeometry& g, const int32_t* coords,

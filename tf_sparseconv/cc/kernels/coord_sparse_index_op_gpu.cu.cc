@@ -61,9 +61,9 @@
 namespace tf_sparseconv {
 namespace {
 
-using gpu::Elem;  // gpu_elem.cu.h
-using gpu::Check;  // gpu_util.cu.h
-using gpu::LastError;  // gpu_util.cu.h
+using gpu::Elem;
+using gpu::Check;
+using gpu::LastError;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
