@@ -23,7 +23,7 @@
 //     Submanifold rulebooks with even kernel extents (k - 1) * d are
 //     symmetric: only the first half of the offsets (and the centre) is looked
 //     up; the rest are mirror images, placed by one sweep over the rows.
-// GPU (same results, same error messages): ComputeGpu below and
+// GPU (same results, same error messages): RulebookFunctor<GPUDevice> below and
 // coord_sparse_index_op_gpu.cu.cc (sorted keys instead of the hash table).
 #define EIGEN_USE_THREADS
 
@@ -167,42 +167,13 @@ int64_t GridVolume(int64_t batch, int dims, const int64_t* shape) {
 
 }  // namespace
 
-class SparseConvRulebookOp : public OpKernel {
- public:
-  explicit SparseConvRulebookOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "kernel_size", &kernel_));
-    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "strides", &strides_));
-    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "dilations", &dilations_));
-    OP_REQUIRES(ctx, strides_.size() == kernel_.size() && dilations_.size() == kernel_.size(),
-                errors::InvalidArgument(
-                    "kernel_size, strides and dilations must have the same length, got ",
-                    kernel_.size(), ", ", strides_.size(), " and ", dilations_.size()));
-    int64_t num_offsets = 1;
-    for (int64_t k : kernel_) num_offsets = std::min(num_offsets * k, kInt32Max);
-    OP_REQUIRES(ctx, num_offsets < kInt32Max,
-                errors::InvalidArgument("kernel_size has too many offsets (prod(kernel_size) must "
-                                        "be below 2^31 - 1)"));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("submanifold", &submanifold_));
-    on_gpu_ = ctx->device_type() == ::tensorflow::DeviceType(::tensorflow::DEVICE_GPU);
-    if (submanifold_) {
-      for (int64_t s : strides_) {
-        OP_REQUIRES(ctx, s == 1,
-                    errors::InvalidArgument(
-                        "strides must be all 1 for a submanifold convolution, got stride ", s));
-      }
-    }
-  }
+// SparseConvRulebook on a device: outputs 0-3 for the validated geometry.
+template <typename Device>
+struct RulebookFunctor;
 
-  void Compute(OpKernelContext* ctx) override {
-    ConvGeometry g{};
-    CheckInputs(ctx, &g);
-    if (!ctx->status().ok()) return;
-#if TF_SPARSECONV_CUDA
-    if (on_gpu_) {
-      ComputeGpu(ctx, g);
-      return;
-    }
-#endif
+template <>
+struct RulebookFunctor<CPUDevice> {
+  static void Compute(OpKernelContext* ctx, const ConvGeometry& g, bool submanifold) {
     const Tensor& coords_t = ctx->input(0);
     const int64_t n = coords_t.dim_size(0);
     const int32_t* coords = coords_t.flat<int32_t>().data();
@@ -212,10 +183,10 @@ class SparseConvRulebookOp : public OpKernel {
     if (!ctx->status().ok()) return;
     // 2. Output sites.
     Tensor* out_coords_t = nullptr;
-    WriteOutputSites(ctx, g, coords_t, &out_coords_t);
+    WriteOutputSites(ctx, g, submanifold, coords_t, &out_coords_t);
     if (!ctx->status().ok()) return;
     // 3. The rulebook, from the output side.
-    WriteRulebook(ctx, g, sites.Index(), *out_coords_t);
+    WriteRulebook(ctx, g, submanifold, sites.Index(), *out_coords_t);
     if (!ctx->status().ok()) return;
     WriteOutShape(ctx, g);
   }
@@ -229,41 +200,6 @@ class SparseConvRulebookOp : public OpKernel {
     bool use_grid = false;
     SiteIndex Index() const { return {table.data(), capacity, use_grid ? grid.data() : nullptr}; }
   };
-
-  // The shapes of coords and spatial_shape; the geometry.
-  void CheckInputs(OpKernelContext* ctx, ConvGeometry* g) const {
-    const Tensor& coords_t = ctx->input(0);
-    const Tensor& shape_t = ctx->input(1);
-    const int dims = static_cast<int>(kernel_.size());
-    OP_REQUIRES(ctx, shape_t.dims() == 1 && shape_t.dim_size(0) >= 1 && shape_t.dim_size(0) <= 3,
-                errors::InvalidArgument("spatial_shape must be a vector of D = 1, 2 or 3 ints, "
-                                        "got shape ",
-                                        shape_t.shape().DebugString()));
-    OP_REQUIRES(ctx, shape_t.dim_size(0) == dims,
-                errors::InvalidArgument("spatial_shape has ", shape_t.dim_size(0),
-                                        " entries but kernel_size, strides and dilations have ",
-                                        dims, " (one per spatial axis)"));
-    OP_REQUIRES(ctx, coords_t.dims() == 2 && coords_t.dim_size(1) == dims + 1,
-                errors::InvalidArgument("coords must be int32 [N, 1 + D] = [N, ", dims + 1,
-                                        "] rows (batch, spatial...), got shape ",
-                                        coords_t.shape().DebugString()));
-    OP_REQUIRES(ctx, coords_t.dim_size(0) <= kInt32Max,
-                errors::InvalidArgument("coords has more than 2^31 - 1 rows: ",
-                                        coords_t.shape().DebugString()));
-
-    g->dims = dims;
-    const auto shape_v = shape_t.vec<int32_t>();
-    for (int a = 0; a < dims; ++a) {
-      OP_REQUIRES(ctx, shape_v(a) >= 1,
-                  errors::InvalidArgument("spatial_shape must be positive, got ", shape_v(a),
-                                          " at axis ", a));
-      g->in_shape[a] = shape_v(a);
-      g->kernel[a] = kernel_[a];
-      g->stride[a] = strides_[a];
-      g->dilation[a] = dilations_[a];
-    }
-    FinishGeometry(g);
-  }
 
   // Validates every site (batch index, inside the grid, unique) and indexes
   // them (serial; reports the first duplicate): a dense grid of rows when the
@@ -320,14 +256,14 @@ class SparseConvRulebookOp : public OpKernel {
 
   // Output 0, the output sites: the input sites (submanifold) or every output
   // position that reads one, in packed-key order.
-  void WriteOutputSites(OpKernelContext* ctx, const ConvGeometry& g, const Tensor& coords_t,
-                        Tensor** out_coords) const {
+  static void WriteOutputSites(OpKernelContext* ctx, const ConvGeometry& g, bool submanifold,
+                               const Tensor& coords_t, Tensor** out_coords) {
     const int dims = g.dims;
     const int64_t n = coords_t.dim_size(0);
     const int64_t width = dims + 1;
     const int32_t* coords = coords_t.flat<int32_t>().data();
     Tensor*& out_coords_t = *out_coords;
-    if (submanifold_) {
+    if (submanifold) {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, coords_t.shape(), &out_coords_t));
       if (n > 0) {
         std::memcpy(out_coords_t->flat<int32_t>().data(), coords,
@@ -351,8 +287,8 @@ class SparseConvRulebookOp : public OpKernel {
 
   // Outputs 1 and 2, the rulebook: every output site looks up, per offset,
   // the input site it reads.
-  void WriteRulebook(OpKernelContext* ctx, const ConvGeometry& g, const SiteIndex& index,
-                     const Tensor& out_coords_t) const {
+  static void WriteRulebook(OpKernelContext* ctx, const ConvGeometry& g, bool submanifold,
+                            const SiteIndex& index, const Tensor& out_coords_t) {
     const int dims = g.dims;
     const int64_t width = dims + 1;
     const int64_t m = out_coords_t.dim_size(0);
@@ -364,7 +300,7 @@ class SparseConvRulebookOp : public OpKernel {
     // reads input j through offset K - 1 - k. Then only the offsets below
     // `limit` (the first half and the centre) are looked up, and the others
     // are their mirror images (half the lookups).
-    bool mirror = submanifold_;
+    bool mirror = submanifold;
     for (int a = 0; a < dims; ++a) mirror &= (g.kernel[a] - 1) * g.dilation[a] % 2 == 0;
     const int64_t limit = mirror ? (num_offsets + 1) / 2 : num_offsets;
 
@@ -501,13 +437,16 @@ class SparseConvRulebookOp : public OpKernel {
     std::sort(out_keys->begin(), out_keys->end());
     out_keys->erase(std::unique(out_keys->begin(), out_keys->end()), out_keys->end());
   }
+};
 
 #if TF_SPARSECONV_CUDA
+template <>
+struct RulebookFunctor<GPUDevice> {
   // The same rulebook on the GPU (coord_sparse_index_op_gpu.cu.cc), in phases
   // with host-side counts: check the sites, sort them and find the output
   // sites, then the pairs. coords is device memory, spatial_shape and
   // out_spatial_shape host memory.
-  void ComputeGpu(OpKernelContext* ctx, const ConvGeometry& g) {
+  static void Compute(OpKernelContext* ctx, const ConvGeometry& g, bool submanifold) {
     const Tensor& coords_t = ctx->input(0);
     const int dims = g.dims;
     const int64_t n = coords_t.dim_size(0);
@@ -541,7 +480,7 @@ class SparseConvRulebookOp : public OpKernel {
                                         "index with 62-bit keys"));
 
     // 2. Sorted sites, duplicates, output sites.
-    const int64_t sites_bytes = RulebookSitesGpuWorkspaceBytes(g, n, submanifold_);
+    const int64_t sites_bytes = RulebookSitesGpuWorkspaceBytes(g, n, submanifold);
     OP_REQUIRES(ctx, sites_bytes >= 0,
                 errors::InvalidArgument("SparseConvRulebook GPU: ", n, " sites x ",
                                         g.num_offsets,
@@ -550,7 +489,7 @@ class SparseConvRulebookOp : public OpKernel {
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({sites_bytes}), &sites_ws));
     int64_t dup_later = -1, dup_earlier = -1, m = 0;
-    err = LaunchRulebookSitesGpu(g, coords, n, batch, submanifold_, sites_ws.flat<int8_t>().data(),
+    err = LaunchRulebookSitesGpu(g, coords, n, batch, submanifold, sites_ws.flat<int8_t>().data(),
                                  &dup_later, &dup_earlier, &m, stream);
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
     OP_REQUIRES(ctx, dup_later < 0,
@@ -574,7 +513,7 @@ class SparseConvRulebookOp : public OpKernel {
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({pairs_bytes}), &pairs_ws));
     int64_t total = 0;
-    err = LaunchRulebookPairsGpu(g, coords, n, submanifold_, sites_ws.flat<int8_t>().data(), m,
+    err = LaunchRulebookPairsGpu(g, coords, n, submanifold, sites_ws.flat<int8_t>().data(), m,
                                  out_coords_t->flat<int32_t>().data(),
                                  pairs_ws.flat<int8_t>().data(),
                                  pair_ptr_t->flat<int32_t>().data(), &total, stream);
@@ -594,22 +533,91 @@ class SparseConvRulebookOp : public OpKernel {
       out_shape_t->vec<int32_t>()(a) = static_cast<int32_t>(g.out_shape[a]);
     }
   }
-#endif
+};
+#endif  // TF_SPARSECONV_CUDA
+
+template <typename Device>
+class SparseConvRulebookOp : public OpKernel {
+ public:
+  explicit SparseConvRulebookOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "kernel_size", &kernel_));
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "strides", &strides_));
+    OP_REQUIRES_OK(ctx, ReadAxisAttr(ctx, "dilations", &dilations_));
+    OP_REQUIRES(ctx, strides_.size() == kernel_.size() && dilations_.size() == kernel_.size(),
+                errors::InvalidArgument(
+                    "kernel_size, strides and dilations must have the same length, got ",
+                    kernel_.size(), ", ", strides_.size(), " and ", dilations_.size()));
+    int64_t num_offsets = 1;
+    for (int64_t k : kernel_) num_offsets = std::min(num_offsets * k, kInt32Max);
+    OP_REQUIRES(ctx, num_offsets < kInt32Max,
+                errors::InvalidArgument("kernel_size has too many offsets (prod(kernel_size) must "
+                                        "be below 2^31 - 1)"));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("submanifold", &submanifold_));
+    if (submanifold_) {
+      for (int64_t s : strides_) {
+        OP_REQUIRES(ctx, s == 1,
+                    errors::InvalidArgument(
+                        "strides must be all 1 for a submanifold convolution, got stride ", s));
+      }
+    }
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    ConvGeometry g{};
+    CheckInputs(ctx, &g);
+    if (!ctx->status().ok()) return;
+    RulebookFunctor<Device>::Compute(ctx, g, submanifold_);
+  }
+
+ private:
+  // The shapes of coords and spatial_shape; the geometry.
+  void CheckInputs(OpKernelContext* ctx, ConvGeometry* g) const {
+    const Tensor& coords_t = ctx->input(0);
+    const Tensor& shape_t = ctx->input(1);
+    const int dims = static_cast<int>(kernel_.size());
+    OP_REQUIRES(ctx, shape_t.dims() == 1 && shape_t.dim_size(0) >= 1 && shape_t.dim_size(0) <= 3,
+                errors::InvalidArgument("spatial_shape must be a vector of D = 1, 2 or 3 ints, "
+                                        "got shape ",
+                                        shape_t.shape().DebugString()));
+    OP_REQUIRES(ctx, shape_t.dim_size(0) == dims,
+                errors::InvalidArgument("spatial_shape has ", shape_t.dim_size(0),
+                                        " entries but kernel_size, strides and dilations have ",
+                                        dims, " (one per spatial axis)"));
+    OP_REQUIRES(ctx, coords_t.dims() == 2 && coords_t.dim_size(1) == dims + 1,
+                errors::InvalidArgument("coords must be int32 [N, 1 + D] = [N, ", dims + 1,
+                                        "] rows (batch, spatial...), got shape ",
+                                        coords_t.shape().DebugString()));
+    OP_REQUIRES(ctx, coords_t.dim_size(0) <= kInt32Max,
+                errors::InvalidArgument("coords has more than 2^31 - 1 rows: ",
+                                        coords_t.shape().DebugString()));
+
+    g->dims = dims;
+    const auto shape_v = shape_t.vec<int32_t>();
+    for (int a = 0; a < dims; ++a) {
+      OP_REQUIRES(ctx, shape_v(a) >= 1,
+                  errors::InvalidArgument("spatial_shape must be positive, got ", shape_v(a),
+                                          " at axis ", a));
+      g->in_shape[a] = shape_v(a);
+      g->kernel[a] = kernel_[a];
+      g->stride[a] = strides_[a];
+      g->dilation[a] = dilations_[a];
+    }
+    FinishGeometry(g);
+  }
 
   std::vector<int64_t> kernel_, strides_, dilations_;
   bool submanifold_ = true;
-  bool on_gpu_ = false;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook").Device(::tensorflow::DEVICE_CPU),
-                        SparseConvRulebookOp);
+                        SparseConvRulebookOp<CPUDevice>);
 
 #if TF_SPARSECONV_CUDA
 REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvRulebook")
                             .Device(::tensorflow::DEVICE_GPU)
                             .HostMemory("spatial_shape")
                             .HostMemory("out_spatial_shape"),
-                        SparseConvRulebookOp);
+                        SparseConvRulebookOp<GPUDevice>);
 #endif
 
 // ---------------------------------------------------------------------------
