@@ -178,17 +178,18 @@ class ChannelSparseDenseKernelOp : public OpKernel {
     OP_REQUIRES(ctx, g.m <= g.cin,
                 errors::InvalidArgument("kernel fan-in m = ", g.m, " is larger than in_channels ",
                                         g.cin));
-    CheckConnections(ctx, connections, g, kOnCpu<Device>);
-    if (!ctx->status().ok()) return;
-    shape.AddDim(g.cin);
-    shape.AddDim(g.cout);
     if constexpr (kOnCpu<Device>) {
+      // The last inputs were validated when they were kept: a repeat needs no second check.
       ::tensorflow::mutex_lock lock(mu_);
       if (SameAsLast(kernel, connections)) {
         ctx->set_output(0, last_dense_);
         return;
       }
     }
+    CheckConnections(ctx, connections, g, kOnCpu<Device>);
+    if (!ctx->status().ok()) return;
+    shape.AddDim(g.cin);
+    shape.AddDim(g.cout);
     Tensor* dense = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dense));
     if (dense->NumElements() == 0) return;

@@ -191,18 +191,12 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
         if not_grouped is None:
             return "grouped", "channel_sparse_implementation('grouped')"
         return "sparse", f"the grouped form does not apply: {not_grouped}"
-    if library is None:  # references (and converter forms): the dense form by the fixed rule
-        if kernel.shape[-2] > DENSE_DISPATCH_DENSITY * x.shape[-1]:
-            return "dense", (
-                f"fan-in {kernel.shape[-2]} of {x.shape[-1]} input channels > DENSE_DISPATCH_DENSITY "
-                f"{DENSE_DISPATCH_DENSITY} x Cin (dilation 1, constant connections): tf.nn.conv2d on "
-                "the equivalent dense kernel"
-            )
-        return "sparse", "the pure-TF reference"
     m, cin = kernel.shape[-2], x.shape[-1]
     rule = "dense" if m > DENSE_DISPATCH_DENSITY * cin else "sparse"
     relation = ">" if rule == "dense" else "<="
     rule_reason = f"fan-in {m} of {cin} {relation} DENSE_DISPATCH_DENSITY {DENSE_DISPATCH_DENSITY} x Cin"
+    if library is None:  # references (and converter forms): the fixed rule
+        return rule, f"{rule_reason} (the pure-TF forms)"
     shape = [AUTOTUNE_BATCH if x.shape[0] is None else x.shape[0], *x.shape[1:]]
     if None in shape or None in kernel.shape:
         return rule, f"shape {x.shape} not fully known: {rule_reason}"
@@ -226,7 +220,7 @@ def _choose(x, kernel, connections, strides, padding, dilations, library) -> tup
         cm = tf.constant(values)
         attrs = {"strides": list(strides), "padding": padding, "dilations": [1, 1]}
         found = {
-            "dense": lambda: _dense_conv2d(library, xm, km, cm, strides, padding),
+            "dense": lambda: _dense_conv2d(xm, km, cm, strides, padding),
             "sparse": lambda: library.tf_sparse_conv_channel_sparse_conv2d(xm, km, cm, **attrs),
         }
         if not_grouped is None:
@@ -257,15 +251,9 @@ def _grouped_conv2d(x, kernel, values: np.ndarray, strides, padding):
     return conv2d_batch_safe(_gather_channels(x, order), kernel, strides, padding)
 
 
-def _dense_conv2d(library, x, kernel, connections, strides, padding):
-    """tf.nn.conv2d on the dense kernel, built by the compiled op where there is one."""
-    if library is None:
-        dense = _dense_kernel_reference(kernel, connections, x.shape[-1])
-    else:
-        dense = library.tf_sparse_conv_channel_sparse_dense_kernel(
-            kernel, connections, in_channels=int(x.shape[-1])
-        )
-    return conv2d_batch_safe(x, dense, strides, padding)
+def _dense_conv2d(x, kernel, connections, strides, padding):
+    """tf.nn.conv2d on the dense kernel (`dense_kernel`: the compiled op where there is one)."""
+    return conv2d_batch_safe(x, dense_kernel(kernel, connections, int(x.shape[-1])), strides, padding)
 
 
 FUSED_ACTIVATIONS = (None, "linear", "relu")
@@ -344,7 +332,7 @@ def channel_sparse_conv2d(
         implementation, reason = _choose(x, kernel, connections, strides, padding, dilations, library)
         if implementation == "dense":
             record("channel_sparse_conv2d", "dense", reason)
-            y = _dense_conv2d(library, x, kernel, connections, strides, padding)
+            y = _dense_conv2d(x, kernel, connections, strides, padding)
             return _apply_epilogue(y, bias, activation)
         if implementation == "grouped":
             record("channel_sparse_conv2d", "grouped", reason)
