@@ -35,23 +35,28 @@ def count_from_fraction(fraction: float, size):
 
 
 class ConvWeightsMixin:
-    """Keras-style initializer/regularizer/constraint arguments of the kernels and biases."""
+    """Keras-style activation, use_bias and initializer/regularizer/constraint arguments of the
+    kernels and biases, and the config of a convolution layer.
 
-    def _init_weight_args(
-        self,
-        kernel_initializer,
-        bias_initializer,
-        kernel_regularizer,
-        bias_regularizer,
-        kernel_constraint,
-        bias_constraint,
-    ):
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+    A layer's constructor keeps its explicit Keras signature and hands its arguments on with
+    `self._init_conv_args(locals())`. `get_config` returns the base layer's config, then the
+    attributes named in `config_attributes` (the layer's own constructor arguments, stored
+    under their names), then `activation`, `use_bias` and the weight arguments.
+    """
+
+    config_attributes: tuple[str, ...] = ()
+
+    def _init_conv_args(self, args: dict) -> None:
+        """Stores the activation, use_bias, initializer, regularizer and constraint arguments
+        found in `args` (the constructor's `locals()`) under their names."""
+        self.activation = activations.get(args["activation"])
+        self.use_bias = bool(args["use_bias"])
+        self.kernel_initializer = initializers.get(args["kernel_initializer"])
+        self.bias_initializer = initializers.get(args["bias_initializer"])
+        self.kernel_regularizer = regularizers.get(args["kernel_regularizer"])
+        self.bias_regularizer = regularizers.get(args["bias_regularizer"])
+        self.kernel_constraint = constraints.get(args["kernel_constraint"])
+        self.bias_constraint = constraints.get(args["bias_constraint"])
 
     def _kernel(self, name, shape, initializer=None):
         return self.add_weight(
@@ -71,16 +76,23 @@ class ConvWeightsMixin:
             constraint=self.bias_constraint,
         )
 
-    def _weight_config(self):
-        """The config entries every convolution layer has: activation, use_bias and the
-        arguments of `_init_weight_args`."""
-        return {
-            "activation": activations.serialize(self.activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": initializers.serialize(self.kernel_initializer),
-            "bias_initializer": initializers.serialize(self.bias_initializer),
-            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": constraints.serialize(self.kernel_constraint),
-            "bias_constraint": constraints.serialize(self.bias_constraint),
-        }
+    def get_config(self) -> dict:
+        config = super().get_config()
+        for name in self.config_attributes:
+            value = getattr(self, name)
+            # A layer that lists it always has the key (None included); Keras' own config has
+            # it only when it is set.
+            config[name] = regularizers.serialize(value) if name == "activity_regularizer" else value
+        config.update(
+            {
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+            }
+        )
+        return config

@@ -6,7 +6,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras import activations, regularizers
 
 from tf_sparseconv.python import _validation
 from tf_sparseconv.python._validation import int_tuple, positive_int
@@ -39,6 +38,17 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
       block_size: int or pair, a multiple of `strides`.
       threshold, avgpool: see `tsc.ops.reduce_mask`.
     """
+
+    config_attributes = (
+        "filters",
+        "kernel_size",
+        "block_size",
+        "threshold",
+        "avgpool",
+        "strides",
+        "padding",
+        "activity_regularizer",
+    )
 
     def __init__(
         self,
@@ -73,16 +83,7 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
         )
         self.threshold = float(threshold)
         self.avgpool = bool(avgpool)
-        self.use_bias = bool(use_bias)
-        self.activation = activations.get(activation)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
         self.supports_jit = False
 
     def build(self, input_shape) -> None:
@@ -124,23 +125,6 @@ class BlockSparseConv2D(ConvWeightsMixin, keras.layers.Layer):
                 spatial.append(max((n - k) // s + 1, 0))
         return (x_shape[0], *spatial, self.filters)
 
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "block_size": self.block_size,
-                "threshold": self.threshold,
-                "avgpool": self.avgpool,
-                "strides": self.strides,
-                "padding": self.padding,
-                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
-                **self._weight_config(),
-            }
-        )
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
 class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
@@ -156,6 +140,8 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
     (the first convolution's output is zeroed where the halo leaves the image,
     as the dense block's zero padding would be).
     """
+
+    config_attributes = ("bottleneck_filters", "kernel_size", "block_size", "threshold", "avgpool")
 
     def __init__(
         self,
@@ -181,16 +167,7 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
         self.block_size = int_tuple(block_size, 2, "block_size")
         self.threshold = float(threshold)
         self.avgpool = bool(avgpool)
-        self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
         self.supports_jit = False
 
     def build(self, input_shape) -> None:
@@ -243,17 +220,3 @@ class BlockSparseResidualBlock(ConvWeightsMixin, keras.layers.Layer):
     def compute_output_shape(self, input_shape) -> tuple | list:
         x_shape, _ = _split_inputs(input_shape, type(self).__name__)
         return tuple(x_shape)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "bottleneck_filters": self.bottleneck_filters,
-                "kernel_size": self.kernel_size,
-                "block_size": self.block_size,
-                "threshold": self.threshold,
-                "avgpool": self.avgpool,
-                **self._weight_config(),
-            }
-        )
-        return config

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import activations, regularizers
+from keras import activations
 
 from tf_sparseconv.python import _validation
 from tf_sparseconv.python._validation import int_tuple, positive_int
@@ -17,6 +19,20 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
     """Shared implementation of ChannelSparseConv1D/2D (channels-last)."""
 
     rank: int
+    # The op, `channel_sparse_conv2d` or `channel_sparse_conv1d` (as a staticmethod).
+    _conv_op: Callable
+    config_attributes = (
+        "filters",
+        "kernel_size",
+        "density",
+        "fan_in",
+        "connections",
+        "connection_seed",
+        "strides",
+        "padding",
+        "dilation_rate",
+        "activity_regularizer",
+    )
 
     def __init__(
         self,
@@ -56,16 +72,7 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
         if connections is not None:
             self.connections = _validation.connection_lists(connections, rows=self.filters)
         self.connection_seed = int(connection_seed)
-        self.use_bias = use_bias
-        self.activation = activations.get(activation)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
         self.supports_jit = False
 
@@ -127,7 +134,16 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
         )
 
     def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
-        raise NotImplementedError
+        return self._conv_op(
+            inputs,
+            kernel,
+            connections,
+            self.strides,
+            self.padding.upper(),
+            self.dilation_rate,
+            bias,
+            activation,
+        )
 
     def _fused_activation(self):
         """ "relu"/"linear" when the op can apply the activation itself, else None."""
@@ -164,22 +180,9 @@ class _ChannelSparseConv(ConvWeightsMixin, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "density": self.density if self.connections is None else None,
-                "fan_in": self.fan_in if self.connections is None else None,
-                # Once built, the exact connection lists (they define the model).
-                "connections": None if self.connections is None else self.connections.tolist(),
-                "connection_seed": self.connection_seed,
-                "strides": self.strides,
-                "padding": self.padding,
-                "dilation_rate": self.dilation_rate,
-                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
-                **self._weight_config(),
-            }
-        )
+        if self.connections is not None:
+            # Once built, the exact connection lists (they define the model).
+            config.update(density=None, fan_in=None, connections=self.connections.tolist())
         return config
 
 
@@ -203,18 +206,7 @@ class ChannelSparseConv2D(_ChannelSparseConv):
     """
 
     rank = 2
-
-    def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
-        return channel_sparse_ops.channel_sparse_conv2d(
-            inputs,
-            kernel,
-            connections,
-            self.strides,
-            self.padding.upper(),
-            self.dilation_rate,
-            bias,
-            activation,
-        )
+    _conv_op = staticmethod(channel_sparse_ops.channel_sparse_conv2d)
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
@@ -222,18 +214,7 @@ class ChannelSparseConv1D(_ChannelSparseConv):
     """1-D form of `ChannelSparseConv2D` over `[B, L, C]` (kernel `[k, m, filters]`)."""
 
     rank = 1
-
-    def _convolve(self, inputs, kernel, connections, bias=None, activation=None):
-        return channel_sparse_ops.channel_sparse_conv1d(
-            inputs,
-            kernel,
-            connections,
-            self.strides[0],
-            self.padding.upper(),
-            self.dilation_rate[0],
-            bias,
-            activation,
-        )
+    _conv_op = staticmethod(channel_sparse_ops.channel_sparse_conv1d)  # takes 1-tuples too
 
 
 def channel_sparse_from_conv(conv_layer: keras.layers.Layer, connections) -> _ChannelSparseConv:

@@ -23,7 +23,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras import activations, regularizers
 
 from tf_sparseconv.python._validation import int_tuple, positive_int
 from tf_sparseconv.python.layers._base import ConvWeightsMixin, check_backend
@@ -397,6 +396,16 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
 
     rank: int = 0
 
+    config_attributes = (
+        "filters",
+        "kernel_size",
+        "strides",
+        "dilation_rate",
+        "submanifold",
+        "max_active_sites",
+        "activity_regularizer",
+    )
+
     def __init__(
         self,
         filters: int,
@@ -425,16 +434,7 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
         if self.submanifold and max(self.strides) > 1:
             raise ValueError(f"`strides` must be 1 for a submanifold convolution, got {strides!r}")
         self.max_active_sites = positive_int(max_active_sites, "max_active_sites", allow_none=True)
-        self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
 
     def build(self, input_shape) -> None:
         features, coords, _ = _split(input_shape, type(self).__name__)
@@ -483,22 +483,6 @@ class SparseConv(ConvWeightsMixin, _SparseLayer):
         dtype = self.compute_dtype if features.dtype != "float64" else "float64"
         return _sparse_spec(shapes, dtype)
 
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "strides": self.strides,
-                "dilation_rate": self.dilation_rate,
-                "submanifold": self.submanifold,
-                "max_active_sites": self.max_active_sites,
-                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
-                **self._weight_config(),
-            }
-        )
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
 class SparseConv1D(SparseConv):
@@ -539,6 +523,8 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
 
     rank: int = 0
 
+    config_attributes = ("filters", "kernel_size", "strides", "activity_regularizer")
+
     def __init__(
         self,
         filters: int,
@@ -559,16 +545,7 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
         self.filters = positive_int(filters, "filters")
         self.kernel_size = int_tuple(kernel_size, self.rank, "kernel_size")
         self.strides = int_tuple(strides, self.rank, "strides")
-        self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
 
     def _maps(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
@@ -610,19 +587,6 @@ class SparseConvTranspose(ConvWeightsMixin, _SparseLayer):
         (features, _, _), _ = self._maps(inputs)
         shapes = self.compute_output_shape([[t.shape for t in m] for m in inputs])
         return _sparse_spec(shapes, self.compute_dtype if features.dtype != "float64" else "float64")
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "strides": self.strides,
-                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
-                **self._weight_config(),
-            }
-        )
-        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")

@@ -67,6 +67,8 @@ class StreamingConv1D(ConvWeightsMixin, keras.layers.Layer):
         `keras.layers.Conv1D`.
     """
 
+    config_attributes = ("filters", "kernel_size", "strides", "dilation_rate")
+
     def __init__(
         self,
         filters: int,
@@ -89,16 +91,7 @@ class StreamingConv1D(ConvWeightsMixin, keras.layers.Layer):
         self.kernel_size = _positive(kernel_size, "kernel_size")
         self.strides = _positive(strides, "strides")
         self.dilation_rate = _positive(dilation_rate, "dilation_rate")
-        self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self._init_weight_args(
-            kernel_initializer,
-            bias_initializer,
-            kernel_regularizer,
-            bias_regularizer,
-            kernel_constraint,
-            bias_constraint,
-        )
+        self._init_conv_args(locals())
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self.supports_jit = False  # a custom op
 
@@ -137,13 +130,3 @@ class StreamingConv1D(ConvWeightsMixin, keras.layers.Layer):
         if steps is not None:
             steps = -(-steps // self.strides)
         return (input_shape[0], steps, self.filters)
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
-            "strides": self.strides,
-            "dilation_rate": self.dilation_rate,
-            **self._weight_config(),
-        }
