@@ -413,18 +413,28 @@ def _attrs(op):
     return {name: op.get_attr(name) for name in ("strides", "padding", "dilations")}
 
 
+def _conv(op, x, kernel, connections):
+    """The channel-sparse convolution of `x` by `kernel` (the attributes of `op`)."""
+    return compiled_library().tf_sparse_conv_channel_sparse_conv2d(x, kernel, connections, **_attrs(op))
+
+
+def _input_grad(op, x, kernel, connections, grad):
+    """`dx` of `_conv(op, x, kernel, connections)` whose output has gradient `grad`."""
+    return compiled_library().tf_sparse_conv_channel_sparse_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), kernel, connections, grad, **_attrs(op)
+    )
+
+
+def _kernel_grad(op, x, kernel, connections, grad):
+    """`dkernel` of `_conv(op, x, kernel, connections)` whose output has gradient `grad`."""
+    return compiled_library().tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
+        x, tf.shape(kernel, out_type=tf.int32), connections, grad, **_attrs(op)
+    )
+
+
 def _input_and_kernel_grads(op, x, kernel, connections, grad):
-    """`(dx, dkernel)` of a channel-sparse convolution of `x` by `kernel` (the attributes of
-    `op`) whose output has gradient `grad`."""
-    library = compiled_library()
-    attrs = _attrs(op)
-    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), kernel, connections, grad, **attrs
-    )
-    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
-        x, tf.shape(kernel, out_type=tf.int32), connections, grad, **attrs
-    )
-    return dx, dkernel
+    """`(dx, dkernel)` of `_conv(op, x, kernel, connections)` whose output has gradient `grad`."""
+    return _input_grad(op, x, kernel, connections, grad), _kernel_grad(op, x, kernel, connections, grad)
 
 
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2D")
@@ -446,27 +456,18 @@ def _channel_sparse_conv2d_bias_activation_grad(op, grad):
 
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropInput")
 def _backprop_input_grad(op, grad):
-    # dx = A^T(dy; kernel): linear in dy and in kernel.
+    # dx = A^T(dy; kernel): linear in dy and in kernel (`grad` is an input-shaped tensor).
     _, kernel, connections, dy = op.inputs
-    library = compiled_library()
-    attrs = _attrs(op)
-    ddy = library.tf_sparse_conv_channel_sparse_conv2d(grad, kernel, connections, **attrs)
-    dkernel = library.tf_sparse_conv_channel_sparse_conv2d_backprop_kernel(
-        grad, tf.shape(kernel, out_type=tf.int32), connections, dy, **attrs
-    )
-    return None, dkernel, None, ddy
+    ddy = _conv(op, grad, kernel, connections)
+    return None, _kernel_grad(op, grad, kernel, connections, dy), None, ddy
 
 
 @tf.RegisterGradient("TfSparseConv>ChannelSparseConv2DBackpropKernel")
 def _backprop_kernel_grad(op, grad):
+    # dkernel: linear in x and in dy (`grad` is a kernel-shaped tensor).
     x, _, connections, dy = op.inputs
-    library = compiled_library()
-    attrs = _attrs(op)
-    dx = library.tf_sparse_conv_channel_sparse_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), grad, connections, dy, **attrs
-    )
-    ddy = library.tf_sparse_conv_channel_sparse_conv2d(x, grad, connections, **attrs)
-    return dx, None, None, ddy
+    dx = _input_grad(op, x, grad, connections, dy)
+    return dx, None, None, _conv(op, x, grad, connections)
 
 
 # --- pure-TensorFlow references -------------------------------------------------------
