@@ -29,6 +29,9 @@ if [ "${TF_SPARSECONV_SKIP_BAZEL:-0}" != "1" ] && [ -f tools/bazel_build.sh ]; t
   PY="$PWD/.venv/bin/python" bash tools/bazel_build.sh
 fi
 
+echo "[test] clang-format (.clang-format; pinned in pyproject so every machine formats alike)"
+git ls-files '*.cc' '*.h' | xargs .venv/bin/clang-format --dry-run --Werror
+
 echo "[test] ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

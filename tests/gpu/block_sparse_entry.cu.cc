@@ -37,29 +37,27 @@ int64_t tsc_reduce_mask_gpu_workspace_bytes(const int64_t* geometry) {
   return tf_sparseconv::ReduceMaskGpuWorkspaceBytes(UnpackGeometry(geometry));
 }
 
-const char* tsc_reduce_mask_count_gpu(int format, const void* mask, float threshold,
-                                      int avgpool, const int64_t* geometry,
-                                      void* workspace, int64_t* count, void* stream) {
+const char* tsc_reduce_mask_count_gpu(int format, const void* mask, float threshold, int avgpool,
+                                      const int64_t* geometry, void* workspace, int64_t* count,
+                                      void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchReduceMaskCountGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), mask, threshold,
-      avgpool != 0, UnpackGeometry(geometry), workspace, count, stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), mask, threshold, avgpool != 0,
+      UnpackGeometry(geometry), workspace, count, stream);
 }
 
-const char* tsc_reduce_mask_indices_gpu(const int64_t* geometry, void* workspace,
-                                        int32_t* indices, int64_t count, void* stream) {
+const char* tsc_reduce_mask_indices_gpu(const int64_t* geometry, void* workspace, int32_t* indices,
+                                        int64_t count, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchReduceMaskIndicesGpu(UnpackGeometry(geometry),
-                                                   workspace, indices, count, stream);
+  return tf_sparseconv::LaunchReduceMaskIndicesGpu(UnpackGeometry(geometry), workspace, indices,
+                                                   count, stream);
 }
 
-const char* tsc_sparse_gather_gpu(int format, const void* x, const int32_t* indices,
-                                  int64_t n, void* blocks, const int64_t* geometry,
-                                  void* stream) {
+const char* tsc_sparse_gather_gpu(int format, const void* x, const int32_t* indices, int64_t n,
+                                  void* blocks, const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchSparseGatherGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, indices, n, blocks,
-      UnpackGeometry(geometry), stream);
+  return tf_sparseconv::LaunchSparseGatherGpu(static_cast<tf_sparseconv::FloatFormat>(format), x,
+                                              indices, n, blocks, UnpackGeometry(geometry), stream);
 }
 
 int64_t tsc_sparse_scatter_gpu_workspace_bytes(const int64_t* geometry, int64_t n) {
@@ -71,9 +69,9 @@ const char* tsc_sparse_scatter_gpu(int format, const void* blocks, const int32_t
                                    int64_t n, const void* base, void* out, int add,
                                    const int64_t* geometry, void* workspace, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::LaunchSparseScatterGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), blocks, indices, n, base, out,
-      add != 0, UnpackGeometry(geometry), workspace, stream);
+  return tf_sparseconv::LaunchSparseScatterGpu(static_cast<tf_sparseconv::FloatFormat>(format),
+                                               blocks, indices, n, base, out, add != 0,
+                                               UnpackGeometry(geometry), workspace, stream);
 }
 
 }  // extern "C"

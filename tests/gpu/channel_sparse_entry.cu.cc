@@ -36,56 +36,56 @@ constexpr const char* kNullGeometry = "tsc_channel_sparse: geometry is null";
 
 extern "C" {
 
-const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x,
-                                          const void* kernel,
+const char* tsc_channel_sparse_conv2d_gpu(int format, const void* x, const void* kernel,
                                           const int32_t* connections, void* y,
-                                          const int64_t* geometry,
-                                          void* stream) {
+                                          const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchChannelSparseConv2DGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
-      nullptr, false, y, UnpackGeometry(geometry), stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections, nullptr, false, y,
+      UnpackGeometry(geometry), stream);
 }
 
-const char* tsc_channel_sparse_conv2d_bias_activation_gpu(
-    int format, const void* x, const void* kernel, const int32_t* connections,
-    const void* bias, int activation, void* y, const int64_t* geometry,
-    void* stream) {
+const char* tsc_channel_sparse_conv2d_bias_activation_gpu(int format, const void* x,
+                                                          const void* kernel,
+                                                          const int32_t* connections,
+                                                          const void* bias, int activation, void* y,
+                                                          const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   if (activation != 0 && activation != 1) {
     return "tsc_channel_sparse: activation must be 0 (linear) or 1 (relu)";
   }
   return tf_sparseconv::LaunchChannelSparseConv2DGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections,
-      bias, activation == 1, y, UnpackGeometry(geometry), stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), x, kernel, connections, bias,
+      activation == 1, y, UnpackGeometry(geometry), stream);
 }
 
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes(
-    const int64_t* geometry, int64_t* bytes) {
+const char* tsc_channel_sparse_conv2d_backprop_input_gpu_workspace_bytes(const int64_t* geometry,
+                                                                         int64_t* bytes) {
   if (bytes == nullptr) return "tsc_channel_sparse: bytes is null";
   *bytes = 0;
   if (geometry == nullptr) return kNullGeometry;
-  return tf_sparseconv::ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
-      UnpackGeometry(geometry), bytes);
+  return tf_sparseconv::ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(UnpackGeometry(geometry),
+                                                                          bytes);
 }
 
-const char* tsc_channel_sparse_conv2d_backprop_input_gpu(
-    int format, const void* dy, const void* kernel, const int32_t* connections,
-    void* dx, void* workspace, int64_t workspace_bytes,
-    const int64_t* geometry, void* stream) {
+const char* tsc_channel_sparse_conv2d_backprop_input_gpu(int format, const void* dy,
+                                                         const void* kernel,
+                                                         const int32_t* connections, void* dx,
+                                                         void* workspace, int64_t workspace_bytes,
+                                                         const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchChannelSparseConv2DBackpropInputGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), dy, kernel, connections,
-      dx, workspace, workspace_bytes, UnpackGeometry(geometry), stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), dy, kernel, connections, dx, workspace,
+      workspace_bytes, UnpackGeometry(geometry), stream);
 }
 
-const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(
-    int format, const void* x, const void* dy, const int32_t* connections,
-    void* dkernel, const int64_t* geometry, void* stream) {
+const char* tsc_channel_sparse_conv2d_backprop_kernel_gpu(int format, const void* x, const void* dy,
+                                                          const int32_t* connections, void* dkernel,
+                                                          const int64_t* geometry, void* stream) {
   if (geometry == nullptr) return kNullGeometry;
   return tf_sparseconv::LaunchChannelSparseConv2DBackpropKernelGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), x, dy, connections,
-      dkernel, UnpackGeometry(geometry), stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), x, dy, connections, dkernel,
+      UnpackGeometry(geometry), stream);
 }
 
 }  // extern "C"

@@ -55,8 +55,7 @@ const char* tsc_rulebook_check_gpu(const int64_t* geometry, const int32_t* coord
 
 int64_t tsc_rulebook_sites_gpu_workspace_bytes(const int64_t* geometry, int64_t n,
                                                int submanifold) {
-  return tf_sparseconv::RulebookSitesGpuWorkspaceBytes(GeometryFrom(geometry), n,
-                                                       submanifold != 0);
+  return tf_sparseconv::RulebookSitesGpuWorkspaceBytes(GeometryFrom(geometry), n, submanifold != 0);
 }
 
 const char* tsc_rulebook_sites_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
@@ -64,8 +63,8 @@ const char* tsc_rulebook_sites_gpu(const int64_t* geometry, const int32_t* coord
                                    int64_t* dup_later, int64_t* dup_earlier, int64_t* num_out,
                                    void* stream) {
   return tf_sparseconv::LaunchRulebookSitesGpu(GeometryFrom(geometry), coords, n, batch,
-                                               submanifold != 0, workspace, dup_later,
-                                               dup_earlier, num_out, stream);
+                                               submanifold != 0, workspace, dup_later, dup_earlier,
+                                               num_out, stream);
 }
 
 int64_t tsc_rulebook_pairs_gpu_workspace_bytes(const int64_t* geometry, int64_t num_out) {
@@ -73,18 +72,17 @@ int64_t tsc_rulebook_pairs_gpu_workspace_bytes(const int64_t* geometry, int64_t 
 }
 
 const char* tsc_rulebook_pairs_gpu(const int64_t* geometry, const int32_t* coords, int64_t n,
-                                   int submanifold, const void* sites_workspace,
-                                   int64_t num_out, int32_t* out_coords, void* workspace,
-                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream) {
-  return tf_sparseconv::LaunchRulebookPairsGpu(GeometryFrom(geometry), coords, n,
-                                               submanifold != 0, sites_workspace, num_out,
-                                               out_coords, workspace, pair_ptr, num_pairs,
-                                               stream);
+                                   int submanifold, const void* sites_workspace, int64_t num_out,
+                                   int32_t* out_coords, void* workspace, int32_t* pair_ptr,
+                                   int64_t* num_pairs, void* stream) {
+  return tf_sparseconv::LaunchRulebookPairsGpu(GeometryFrom(geometry), coords, n, submanifold != 0,
+                                               sites_workspace, num_out, out_coords, workspace,
+                                               pair_ptr, num_pairs, stream);
 }
 
 const char* tsc_rulebook_write_pairs_gpu(const int64_t* geometry, int64_t num_out,
-                                         const void* workspace, int64_t num_pairs,
-                                         int32_t* pairs, void* stream) {
+                                         const void* workspace, int64_t num_pairs, int32_t* pairs,
+                                         void* stream) {
   return tf_sparseconv::LaunchRulebookWritePairsGpu(GeometryFrom(geometry), num_out, workspace,
                                                     num_pairs, pairs, stream);
 }
@@ -95,15 +93,15 @@ int64_t tsc_topk_sites_gpu_workspace_bytes(int64_t n) {
 
 const char* tsc_topk_sites_gpu(int format, const void* features, int64_t n, int64_t c,
                                const int32_t* coords, int64_t width, int64_t k, int l2,
-                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
-                               int64_t* kept, void* stream) {
+                               void* workspace, int64_t* bad_row, int32_t* bad_batch, int64_t* kept,
+                               void* stream) {
   return tf_sparseconv::LaunchTopKSitesGpu(static_cast<tf_sparseconv::FloatFormat>(format),
-                                           features, n, c, coords, width, k, l2 != 0,
-                                           workspace, bad_row, bad_batch, kept, stream);
+                                           features, n, c, coords, width, k, l2 != 0, workspace,
+                                           bad_row, bad_batch, kept, stream);
 }
 
-const char* tsc_topk_sites_rows_gpu(const void* workspace, int64_t n, int64_t kept,
-                                    int32_t* rows, void* stream) {
+const char* tsc_topk_sites_rows_gpu(const void* workspace, int64_t n, int64_t kept, int32_t* rows,
+                                    void* stream) {
   return tf_sparseconv::LaunchTopKSitesRowsGpu(workspace, n, kept, rows, stream);
 }
 

@@ -27,9 +27,9 @@ const char* tsc_streaming_conv_step_gpu(int format, const void* history, const v
   g.filters = geometry[4];
   g.taps = geometry[5];
   g.dilation = geometry[6];
-  return tf_sparseconv::LaunchStreamingConvStepGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format), history, frames, kernel, bias,
-      activation == 1, y, new_history, g, stream);
+  return tf_sparseconv::LaunchStreamingConvStepGpu(static_cast<tf_sparseconv::FloatFormat>(format),
+                                                   history, frames, kernel, bias, activation == 1,
+                                                   y, new_history, g, stream);
 }
 
 }  // extern "C"

@@ -8,22 +8,18 @@
 
 extern "C" {
 
-const char* tsc_topk_mask_gpu(int format, int mode, const void* x, void* y,
-                              int32_t* indices, int64_t outer, int64_t size,
-                              int64_t inner, int64_t k, void* stream) {
+const char* tsc_topk_mask_gpu(int format, int mode, const void* x, void* y, int32_t* indices,
+                              int64_t outer, int64_t size, int64_t inner, int64_t k, void* stream) {
   return tf_sparseconv::LaunchTopKMaskGpu(
-      static_cast<tf_sparseconv::FloatFormat>(format),
-      static_cast<tf_sparseconv::ScoreMode>(mode), x, y, indices,
-      tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
+      static_cast<tf_sparseconv::FloatFormat>(format), static_cast<tf_sparseconv::ScoreMode>(mode),
+      x, y, indices, tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
 }
 
-const char* tsc_topk_mask_grad_gpu(int element_bytes, const void* dy,
-                                   const int32_t* indices, void* dx,
-                                   int64_t outer, int64_t size, int64_t inner,
-                                   int64_t k, void* stream) {
+const char* tsc_topk_mask_grad_gpu(int element_bytes, const void* dy, const int32_t* indices,
+                                   void* dx, int64_t outer, int64_t size, int64_t inner, int64_t k,
+                                   void* stream) {
   return tf_sparseconv::LaunchTopKMaskGradGpu(
-      element_bytes, dy, indices, dx,
-      tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
+      element_bytes, dy, indices, dx, tf_sparseconv::TopKGeometry{outer, size, inner, k}, stream);
 }
 
 }  // extern "C"

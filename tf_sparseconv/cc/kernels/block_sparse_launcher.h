@@ -22,22 +22,20 @@ int64_t ReduceMaskGpuWorkspaceBytes(const BlockGeometry& g);
 
 // reduce_mask, phase 1: marks the active blocks in `workspace` and copies
 // their number to *count (host memory; the call synchronises the stream).
-const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask,
-                                     float threshold, bool avgpool,
-                                     const BlockGeometry& g, void* workspace,
+const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask, float threshold,
+                                     bool avgpool, const BlockGeometry& g, void* workspace,
                                      int64_t* count, void* stream);
 
 // reduce_mask, phase 2: writes the `count` active blocks as int32 rows
 // (b, bh, bw) in increasing order to `indices` [count, 3] (deterministic).
 // `workspace` is the one phase 1 filled.
-const char* LaunchReduceMaskIndicesGpu(const BlockGeometry& g, void* workspace,
-                                       int32_t* indices, int64_t count, void* stream);
+const char* LaunchReduceMaskIndicesGpu(const BlockGeometry& g, void* workspace, int32_t* indices,
+                                       int64_t count, void* stream);
 
 // blocks [n, size_h, size_w, c] = gather(x [batch, h, w, c]); a block whose
 // index is out of range reads as zeros.
-const char* LaunchSparseGatherGpu(FloatFormat format, const void* x,
-                                  const int32_t* indices, int64_t n, void* blocks,
-                                  const BlockGeometry& g, void* stream);
+const char* LaunchSparseGatherGpu(FloatFormat format, const void* x, const int32_t* indices,
+                                  int64_t n, void* blocks, const BlockGeometry& g, void* stream);
 
 // out = base with the n blocks written (add = false) or added (add = true),
 // deterministically (each output element is summed by one thread, over the
@@ -46,10 +44,9 @@ const char* LaunchSparseGatherGpu(FloatFormat format, const void* x,
 // the blocks). Blocks whose index is out of range are skipped (the CPU
 // kernels reject them; on the GPU the indices stay in device memory).
 int64_t SparseScatterGpuWorkspaceBytes(const BlockGeometry& g, int64_t n);
-const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks,
-                                   const int32_t* indices, int64_t n, const void* base,
-                                   void* out, bool add, const BlockGeometry& g,
-                                   void* workspace, void* stream);
+const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks, const int32_t* indices,
+                                   int64_t n, const void* base, void* out, bool add,
+                                   const BlockGeometry& g, void* workspace, void* stream);
 
 }  // namespace tf_sparseconv
 

@@ -68,11 +68,10 @@ Status CheckIndexValues(const Tensor& indices, const BlockGeometry& g) {
   for (int64_t k = 0; k < indices.dim_size(0); ++k) {
     const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
     if (b < 0 || b >= g.batch || bh < 0 || bh >= limit_h || bw < 0 || bw >= limit_w) {
-      return errors::InvalidArgument("indices[", k, "] = (", b, ", ", bh, ", ", bw,
-                                     ") is out of range: the batch has ", g.batch,
-                                     " images and block indices must be below ", limit_h,
-                                     " x ", limit_w, " (blocks that overlap the ", g.h, " x ",
-                                     g.w, " image)");
+      return errors::InvalidArgument(
+          "indices[", k, "] = (", b, ", ", bh, ", ", bw, ") is out of range: the batch has ",
+          g.batch, " images and block indices must be below ", limit_h, " x ", limit_w,
+          " (blocks that overlap the ", g.h, " x ", g.w, " image)");
     }
   }
   return ::tensorflow::OkStatus();
@@ -149,7 +148,8 @@ class BlockOpBase : public OpKernel {
         (g.grid_h * g.grid_w > (int64_t{1} << 40) / std::max<int64_t>(1, g.batch))) {
       return errors::InvalidArgument("the block grid (", g.batch, " x ", g.grid_h, " x ", g.grid_w,
                                      ") is too large: check block_size, block_stride and "
-                                     "block_offset against the image size ", g.h, " x ", g.w);
+                                     "block_offset against the image size ",
+                                     g.h, " x ", g.w);
     }
     return ::tensorflow::OkStatus();
   }
@@ -169,9 +169,9 @@ class ReduceMaskOp : public BlockOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& mask = ctx->input(0);
-    OP_REQUIRES(ctx, mask.dims() == 3,
-                errors::InvalidArgument("mask must be [B, H, W], got shape ",
-                                        mask.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, mask.dims() == 3,
+        errors::InvalidArgument("mask must be [B, H, W], got shape ", mask.shape().DebugString()));
     BlockGeometry g;
     Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
     OP_REQUIRES_OK(ctx, CheckGridSize(g));
@@ -226,13 +226,13 @@ class ReduceMaskOp : public BlockOpBase {
 #if TF_SPARSECONV_CUDA
   void ComputeGpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
     Tensor workspace;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
-                                           TensorShape({ReduceMaskGpuWorkspaceBytes(g)}),
-                                           &workspace));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8,
+                                      TensorShape({ReduceMaskGpuWorkspaceBytes(g)}), &workspace));
     void* ws = workspace.flat<int8_t>().data();
     int64_t count = 0;
-    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold_,
-                                               avgpool_, g, ws, &count, GpuStream(ctx));
+    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold_, avgpool_,
+                                               g, ws, &count, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
@@ -259,9 +259,9 @@ class SparseGatherOp : public BlockOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& indices = ctx->input(1);
-    OP_REQUIRES(ctx, x.dims() == 4,
-                errors::InvalidArgument("x must be [B, H, W, C], got shape ",
-                                        x.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, x.dims() == 4,
+        errors::InvalidArgument("x must be [B, H, W, C], got shape ", x.shape().DebugString()));
     OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
     BlockGeometry g;
     FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
@@ -292,16 +292,17 @@ class SparseGatherOp : public BlockOpBase {
           const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
           std::fill(out, out + cols.first * g.c, T(0));
           const int64_t copied = (cols.hi - cols.lo) * g.c;
-          if (copied > 0) std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                      copied * sizeof(T));
+          if (copied > 0)
+            std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                        copied * sizeof(T));
           std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
         }
       };
       ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
     } else {
 #if TF_SPARSECONV_CUDA
-      const char* err = LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g,
-                                              GpuStream(ctx));
+      const char* err =
+          LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
       OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
 #endif
     }
@@ -329,9 +330,10 @@ class SparseScatterOp : public BlockOpBase {
     TensorShape base_shape;
     if constexpr (kZeroBase) {
       const Tensor& shape = ctx->input(2);
-      OP_REQUIRES(ctx, shape.dims() == 1 && shape.NumElements() == 4,
-                  errors::InvalidArgument("shape must be a vector of 4 ints [B, H, W, C], got shape ",
-                                          shape.shape().DebugString()));
+      OP_REQUIRES(
+          ctx, shape.dims() == 1 && shape.NumElements() == 4,
+          errors::InvalidArgument("shape must be a vector of 4 ints [B, H, W, C], got shape ",
+                                  shape.shape().DebugString()));
       const auto v = shape.vec<int32_t>();
       for (int i = 0; i < 4; ++i) {
         OP_REQUIRES(ctx, v(i) >= 0,
@@ -344,9 +346,9 @@ class SparseScatterOp : public BlockOpBase {
     OP_REQUIRES(ctx, blocks.dims() == 4,
                 errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
                                         blocks.shape().DebugString()));
-    OP_REQUIRES(ctx, base_shape.dims() == 4,
-                errors::InvalidArgument("base must be [B, H, W, C], got shape ",
-                                        base_shape.DebugString()));
+    OP_REQUIRES(
+        ctx, base_shape.dims() == 4,
+        errors::InvalidArgument("base must be [B, H, W, C], got shape ", base_shape.DebugString()));
     OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
     const int64_t n = indices.dim_size(0);
     OP_REQUIRES(ctx, blocks.dim_size(0) == n,
@@ -394,15 +396,15 @@ class SparseScatterOp : public BlockOpBase {
 #if TF_SPARSECONV_CUDA
       if constexpr (kZeroBase) {
         ::stream_executor::DeviceMemoryBase memory(dst, out->TotalBytes());
-        OP_REQUIRES_OK(ctx, ctx->op_device_context()->stream()->MemZero(&memory, out->TotalBytes()));
+        OP_REQUIRES_OK(ctx,
+                       ctx->op_device_context()->stream()->MemZero(&memory, out->TotalBytes()));
       }
       Tensor workspace;
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
-                                             TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}),
-                                             &workspace));
-      const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, src, dst,
-                                               add_, g, workspace.flat<int8_t>().data(),
-                                               GpuStream(ctx));
+      OP_REQUIRES_OK(
+          ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                  TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}), &workspace));
+      const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, src, dst, add_,
+                                               g, workspace.flat<int8_t>().data(), GpuStream(ctx));
       OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
 #endif
     }
@@ -424,16 +426,19 @@ class SparseScatterOp : public BlockOpBase {
     };
     for (int64_t k = 0; k < n; ++k) {
       const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
-      const int64_t h0 = std::max<int64_t>(0, bh - reach_h), h1 = std::min(g.grid_h - 1, bh + reach_h);
-      const int64_t w0 = std::max<int64_t>(0, bw - reach_w), w1 = std::min(g.grid_w - 1, bw + reach_w);
+      const int64_t h0 = std::max<int64_t>(0, bh - reach_h),
+                    h1 = std::min(g.grid_h - 1, bh + reach_h);
+      const int64_t w0 = std::max<int64_t>(0, bw - reach_w),
+                    w1 = std::min(g.grid_w - 1, bw + reach_w);
       for (int64_t h = h0; h <= h1; ++h) {
         for (int64_t w = w0; w <= w1; ++w) {
           if (seen.count(key(b, h, w))) {
             return errors::InvalidArgument(
                 "indices[", k, "] = (", b, ", ", bh, ", ", bw,
                 ") overlaps an earlier block: with add=False blocks must not overlap "
-                "(block_stride ", g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x",
-                g.size_w, ", or a repeated index); use add=True to sum them");
+                "(block_stride ",
+                g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x", g.size_w,
+                ", or a repeated index); use add=True to sum them");
           }
         }
       }
@@ -472,8 +477,9 @@ class SparseScatterOp : public BlockOpBase {
         const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
         if (y < 0 || y >= g.h) continue;
         const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-        if (cols.hi > cols.lo) std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                    blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
+        if (cols.hi > cols.lo)
+          std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                      blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
       }
     };
     ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
@@ -539,20 +545,20 @@ class SparseScatterOp : public BlockOpBase {
   bool add_ = false;
 };
 
-#define TSC_REGISTER(DEV, T)                                                              \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>ReduceMask").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),     \
-      ReduceMaskOp<DEV##Device, T>);                                                      \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>SparseGather").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),   \
-      SparseGatherOp<DEV##Device, T>);                                                    \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("TfSparseConv>SparseScatter").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),  \
-      SparseScatterOp<DEV##Device, T, false>);                                            \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseScatterZeros")                         \
-                              .Device(TSC_DEVICE(DEV))                                    \
-                              .HostMemory("shape")                                        \
-                              .TypeConstraint<T>("T"),                                    \
+#define TSC_REGISTER(DEV, T)                                                             \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfSparseConv>ReduceMask").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),    \
+      ReduceMaskOp<DEV##Device, T>);                                                     \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfSparseConv>SparseGather").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),  \
+      SparseGatherOp<DEV##Device, T>);                                                   \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfSparseConv>SparseScatter").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+      SparseScatterOp<DEV##Device, T, false>);                                           \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseScatterZeros")                        \
+                              .Device(TSC_DEVICE(DEV))                                   \
+                              .HostMemory("shape")                                       \
+                              .TypeConstraint<T>("T"),                                   \
                           SparseScatterOp<DEV##Device, T, true>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER

@@ -61,9 +61,9 @@
 
 #include "tf_sparseconv/cc/kernels/block_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/block_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
-#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
@@ -73,9 +73,9 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 constexpr int64_t kIndex32Limit = int64_t{1} << 31;
-constexpr int64_t kSmallLimit = int64_t{1} << 30;   // sizes / strides, 32-bit path
-constexpr int64_t kCoordLimit = int64_t{1} << 62;   // |coordinate| bound
-constexpr int64_t kMaxCells = int64_t{1} << 48;     // blocks in the grid
+constexpr int64_t kSmallLimit = int64_t{1} << 30;  // sizes / strides, 32-bit path
+constexpr int64_t kCoordLimit = int64_t{1} << 62;  // |coordinate| bound
+constexpr int64_t kMaxCells = int64_t{1} << 48;    // blocks in the grid
 // Prefix sums: tiles of kScanThreads threads x kScanItems consecutive items.
 constexpr int kScanThreads = 256;
 constexpr int kScanItems = 16;
@@ -85,8 +85,8 @@ constexpr int64_t kAlign = 256;         // workspace sub-buffers
 
 // --- Element types ----------------------------------------------------------
 
-using gpu::Elem;
 using gpu::Check;
+using gpu::Elem;
 using gpu::LastError;
 using gpu::MulNonNeg;
 using gpu::Product;
@@ -101,8 +101,7 @@ __device__ __forceinline__ double NegInf(double) {
 // Exclusive prefix sum of v over the B threads of a block (B a multiple of
 // 32, <= 1024); *total is the block's sum. Every thread must call it.
 template <int B>
-__device__ __forceinline__ long long BlockExclusiveSum(long long v,
-                                                       long long* total) {
+__device__ __forceinline__ long long BlockExclusiveSum(long long v, long long* total) {
   static_assert(B % kWarpSize == 0 && B <= 1024, "B");
   constexpr int kWarps = B / kWarpSize;
   __shared__ long long warp_sums[kWarps];
@@ -134,13 +133,11 @@ __device__ __forceinline__ long long BlockExclusiveSum(long long v,
 
 // Cell (b * grid_h + bh) * grid_w + bw of an index row, or -1 if the row is
 // out of range.
-__device__ __forceinline__ int64_t CellOf(const int32_t* __restrict__ row,
-                                          const BlockGeometry& g) {
+__device__ __forceinline__ int64_t CellOf(const int32_t* __restrict__ row, const BlockGeometry& g) {
   const int64_t b = row[0];
   const int64_t bh = row[1];
   const int64_t bw = row[2];
-  if (b < 0 || b >= g.batch || bh < 0 || bh >= g.grid_h || bw < 0 ||
-      bw >= g.grid_w) {
+  if (b < 0 || b >= g.batch || bh < 0 || bh >= g.grid_h || bw < 0 || bw >= g.grid_w) {
     return -1;
   }
   return (b * g.grid_h + bh) * g.grid_w + bw;
@@ -185,8 +182,7 @@ __global__ void __launch_bounds__(kTileScanThreads)
 
 // Runs the two kernels above over `items` counts into tile_sums[tiles + 1].
 template <typename C>
-const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums,
-                           cudaStream_t stream);
+const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums, cudaStream_t stream);
 
 // --- ReduceMask -------------------------------------------------------------
 
@@ -195,17 +191,16 @@ const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums,
 // max only).
 template <typename T, int L, bool kAvg>
 __global__ void __launch_bounds__(kThreads)
-    BlockFlagKernel(const T* __restrict__ mask, float threshold,
-                    BlockGeometry g, uint8_t* __restrict__ flags,
-                    int64_t blocks) {
+    BlockFlagKernel(const T* __restrict__ mask, float threshold, BlockGeometry g,
+                    uint8_t* __restrict__ flags, int64_t blocks) {
   static_assert(L == 1 || L == kWarpSize, "L");
   static_assert(L == 1 || !kAvg, "avgpool sums in row-major order");
   using Acc = typename Elem<T>::Acc;
   const int lane = static_cast<int>(threadIdx.x) & (L - 1);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x / L;
   const Acc thr = static_cast<Acc>(threshold);
-  for (int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / L;
-       k < blocks; k += stride) {  // uniform over the L lanes
+  for (int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / L; k < blocks;
+       k += stride) {  // uniform over the L lanes
     const int64_t bw = k % g.grid_w;
     const int64_t q = k / g.grid_w;
     const int64_t bh = q % g.grid_h;
@@ -246,9 +241,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Rows (b, bh, bw) of the active blocks at tile offset + rank.
 __global__ void __launch_bounds__(kScanThreads)
-    ActiveRowsKernel(const uint8_t* __restrict__ flags,
-                     const int64_t* __restrict__ tile_offsets, int64_t blocks,
-                     int64_t tiles, int64_t grid_h, int64_t grid_w,
+    ActiveRowsKernel(const uint8_t* __restrict__ flags, const int64_t* __restrict__ tile_offsets,
+                     int64_t blocks, int64_t tiles, int64_t grid_h, int64_t grid_w,
                      int32_t* __restrict__ indices, int64_t count) {
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
@@ -281,10 +275,10 @@ __global__ void __launch_bounds__(kScanThreads)
 // --- SparseScatter: bucket index --------------------------------------------
 
 __global__ void __launch_bounds__(kThreads)
-    CellCountKernel(const int32_t* __restrict__ indices, int32_t n,
-                    BlockGeometry g, int32_t* __restrict__ counts) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       k < n; k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    CellCountKernel(const int32_t* __restrict__ indices, int32_t n, BlockGeometry g,
+                    int32_t* __restrict__ counts) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t cell = CellOf(indices + 3 * k, g);
     if (cell >= 0) atomicAdd(counts + cell, 1);
   }
@@ -293,9 +287,8 @@ __global__ void __launch_bounds__(kThreads)
 // starts[cell] = tile offset + exclusive prefix of counts; starts[cells] =
 // total.
 __global__ void __launch_bounds__(kScanThreads)
-    CellStartsKernel(const int32_t* __restrict__ counts,
-                     const int64_t* __restrict__ tile_offsets, int64_t cells,
-                     int64_t tiles, int32_t* __restrict__ starts) {
+    CellStartsKernel(const int32_t* __restrict__ counts, const int64_t* __restrict__ tile_offsets,
+                     int64_t cells, int64_t tiles, int32_t* __restrict__ starts) {
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
     int32_t c[kScanItems];
@@ -320,11 +313,11 @@ __global__ void __launch_bounds__(kScanThreads)
 
 // Entries of every bucket, in any order (fill counters zeroed before).
 __global__ void __launch_bounds__(kThreads)
-    CellFillKernel(const int32_t* __restrict__ indices, int32_t n,
-                   BlockGeometry g, const int32_t* __restrict__ starts,
-                   int32_t* __restrict__ fill, int32_t* __restrict__ unsorted) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       k < n; k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    CellFillKernel(const int32_t* __restrict__ indices, int32_t n, BlockGeometry g,
+                   const int32_t* __restrict__ starts, int32_t* __restrict__ fill,
+                   int32_t* __restrict__ unsorted) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t cell = CellOf(indices + 3 * k, g);
     if (cell >= 0) {
       unsorted[starts[cell] + atomicAdd(fill + cell, 1)] = static_cast<int32_t>(k);
@@ -335,12 +328,11 @@ __global__ void __launch_bounds__(kThreads)
 // Each bucket in increasing position: entry k goes to start + the number of
 // smaller positions in its bucket (positions are distinct).
 __global__ void __launch_bounds__(kThreads)
-    CellSortKernel(const int32_t* __restrict__ indices, int32_t n,
-                   BlockGeometry g, const int32_t* __restrict__ starts,
-                   const int32_t* __restrict__ unsorted,
+    CellSortKernel(const int32_t* __restrict__ indices, int32_t n, BlockGeometry g,
+                   const int32_t* __restrict__ starts, const int32_t* __restrict__ unsorted,
                    int32_t* __restrict__ sorted) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       k < n; k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t cell = CellOf(indices + 3 * k, g);
     if (cell < 0) continue;
     const int32_t s = starts[cell];
@@ -358,15 +350,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename U, typename Index>
 __global__ void __launch_bounds__(kThreads)
     GatherKernel(const U* __restrict__ x, const int32_t* __restrict__ indices,
-                 U* __restrict__ blocks, BlockGeometry g, int64_t units,
-                 int64_t total) {
+                 U* __restrict__ blocks, BlockGeometry g, int64_t units, int64_t total) {
   const Index cu = static_cast<Index>(units);
   const Index sw = static_cast<Index>(g.size_w);
   const Index sh = static_cast<Index>(g.size_h);
   const Index end = static_cast<Index>(total);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-       idx < end; idx += stride) {
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < end;
+       idx += stride) {
     Index p = idx / cu;
     const Index u = idx - p * cu;
     const Index j = p % sw;
@@ -378,8 +369,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t bh = row[1];
     const int64_t bw = row[2];
     U v{};  // zero bits: +0 in every float format
-    if (b >= 0 && b < g.batch && bh >= 0 && bh < g.grid_h && bw >= 0 &&
-        bw < g.grid_w) {
+    if (b >= 0 && b < g.batch && bh >= 0 && bh < g.grid_h && bw >= 0 && bw < g.grid_w) {
       const int64_t y = g.offset_h + bh * g.stride_h + static_cast<int64_t>(i);
       const int64_t xx = g.offset_w + bw * g.stride_w + static_cast<int64_t>(j);
       if (y >= 0 && y < g.h && xx >= 0 && xx < g.w) {
@@ -395,10 +385,9 @@ __global__ void __launch_bounds__(kThreads)
 // base and out may alias (then base is not read when !kAdd).
 template <typename V, typename Index, bool kAdd>
 __global__ void __launch_bounds__(kThreads)
-    ScatterKernel(const V* blocks, const int32_t* __restrict__ indices,
-                  const V* base, V* out, const int32_t* __restrict__ starts,
-                  const int32_t* __restrict__ sorted, BlockGeometry g,
-                  int64_t units, int64_t total) {
+    ScatterKernel(const V* blocks, const int32_t* __restrict__ indices, const V* base, V* out,
+                  const int32_t* __restrict__ starts, const int32_t* __restrict__ sorted,
+                  BlockGeometry g, int64_t units, int64_t total) {
   const Index cu = static_cast<Index>(units);
   const Index sw = static_cast<Index>(g.size_w);
   const Index sh = static_cast<Index>(g.size_h);
@@ -406,8 +395,8 @@ __global__ void __launch_bounds__(kThreads)
   const Index st_w = static_cast<Index>(g.stride_w);
   const Index end = static_cast<Index>(total);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-       idx < end; idx += stride) {
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < end;
+       idx += stride) {
     Index p = idx / cu;
     const Index u = idx - p * cu;
     const Index j = p % sw;
@@ -483,8 +472,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t ii = static_cast<int64_t>(i) + (bh - nh) * g.stride_h;
         const int64_t jj = static_cast<int64_t>(j) + (bw - nw) * g.stride_w;
         acc += Elem<V>::Load(
-            blocks[((static_cast<int64_t>(next) * g.size_h + ii) * g.size_w + jj) *
-                       units +
+            blocks[((static_cast<int64_t>(next) * g.size_h + ii) * g.size_w + jj) * units +
                    static_cast<int64_t>(u)]);
         prev = next;
         if (next == static_cast<int32_t>(k)) break;
@@ -498,8 +486,7 @@ __global__ void __launch_bounds__(kThreads)
 
 unsigned GridFor(int64_t work, int64_t threads) {
   const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
-                                                       : kMaxGridBlocks);
+  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
 }
 
 unsigned GridForTiles(int64_t tiles) {
@@ -520,8 +507,7 @@ struct Sizes {
 };
 
 const char* CheckGeometry(const BlockGeometry& g, Sizes* s) {
-  if (g.batch < 0 || g.h < 0 || g.w < 0 || g.c < 0 || g.grid_h < 0 ||
-      g.grid_w < 0) {
+  if (g.batch < 0 || g.h < 0 || g.w < 0 || g.c < 0 || g.grid_h < 0 || g.grid_w < 0) {
     return "tsc_block_sparse: negative dimension";
   }
   if (g.size_h < 1 || g.size_w < 1) {
@@ -530,12 +516,10 @@ const char* CheckGeometry(const BlockGeometry& g, Sizes* s) {
   if (g.stride_h < 1 || g.stride_w < 1) {
     return "tsc_block_sparse: block stride must be >= 1";
   }
-  if (!Product(g.batch, g.h, g.w, g.c, &s->x) ||
-      !Product(g.size_h, g.size_w, g.c, 1, &s->block)) {
+  if (!Product(g.batch, g.h, g.w, g.c, &s->x) || !Product(g.size_h, g.size_w, g.c, 1, &s->block)) {
     return "tsc_block_sparse: tensor too large";
   }
-  if (!Product(g.batch, g.grid_h, g.grid_w, 1, &s->cells) ||
-      s->cells > kMaxCells) {
+  if (!Product(g.batch, g.grid_h, g.grid_w, 1, &s->cells) || s->cells > kMaxCells) {
     return "tsc_block_sparse: block grid too large";
   }
   // Every block coordinate offset + i * stride + size (and the same for w)
@@ -546,10 +530,8 @@ const char* CheckGeometry(const BlockGeometry& g, Sizes* s) {
   const int64_t sizes[2] = {g.size_h, g.size_w};
   for (int a = 0; a < 2; ++a) {
     int64_t reach = 0;
-    if (offsets[a] <= -kCoordLimit || offsets[a] >= kCoordLimit ||
-        sizes[a] >= kCoordLimit ||
-        !MulNonNeg(grids[a] > 0 ? grids[a] : 0, strides[a], &reach) ||
-        reach >= kCoordLimit) {
+    if (offsets[a] <= -kCoordLimit || offsets[a] >= kCoordLimit || sizes[a] >= kCoordLimit ||
+        !MulNonNeg(grids[a] > 0 ? grids[a] : 0, strides[a], &reach) || reach >= kCoordLimit) {
       return "tsc_block_sparse: coordinates too large";
     }
   }
@@ -557,8 +539,7 @@ const char* CheckGeometry(const BlockGeometry& g, Sizes* s) {
 }
 
 // Also checks n (index rows) and *elems = n * size_h * size_w * c.
-const char* CheckBlocks(const BlockGeometry& g, int64_t n, Sizes* s,
-                        int64_t* elems) {
+const char* CheckBlocks(const BlockGeometry& g, int64_t n, Sizes* s, int64_t* elems) {
   if (const char* err = CheckGeometry(g, s)) return err;
   if (n < 0) return "tsc_block_sparse: negative number of blocks";
   if (n >= kIndex32Limit) return "tsc_block_sparse: too many blocks (>= 2^31)";
@@ -568,17 +549,15 @@ const char* CheckBlocks(const BlockGeometry& g, int64_t n, Sizes* s,
 
 // The 32-bit index path: every flat index and the divisors fit.
 bool Use32(const BlockGeometry& g, const Sizes& s, int64_t elems) {
-  return s.x < kIndex32Limit && elems < kIndex32Limit &&
-         g.size_h < kSmallLimit && g.size_w < kSmallLimit &&
-         g.stride_h < kSmallLimit && g.stride_w < kSmallLimit;
+  return s.x < kIndex32Limit && elems < kIndex32Limit && g.size_h < kSmallLimit &&
+         g.size_w < kSmallLimit && g.stride_h < kSmallLimit && g.stride_w < kSmallLimit;
 }
 
 // Widest unit in {16, 8, 4, 2} bytes dividing row_bytes and every pointer's
 // address (the null pointer is aligned to anything).
 int CopyUnit(int64_t row_bytes, const void* a, const void* b, const void* c) {
   for (int u = 16; u > 2; u /= 2) {
-    const uintptr_t mis = reinterpret_cast<uintptr_t>(a) |
-                          reinterpret_cast<uintptr_t>(b) |
+    const uintptr_t mis = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
                           reinterpret_cast<uintptr_t>(c);
     if (row_bytes % u == 0 && mis % static_cast<uintptr_t>(u) == 0) return u;
   }
@@ -591,19 +570,21 @@ template <typename Fn>
 const char* DispatchCopyUnit(int64_t row_bytes, const void* a, const void* b, const void* c,
                              Fn&& fn) {
   switch (CopyUnit(row_bytes, a, b, c)) {
-    case 16: return fn(gpu::TypeTag<uint4>{});
-    case 8: return fn(gpu::TypeTag<uint2>{});
-    case 4: return fn(gpu::TypeTag<uint32_t>{});
-    default: return fn(gpu::TypeTag<uint16_t>{});
+    case 16:
+      return fn(gpu::TypeTag<uint4>{});
+    case 8:
+      return fn(gpu::TypeTag<uint2>{});
+    case 4:
+      return fn(gpu::TypeTag<uint32_t>{});
+    default:
+      return fn(gpu::TypeTag<uint16_t>{});
   }
 }
 
 template <typename C>
-const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums,
-                           cudaStream_t stream) {
+const char* LaunchTileScan(const C* in, int64_t items, int64_t* tile_sums, cudaStream_t stream) {
   const int64_t tiles = Tiles(items);
-  TileSumKernel<C><<<GridForTiles(tiles), kScanThreads, 0, stream>>>(
-      in, items, tiles, tile_sums);
+  TileSumKernel<C><<<GridForTiles(tiles), kScanThreads, 0, stream>>>(in, items, tiles, tile_sums);
   if (const char* err = LastError()) return err;
   ScanTileSumsKernel<<<1, kTileScanThreads, 0, stream>>>(tile_sums, tiles);
   return LastError();
@@ -634,20 +615,19 @@ const char* CheckMaskGeometry(const BlockGeometry& g, Sizes* s) {
 }
 
 template <typename T>
-const char* FlagsTyped(const void* mask, float threshold, bool avgpool,
-                       const BlockGeometry& g, int64_t blocks, uint8_t* flags,
-                       cudaStream_t stream) {
+const char* FlagsTyped(const void* mask, float threshold, bool avgpool, const BlockGeometry& g,
+                       int64_t blocks, uint8_t* flags, cudaStream_t stream) {
   const T* m = static_cast<const T*>(mask);
   if (avgpool) {
-    BlockFlagKernel<T, 1, true><<<GridFor(blocks, kThreads), kThreads, 0, stream>>>(
-        m, threshold, g, flags, blocks);
+    BlockFlagKernel<T, 1, true>
+        <<<GridFor(blocks, kThreads), kThreads, 0, stream>>>(m, threshold, g, flags, blocks);
   } else if (g.size_w >= 8) {
     BlockFlagKernel<T, kWarpSize, false>
-        <<<GridFor(blocks * kWarpSize, kThreads), kThreads, 0, stream>>>(
-            m, threshold, g, flags, blocks);
+        <<<GridFor(blocks * kWarpSize, kThreads), kThreads, 0, stream>>>(m, threshold, g, flags,
+                                                                         blocks);
   } else {
-    BlockFlagKernel<T, 1, false><<<GridFor(blocks, kThreads), kThreads, 0, stream>>>(
-        m, threshold, g, flags, blocks);
+    BlockFlagKernel<T, 1, false>
+        <<<GridFor(blocks, kThreads), kThreads, 0, stream>>>(m, threshold, g, flags, blocks);
   }
   return LastError();
 }
@@ -674,37 +654,33 @@ ScatterLayout MakeScatterLayout(int64_t cells, int64_t n) {
 }
 
 template <typename V, bool kAdd>
-const char* ScatterConfig(const void* blocks, const int32_t* indices,
-                          const void* base, void* out, const int32_t* starts,
-                          const int32_t* sorted, const BlockGeometry& g,
-                          int64_t units, int64_t total, bool use32,
-                          cudaStream_t stream) {
+const char* ScatterConfig(const void* blocks, const int32_t* indices, const void* base, void* out,
+                          const int32_t* starts, const int32_t* sorted, const BlockGeometry& g,
+                          int64_t units, int64_t total, bool use32, cudaStream_t stream) {
   const unsigned grid = GridFor(total, kThreads);
   if (use32) {
     ScatterKernel<V, uint32_t, kAdd><<<grid, kThreads, 0, stream>>>(
-        static_cast<const V*>(blocks), indices, static_cast<const V*>(base),
-        static_cast<V*>(out), starts, sorted, g, units, total);
+        static_cast<const V*>(blocks), indices, static_cast<const V*>(base), static_cast<V*>(out),
+        starts, sorted, g, units, total);
   } else {
     ScatterKernel<V, int64_t, kAdd><<<grid, kThreads, 0, stream>>>(
-        static_cast<const V*>(blocks), indices, static_cast<const V*>(base),
-        static_cast<V*>(out), starts, sorted, g, units, total);
+        static_cast<const V*>(blocks), indices, static_cast<const V*>(base), static_cast<V*>(out),
+        starts, sorted, g, units, total);
   }
   return LastError();
 }
 
 template <typename U>
 const char* GatherConfig(const void* x, const int32_t* indices, void* blocks,
-                         const BlockGeometry& g, int64_t units, int64_t total,
-                         bool use32, cudaStream_t stream) {
+                         const BlockGeometry& g, int64_t units, int64_t total, bool use32,
+                         cudaStream_t stream) {
   const unsigned grid = GridFor(total, kThreads);
   if (use32) {
     GatherKernel<U, uint32_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const U*>(x), indices, static_cast<U*>(blocks), g, units,
-        total);
+        static_cast<const U*>(x), indices, static_cast<U*>(blocks), g, units, total);
   } else {
     GatherKernel<U, int64_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const U*>(x), indices, static_cast<U*>(blocks), g, units,
-        total);
+        static_cast<const U*>(x), indices, static_cast<U*>(blocks), g, units, total);
   }
   return LastError();
 }
@@ -719,9 +695,8 @@ int64_t ReduceMaskGpuWorkspaceBytes(const BlockGeometry& g) {
   return MakeMaskLayout(s.cells).bytes;
 }
 
-const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask,
-                                     float threshold, bool avgpool,
-                                     const BlockGeometry& g, void* workspace,
+const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask, float threshold,
+                                     bool avgpool, const BlockGeometry& g, void* workspace,
                                      int64_t* count, void* stream) {
   if (FormatBytes(format) == 0) return kUnknownFormat;
   if (count == nullptr) return "tsc_block_sparse: count is null";
@@ -752,9 +727,8 @@ const char* LaunchReduceMaskCountGpu(FloatFormat format, const void* mask,
   return nullptr;
 }
 
-const char* LaunchReduceMaskIndicesGpu(const BlockGeometry& g, void* workspace,
-                                       int32_t* indices, int64_t count,
-                                       void* stream) {
+const char* LaunchReduceMaskIndicesGpu(const BlockGeometry& g, void* workspace, int32_t* indices,
+                                       int64_t count, void* stream) {
   Sizes s;
   if (const char* err = CheckMaskGeometry(g, &s)) return err;
   if (count < 0 || count > s.cells) {
@@ -767,16 +741,13 @@ const char* LaunchReduceMaskIndicesGpu(const BlockGeometry& g, void* workspace,
   const char* ws = static_cast<const char*>(workspace);
   const int64_t tiles = Tiles(s.cells);
   ActiveRowsKernel<<<GridForTiles(tiles), kScanThreads, 0, st>>>(
-      reinterpret_cast<const uint8_t*>(ws),
-      reinterpret_cast<const int64_t*>(ws + layout.tile_sums), s.cells, tiles,
-      g.grid_h, g.grid_w, indices, count);
+      reinterpret_cast<const uint8_t*>(ws), reinterpret_cast<const int64_t*>(ws + layout.tile_sums),
+      s.cells, tiles, g.grid_h, g.grid_w, indices, count);
   return LastError();
 }
 
-const char* LaunchSparseGatherGpu(FloatFormat format, const void* x,
-                                  const int32_t* indices, int64_t n,
-                                  void* blocks, const BlockGeometry& g,
-                                  void* stream) {
+const char* LaunchSparseGatherGpu(FloatFormat format, const void* x, const int32_t* indices,
+                                  int64_t n, void* blocks, const BlockGeometry& g, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return kUnknownFormat;
   Sizes s;
@@ -801,11 +772,9 @@ int64_t SparseScatterGpuWorkspaceBytes(const BlockGeometry& g, int64_t n) {
   return MakeScatterLayout(s.cells, n).bytes;
 }
 
-const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks,
-                                   const int32_t* indices, int64_t n,
-                                   const void* base, void* out, bool add,
-                                   const BlockGeometry& g, void* workspace,
-                                   void* stream) {
+const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks, const int32_t* indices,
+                                   int64_t n, const void* base, void* out, bool add,
+                                   const BlockGeometry& g, void* workspace, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return kUnknownFormat;
   Sizes s;
@@ -842,15 +811,13 @@ const char* LaunchSparseScatterGpu(FloatFormat format, const void* blocks,
   if ((err = LastError())) return err;
   if ((err = LaunchTileScan(counts, s.cells, tile_sums, st))) return err;
   const int64_t tiles = Tiles(s.cells);
-  CellStartsKernel<<<GridForTiles(tiles), kScanThreads, 0, st>>>(
-      counts, tile_sums, s.cells, tiles, starts);
+  CellStartsKernel<<<GridForTiles(tiles), kScanThreads, 0, st>>>(counts, tile_sums, s.cells, tiles,
+                                                                 starts);
   if ((err = LastError())) return err;
   if ((err = Check(cudaMemsetAsync(counts, 0, count_bytes, st)))) return err;
-  CellFillKernel<<<grid_n, kThreads, 0, st>>>(indices, n32, g, starts, counts,
-                                              unsorted);
+  CellFillKernel<<<grid_n, kThreads, 0, st>>>(indices, n32, g, starts, counts, unsorted);
   if ((err = LastError())) return err;
-  CellSortKernel<<<grid_n, kThreads, 0, st>>>(indices, n32, g, starts, unsorted,
-                                              sorted);
+  CellSortKernel<<<grid_n, kThreads, 0, st>>>(indices, n32, g, starts, unsorted, sorted);
   if ((err = LastError())) return err;
 
   const bool use32 = Use32(g, s, elems);

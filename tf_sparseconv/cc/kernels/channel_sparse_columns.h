@@ -151,16 +151,16 @@ struct Correlation {
   int64_t a_h, a_w, off_h, off_w, di_h, di_w, div_h, div_w;
 
   static Correlation Forward(const ChannelSparseGeometry& g) {
-    return {g.out_h, g.out_w, g.in_h, g.in_w, g.in_c, g.k_h, g.k_w,
-            g.stride_h, g.stride_w, -g.pad_top, -g.pad_left, g.dil_h, g.dil_w, 1, 1};
+    return {g.out_h,    g.out_w,    g.in_h,      g.in_w,  g.in_c,  g.k_h, g.k_w, g.stride_h,
+            g.stride_w, -g.pad_top, -g.pad_left, g.dil_h, g.dil_w, 1,     1};
   }
   static Correlation Transposed(const ChannelSparseGeometry& g) {
-    return {g.in_h, g.in_w, g.out_h, g.out_w, g.out_c, g.k_h, g.k_w,
-            1, 1, g.pad_top, g.pad_left, -g.dil_h, -g.dil_w, g.stride_h, g.stride_w};
+    return {g.in_h, g.in_w,    g.out_h,    g.out_w,  g.out_c,  g.k_h,      g.k_w,     1,
+            1,      g.pad_top, g.pad_left, -g.dil_h, -g.dil_w, g.stride_h, g.stride_w};
   }
   // Source index along one axis, or -1.
-  static int64_t Source(int64_t r, int64_t a, int64_t off, int64_t di, int64_t div,
-                        int64_t k, int64_t n) {
+  static int64_t Source(int64_t r, int64_t a, int64_t off, int64_t di, int64_t div, int64_t k,
+                        int64_t n) {
     const int64_t num = r * a + off + k * di;
     if (num < 0 || num % div != 0 || num / div >= n) return -1;
     return num / div;
@@ -214,15 +214,18 @@ class ColumnSource {
       plane_rows_ = c.res_h + hi_h - lo_h;
       const int64_t max_tap = (hi_h - lo_h) * plane_w_ + (hi_w - lo_w);
       plane_tiles_ = (c.res_h * plane_w_ + kTile - 1) / kTile;
-      plane_len_ = (std::max(plane_tiles_ * kTile + max_tap, plane_rows_ * plane_w_) + 15) / 16 * 16;
+      plane_len_ =
+          (std::max(plane_tiles_ * kTile + max_tap, plane_rows_ * plane_w_) + 15) / 16 * 16;
       plane_span_ = kTile + max_tap;
       const int64_t bytes = plane_len_ * c.channels * static_cast<int64_t>(sizeof(A));
       plane_mode_ = bytes <= (1 << 20) && plane_w_ * 2 <= c.res_w * 3;
       // Shifted planes: k_w planes of (res_h + hi_h - lo_h) rows of res_w.
       const int64_t tiles = (c.res_h * c.res_w + kTile - 1) / kTile;
-      shifted_len_ = (std::max(tiles * kTile + (hi_h - lo_h) * c.res_w, plane_rows_ * c.res_w) + 15) / 16 * 16;
+      shifted_len_ =
+          (std::max(tiles * kTile + (hi_h - lo_h) * c.res_w, plane_rows_ * c.res_w) + 15) / 16 * 16;
       shifted_span_ = c.k_w * (kTile + (hi_h - lo_h) * c.res_w);
-      const int64_t shifted_bytes = c.k_w * shifted_len_ * c.channels * static_cast<int64_t>(sizeof(A));
+      const int64_t shifted_bytes =
+          c.k_w * shifted_len_ * c.channels * static_cast<int64_t>(sizeof(A));
       shifted_mode_ = shifted_bytes <= (3 << 19) && c.res_w > 0;
       if (shifted_mode_) plane_mode_ = false;
     }
@@ -276,8 +279,8 @@ class ColumnSource {
         const Correlation& c = s.c_;
         for (int64_t i = 0; i < c.k_h; ++i) {
           for (int64_t j = 0; j < c.k_w; ++j) {
-            tap_offset_.push_back((c.off_h + i * c.di_h - s.plane_lo_h_) * s.plane_w_ +
-                                  c.off_w + j * c.di_w - s.plane_lo_w_);
+            tap_offset_.push_back((c.off_h + i * c.di_h - s.plane_lo_h_) * s.plane_w_ + c.off_w +
+                                  j * c.di_w - s.plane_lo_w_);
           }
         }
       } else {
@@ -350,8 +353,8 @@ class ColumnSource {
       if (w1 <= w0) return dst;
       for (int64_t sh = h0; sh < h1; ++sh) {
         const T* src = s_.src_ + ((b * c.src_h + sh) * c.src_w + w0) * ch;
-        Transpose(src, ch, w1 - w0, ch,
-                  dst + (sh - s_.plane_lo_h_) * wp + (w0 - s_.plane_lo_w_), len);
+        Transpose(src, ch, w1 - w0, ch, dst + (sh - s_.plane_lo_h_) * wp + (w0 - s_.plane_lo_w_),
+                  len);
       }
       return dst;
     }
@@ -428,10 +431,12 @@ class ColumnSource {
         for (int64_t p = 0; p < kTile; ++p) {
           const int64_t pos = p0 + p;
           const int64_t rh = pos / c.res_w, rw = pos % c.res_w;
-          const int64_t sh = pos < s_.positions()
-              ? Correlation::Source(rh, c.a_h, c.off_h, c.di_h, c.div_h, i, c.src_h) : -1;
+          const int64_t sh = pos < s_.positions() ? Correlation::Source(rh, c.a_h, c.off_h, c.di_h,
+                                                                        c.div_h, i, c.src_h)
+                                                  : -1;
           const int64_t sw = Correlation::Source(rw, c.a_w, c.off_w, c.di_w, c.div_w, j, c.src_w);
-          rows[p] = sh >= 0 && sw >= 0 ? s_.src_ + ((b * c.src_h + sh) * c.src_w + sw) * ch : nullptr;
+          rows[p] =
+              sh >= 0 && sw >= 0 ? s_.src_ + ((b * c.src_h + sh) * c.src_w + sw) * ch : nullptr;
         }
         A* dst_t = col + t * ch * kTile;
         constexpr int64_t kBlock = 8;

@@ -62,8 +62,8 @@ constexpr int GroupLimit() {
 // for the G rows k of a group: each operand vector is loaded once and used by
 // the G rows (G fused multiply-adds per load instead of one).
 template <typename A, int G>
-void GroupTile(const A* const* base, int64_t stride, int64_t taps, const int32_t* src,
-               int64_t n, const A* const* w, A* const* out) {
+void GroupTile(const A* const* base, int64_t stride, int64_t taps, const int32_t* src, int64_t n,
+               const A* const* w, A* const* out) {
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
@@ -91,8 +91,8 @@ void GroupTile(const A* const* base, int64_t stride, int64_t taps, const int32_t
 // One row (G = 1). With a tile only 4 vectors wide (AVX-512), odd taps go to
 // a second accumulator set: 8 independent FMA chains hide the FMA latency.
 template <typename A>
-void RowTile(const A* const* base, int64_t stride, int64_t taps, const int32_t* src,
-             int64_t n, const A* w, A* out) {
+void RowTile(const A* const* base, int64_t stride, int64_t taps, const int32_t* src, int64_t n,
+             const A* w, A* out) {
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
@@ -132,9 +132,8 @@ void RowTile(const A* const* base, int64_t stride, int64_t taps, const int32_t* 
 // block, the rows go by groups (RowGroups), and a group's accumulators stay
 // in registers across all the block's entries and taps.
 template <typename A>
-void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* src,
-                    const A* w, const RowGroups& groups, int64_t blocks, int64_t rows,
-                    A* out) {
+void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* src, const A* w,
+                    const RowGroups& groups, int64_t blocks, int64_t rows, A* out) {
   constexpr int kMax = GroupLimit<A>();
   const int64_t taps = static_cast<int64_t>(cols.base.size());
   const A* const* base = cols.base.data();
@@ -153,18 +152,28 @@ void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* s
         ok[k] = out + m[k] * kTile;
       }
       switch (size) {
-        case 1: RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]); break;
-        case 2: GroupTile<A, std::min(2, kMax)>(base, stride, taps, src + first, n, wk, ok); break;
-        case 3: GroupTile<A, std::min(3, kMax)>(base, stride, taps, src + first, n, wk, ok); break;
-        case 4: GroupTile<A, std::min(4, kMax)>(base, stride, taps, src + first, n, wk, ok); break;
-        case 5: GroupTile<A, std::min(5, kMax)>(base, stride, taps, src + first, n, wk, ok); break;
-        default: GroupTile<A, kMax>(base, stride, taps, src + first, n, wk, ok); break;
+        case 1:
+          RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]);
+          break;
+        case 2:
+          GroupTile<A, std::min(2, kMax)>(base, stride, taps, src + first, n, wk, ok);
+          break;
+        case 3:
+          GroupTile<A, std::min(3, kMax)>(base, stride, taps, src + first, n, wk, ok);
+          break;
+        case 4:
+          GroupTile<A, std::min(4, kMax)>(base, stride, taps, src + first, n, wk, ok);
+          break;
+        case 5:
+          GroupTile<A, std::min(5, kMax)>(base, stride, taps, src + first, n, wk, ok);
+          break;
+        default:
+          GroupTile<A, kMax>(base, stride, taps, src + first, n, wk, ok);
+          break;
       }
     }
   }
 }
-
-
 
 // Writes out[r][run.tile_pos + p] to y[(run.result_pos + p) * rows + r] for
 // every run and p < run.len.
@@ -187,8 +196,7 @@ struct Rows {
 };
 
 template <typename T, typename A>
-Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn,
-                       const ChannelSparseGeometry& g) {
+Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn, const ChannelSparseGeometry& g) {
   const int64_t taps = g.k_h * g.k_w, m = g.m, cout = g.out_c;
   Rows<T, A> rows;
   rows.row_ptr.resize(cout + 1);
@@ -198,8 +206,7 @@ Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn,
   for (int64_t t = 0; t < taps; ++t) {
     for (int64_t e = 0; e < m; ++e) {
       for (int64_t o = 0; o < cout; ++o) {
-        rows.w[(o * m + e) * taps + t] =
-            static_cast<A>(kernel[(t * m + e) * cout + o]);
+        rows.w[(o * m + e) * taps + t] = static_cast<A>(kernel[(t * m + e) * cout + o]);
       }
     }
   }
@@ -207,8 +214,7 @@ Rows<T, A> ForwardRows(const T* kernel, const int32_t* conn,
 }
 
 template <typename T, typename A>
-Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
-                          const ChannelSparseGeometry& g) {
+Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn, const ChannelSparseGeometry& g) {
   const int64_t taps = g.k_h * g.k_w, m = g.m, cout = g.out_c, cin = g.in_c;
   Rows<T, A> rows;
   rows.row_ptr.assign(cin + 1, 0);
@@ -232,8 +238,8 @@ Rows<T, A> TransposedRows(const T* kernel, const int32_t* conn,
 // `rows` with each row's entries bucketed by source-channel block (stable):
 // row_ptr becomes [block][row] (blocks * rows + 1 offsets).
 template <typename T, typename A>
-Rows<T, A> BlockRows(const Rows<T, A>& rows, int64_t result_channels, int64_t taps,
-                     int64_t block, int64_t blocks) {
+Rows<T, A> BlockRows(const Rows<T, A>& rows, int64_t result_channels, int64_t taps, int64_t block,
+                     int64_t blocks) {
   Rows<T, A> out;
   const int64_t entries = rows.row_ptr[result_channels];
   out.row_ptr.assign(blocks * result_channels + 1, 0);
@@ -326,8 +332,8 @@ void ApplyEpilogue(const std::vector<A>& bias, bool relu, int64_t rows, A* out) 
 // lists) and the input gradient (source dy, rows = the transposed lists).
 template <typename T, typename A>
 void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
-                       const Rows<T, A>& rows, int64_t result_channels,
-                       int64_t cost, T* result, const Epilogue<T>& epilogue = {}) {
+                       const Rows<T, A>& rows, int64_t result_channels, int64_t cost, T* result,
+                       const Epilogue<T>& epilogue = {}) {
   std::vector<A> bias;
   if (epilogue.bias != nullptr) bias.assign(epilogue.bias, epilogue.bias + result_channels);
   const bool fused = epilogue.bias != nullptr || epilogue.relu;
@@ -341,7 +347,8 @@ void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
 #else
   constexpr int64_t kBudget = 16 << 10;
 #endif
-  const int64_t widest = std::max<int64_t>(1, kBudget / std::max<int64_t>(1, source.bytes_per_channel()));
+  const int64_t widest =
+      std::max<int64_t>(1, kBudget / std::max<int64_t>(1, source.bytes_per_channel()));
   const int64_t blocks = std::max<int64_t>(1, (channels + widest - 1) / widest);
   const int64_t block = std::max<int64_t>(1, (channels + blocks - 1) / blocks);
   const Rows<T, A> blocked = BlockRows(rows, result_channels, source.taps(), block, blocks);
@@ -353,8 +360,8 @@ void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
     for (int64_t unit = begin; unit < end; ++unit) {
       int64_t b;
       const Columns<A>& cols = shard.Prepare(unit, &b, &runs);
-      SparseRowsTile(cols, blocked.row_ptr.data(), blocked.src.data(), blocked.w.data(),
-                     groups, blocks, result_channels, out.get());
+      SparseRowsTile(cols, blocked.row_ptr.data(), blocked.src.data(), blocked.w.data(), groups,
+                     blocks, result_channels, out.get());
       if (fused) ApplyEpilogue(bias, epilogue.relu, result_channels, out.get());
       ScatterTile(out.get(), result_channels, runs, result + b * positions * result_channels);
     }
@@ -363,9 +370,8 @@ void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
 }
 
 template <typename T>
-void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
-                const int32_t* conn, T* y, const ChannelSparseGeometry& g,
-                const Epilogue<T>& epilogue) {
+void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel, const int32_t* conn, T* y,
+                const ChannelSparseGeometry& g, const Epilogue<T>& epilogue) {
   using A = typename Acc<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(x, Correlation::Forward(g), g.batch),
                           ForwardRows<T, A>(kernel, conn, g), g.out_c,
@@ -373,9 +379,8 @@ void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel,
 }
 
 template <typename T>
-void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
-                      const int32_t* conn, T* dx,
-                      const ChannelSparseGeometry& g) {
+void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel, const int32_t* conn,
+                      T* dx, const ChannelSparseGeometry& g) {
   using A = typename Acc<T>::type;
   SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch),
                           TransposedRows<T, A>(kernel, conn, g), g.in_c,
@@ -383,9 +388,8 @@ void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel,
 }
 
 template <typename T>
-void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
-                       const int32_t* conn, T* dkernel,
-                       const ChannelSparseGeometry& g) {
+void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy, const int32_t* conn,
+                       T* dkernel, const ChannelSparseGeometry& g) {
   using A = typename Acc<T>::type;
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
@@ -408,8 +412,7 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
     std::vector<Run> runs;
     for (int64_t block = begin; block < end; ++block) {
       V* dw = partial.data() + block * weights;  // [o][e][t]
-      for (int64_t unit = units * block / blocks;
-           unit < units * (block + 1) / blocks; ++unit) {
+      for (int64_t unit = units * block / blocks; unit < units * (block + 1) / blocks; ++unit) {
         int64_t b;
         const Columns<A>& cols = shard.Prepare(unit, &b, &runs);
         A* d = dyt.get();
@@ -458,8 +461,8 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy,
 }  // namespace channel_sparse_cpu
 
 template <typename T>
-void ChannelSparseFunctor<CPUDevice, T>::Forward(OpKernelContext* ctx, const T* x,
-                                                 const T* kernel, const int32_t* conn, T* y,
+void ChannelSparseFunctor<CPUDevice, T>::Forward(OpKernelContext* ctx, const T* x, const T* kernel,
+                                                 const int32_t* conn, T* y,
                                                  const ChannelSparseGeometry& g,
                                                  const Epilogue<T>& epilogue) {
   channel_sparse_cpu::ForwardCpu(ctx, x, kernel, conn, y, g, epilogue);
@@ -467,8 +470,8 @@ void ChannelSparseFunctor<CPUDevice, T>::Forward(OpKernelContext* ctx, const T* 
 
 template <typename T>
 void ChannelSparseFunctor<CPUDevice, T>::BackpropInput(OpKernelContext* ctx, const T* dy,
-                                                       const T* kernel, const int32_t* conn,
-                                                       T* dx, const ChannelSparseGeometry& g) {
+                                                       const T* kernel, const int32_t* conn, T* dx,
+                                                       const ChannelSparseGeometry& g) {
   channel_sparse_cpu::BackpropInputCpu(ctx, dy, kernel, conn, dx, g);
 }
 

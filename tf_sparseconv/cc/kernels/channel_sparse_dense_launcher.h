@@ -15,15 +15,14 @@ namespace tf_sparseconv {
 
 // dense[t, connections[o, j], o] = kernel[t, j, o], zeros elsewhere.
 const char* LaunchChannelSparseDenseKernelGpu(int elem_bytes, const void* kernel,
-                                              const int32_t* connections, void* dense,
-                                              int64_t taps, int64_t m, int64_t cout,
-                                              int64_t cin, void* stream);
+                                              const int32_t* connections, void* dense, int64_t taps,
+                                              int64_t m, int64_t cout, int64_t cin, void* stream);
 
 // kernel[t, j, o] = dense[t, connections[o, j], o].
 const char* LaunchChannelSparseGatherKernelGpu(int elem_bytes, const void* dense,
                                                const int32_t* connections, void* kernel,
-                                               int64_t taps, int64_t m, int64_t cout,
-                                               int64_t cin, void* stream);
+                                               int64_t taps, int64_t m, int64_t cout, int64_t cin,
+                                               void* stream);
 
 }  // namespace tf_sparseconv
 

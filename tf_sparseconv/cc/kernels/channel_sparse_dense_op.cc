@@ -51,8 +51,8 @@ void CheckConnections(OpKernelContext* ctx, const Tensor& connections, const Den
     for (int64_t j = 0; j < g.m; ++j) {
       const int32_t c = conn[o * g.m + j];
       OP_REQUIRES(ctx, c >= 0 && c < g.cin,
-                  errors::InvalidArgument("connections[", o, ", ", j, "] = ", c,
-                                          " is not in [0, ", g.cin, ")"));
+                  errors::InvalidArgument("connections[", o, ", ", j, "] = ", c, " is not in [0, ",
+                                          g.cin, ")"));
       row[j] = c;
     }
     std::sort(row.begin(), row.end());
@@ -137,8 +137,8 @@ template <typename T>
 struct DenseFunctor<GPUDevice, T> {
   static void ToDense(OpKernelContext* ctx, const T* kernel, const int32_t* conn, T* dense,
                       const DenseGeometry& g) {
-    const char* err = LaunchChannelSparseDenseKernelGpu(sizeof(T), kernel, conn, dense, g.taps,
-                                                        g.m, g.cout, g.cin, GpuStream(ctx));
+    const char* err = LaunchChannelSparseDenseKernelGpu(sizeof(T), kernel, conn, dense, g.taps, g.m,
+                                                        g.cout, g.cin, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
   static void Gather(OpKernelContext* ctx, const T* dense, const int32_t* conn, T* kernel,
@@ -158,9 +158,10 @@ class ChannelSparseDenseKernelOp : public OpKernel {
  public:
   explicit ChannelSparseDenseKernelOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("in_channels", &in_channels_));
-    OP_REQUIRES(ctx, in_channels_ >= 1 && in_channels_ <= std::numeric_limits<int32_t>::max(),
-                errors::InvalidArgument("in_channels must be in [1, 2^31) (connections are int32), got ",
-                                        in_channels_));
+    OP_REQUIRES(
+        ctx, in_channels_ >= 1 && in_channels_ <= std::numeric_limits<int32_t>::max(),
+        errors::InvalidArgument("in_channels must be in [1, 2^31) (connections are int32), got ",
+                                in_channels_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -175,9 +176,9 @@ class ChannelSparseDenseKernelOp : public OpKernel {
     g.m = kernel.dim_size(kernel.dims() - 2);
     g.cout = kernel.dim_size(kernel.dims() - 1);
     g.cin = in_channels_;
-    OP_REQUIRES(ctx, g.m <= g.cin,
-                errors::InvalidArgument("kernel fan-in m = ", g.m, " is larger than in_channels ",
-                                        g.cin));
+    OP_REQUIRES(
+        ctx, g.m <= g.cin,
+        errors::InvalidArgument("kernel fan-in m = ", g.m, " is larger than in_channels ", g.cin));
     if constexpr (kOnCpu<Device>) {
       // The last inputs were validated when they were kept: a repeat needs no second check.
       ::tensorflow::mutex_lock lock(mu_);
@@ -194,7 +195,8 @@ class ChannelSparseDenseKernelOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dense));
     if (dense->NumElements() == 0) return;
     DenseFunctor<Device, T>::ToDense(ctx, kernel.flat<T>().data(),
-                                     connections.flat<int32_t>().data(), dense->flat<T>().data(), g);
+                                     connections.flat<int32_t>().data(), dense->flat<T>().data(),
+                                     g);
     if constexpr (kOnCpu<Device>) {
       // Keep copies of the inputs (the caller may reuse their buffers) and the result (shared
       // with the output: TensorFlow forwards no buffer another reference holds).
@@ -249,21 +251,21 @@ class ChannelSparseGatherKernelOp : public OpKernel {
     Tensor* kernel = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &kernel));
     if (kernel->NumElements() == 0) return;
-    DenseFunctor<Device, T>::Gather(ctx, dense.flat<T>().data(),
-                                    connections.flat<int32_t>().data(), kernel->flat<T>().data(), g);
+    DenseFunctor<Device, T>::Gather(ctx, dense.flat<T>().data(), connections.flat<int32_t>().data(),
+                                    kernel->flat<T>().data(), g);
   }
 };
 
 }  // namespace
 
-#define TSC_REGISTER(DEV, T)                                                              \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseDenseKernel")                   \
-                              .Device(TSC_DEVICE(DEV))                                    \
-                              .TypeConstraint<T>("T"),                                    \
-                          ChannelSparseDenseKernelOp<DEV##Device, T>);                    \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseGatherKernel")                  \
-                              .Device(TSC_DEVICE(DEV))                                    \
-                              .TypeConstraint<T>("T"),                                    \
+#define TSC_REGISTER(DEV, T)                                             \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseDenseKernel")  \
+                              .Device(TSC_DEVICE(DEV))                   \
+                              .TypeConstraint<T>("T"),                   \
+                          ChannelSparseDenseKernelOp<DEV##Device, T>);   \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseGatherKernel") \
+                              .Device(TSC_DEVICE(DEV))                   \
+                              .TypeConstraint<T>("T"),                   \
                           ChannelSparseGatherKernelOp<DEV##Device, T>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER

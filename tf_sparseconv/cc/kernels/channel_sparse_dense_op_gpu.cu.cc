@@ -57,19 +57,19 @@ const char* Launch(int elem_bytes, const void* src, const int32_t* connections, 
   const int blocks = static_cast<int>(wanted < kMaxGridBlocks ? wanted : kMaxGridBlocks);
   switch (elem_bytes) {
     case 2:
-      PlaceKernel<uint16_t, to_dense><<<blocks, kThreads, 0, s>>>(
-          static_cast<const uint16_t*>(src), connections, static_cast<uint16_t*>(dst), taps, m,
-          cout, cin);
+      PlaceKernel<uint16_t, to_dense>
+          <<<blocks, kThreads, 0, s>>>(static_cast<const uint16_t*>(src), connections,
+                                       static_cast<uint16_t*>(dst), taps, m, cout, cin);
       break;
     case 4:
-      PlaceKernel<uint32_t, to_dense><<<blocks, kThreads, 0, s>>>(
-          static_cast<const uint32_t*>(src), connections, static_cast<uint32_t*>(dst), taps, m,
-          cout, cin);
+      PlaceKernel<uint32_t, to_dense>
+          <<<blocks, kThreads, 0, s>>>(static_cast<const uint32_t*>(src), connections,
+                                       static_cast<uint32_t*>(dst), taps, m, cout, cin);
       break;
     case 8:
-      PlaceKernel<uint64_t, to_dense><<<blocks, kThreads, 0, s>>>(
-          static_cast<const uint64_t*>(src), connections, static_cast<uint64_t*>(dst), taps, m,
-          cout, cin);
+      PlaceKernel<uint64_t, to_dense>
+          <<<blocks, kThreads, 0, s>>>(static_cast<const uint64_t*>(src), connections,
+                                       static_cast<uint64_t*>(dst), taps, m, cout, cin);
       break;
     default:
       return "channel_sparse_dense: elem_bytes must be 2, 4 or 8";
@@ -80,16 +80,15 @@ const char* Launch(int elem_bytes, const void* src, const int32_t* connections, 
 }  // namespace
 
 const char* LaunchChannelSparseDenseKernelGpu(int elem_bytes, const void* kernel,
-                                              const int32_t* connections, void* dense,
-                                              int64_t taps, int64_t m, int64_t cout,
-                                              int64_t cin, void* stream) {
+                                              const int32_t* connections, void* dense, int64_t taps,
+                                              int64_t m, int64_t cout, int64_t cin, void* stream) {
   return Launch<true>(elem_bytes, kernel, connections, dense, taps, m, cout, cin, stream);
 }
 
 const char* LaunchChannelSparseGatherKernelGpu(int elem_bytes, const void* dense,
                                                const int32_t* connections, void* kernel,
-                                               int64_t taps, int64_t m, int64_t cout,
-                                               int64_t cin, void* stream) {
+                                               int64_t taps, int64_t m, int64_t cout, int64_t cin,
+                                               void* stream) {
   return Launch<false>(elem_bytes, dense, connections, kernel, taps, m, cout, cin, stream);
 }
 

@@ -26,10 +26,10 @@ struct ChannelSparseFunctor;
 // Defined (and instantiated for the four float types) in channel_sparse_cpu.cc.
 template <typename T>
 struct ChannelSparseFunctor<CPUDevice, T> {
-  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel, const int32_t* conn,
-                      T* y, const ChannelSparseGeometry& g, const Epilogue<T>& epilogue);
-  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
-                            const int32_t* conn, T* dx, const ChannelSparseGeometry& g);
+  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel, const int32_t* conn, T* y,
+                      const ChannelSparseGeometry& g, const Epilogue<T>& epilogue);
+  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel, const int32_t* conn,
+                            T* dx, const ChannelSparseGeometry& g);
   static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy, const int32_t* conn,
                              T* dkernel, const ChannelSparseGeometry& g);
 };

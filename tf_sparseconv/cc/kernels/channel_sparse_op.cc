@@ -30,12 +30,9 @@ class ChannelSparseBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dilations", &dilations));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("padding", &padding));
     OP_REQUIRES(ctx, strides.size() == 2 && strides[0] >= 1 && strides[1] >= 1,
-                errors::InvalidArgument(
-                    "strides must be 2 positive ints (height, width)"));
-    OP_REQUIRES(ctx,
-                dilations.size() == 2 && dilations[0] >= 1 && dilations[1] >= 1,
-                errors::InvalidArgument(
-                    "dilations must be 2 positive ints (height, width)"));
+                errors::InvalidArgument("strides must be 2 positive ints (height, width)"));
+    OP_REQUIRES(ctx, dilations.size() == 2 && dilations[0] >= 1 && dilations[1] >= 1,
+                errors::InvalidArgument("dilations must be 2 positive ints (height, width)"));
     stride_h_ = strides[0];
     stride_w_ = strides[1];
     dil_h_ = dilations[0];
@@ -47,12 +44,10 @@ class ChannelSparseBase : public OpKernel {
   // Validates shapes (and, when the connections are in host memory, their
   // values: the GPU kernels instead skip out-of-range connections); fills
   // the geometry.
-  Status Geometry(const TensorShape& x, const TensorShape& kernel,
-                  const Tensor& connections, bool check_values,
-                  ChannelSparseGeometry* g) const {
+  Status Geometry(const TensorShape& x, const TensorShape& kernel, const Tensor& connections,
+                  bool check_values, ChannelSparseGeometry* g) const {
     if (x.dims() != 4) {
-      return errors::InvalidArgument("x must be [B, H, W, Cin], got shape ",
-                                     x.DebugString());
+      return errors::InvalidArgument("x must be [B, H, W, Cin], got shape ", x.DebugString());
     }
     if (kernel.dims() != 4) {
       return errors::InvalidArgument("kernel must be [kh, kw, m, Cout], got shape ",
@@ -64,10 +59,9 @@ class ChannelSparseBase : public OpKernel {
     }
     if (connections.dim_size(0) != kernel.dim_size(3) ||
         connections.dim_size(1) != kernel.dim_size(2)) {
-      return errors::InvalidArgument(
-          "connections ", connections.shape().DebugString(),
-          " must be [Cout, m] for kernel ", kernel.DebugString(),
-          " [kh, kw, m, Cout]");
+      return errors::InvalidArgument("connections ", connections.shape().DebugString(),
+                                     " must be [Cout, m] for kernel ", kernel.DebugString(),
+                                     " [kh, kw, m, Cout]");
     }
     if (kernel.dim_size(0) < 1 || kernel.dim_size(1) < 1) {
       return errors::InvalidArgument("kernel must have positive spatial size, got ",
@@ -90,8 +84,7 @@ class ChannelSparseBase : public OpKernel {
                                      " entries per row but x has only ", g->in_c,
                                      " input channels");
     }
-    auto axis = [&](int64_t n, int64_t k, int64_t s, int64_t d, int64_t* out,
-                    int64_t* pad) {
+    auto axis = [&](int64_t n, int64_t k, int64_t s, int64_t d, int64_t* out, int64_t* pad) {
       const int64_t span = (k - 1) * d + 1;
       if (same_) {
         *out = (n + s - 1) / s;
@@ -115,8 +108,8 @@ class ChannelSparseBase : public OpKernel {
                                          " is out of range [0, ", g->in_c, ")");
         }
         if (seen[c] == o) {
-          return errors::InvalidArgument("connections row ", o,
-                                         " lists input channel ", c, " twice");
+          return errors::InvalidArgument("connections row ", o, " lists input channel ", c,
+                                         " twice");
         }
         seen[c] = o;
       }
@@ -124,8 +117,7 @@ class ChannelSparseBase : public OpKernel {
     return ::tensorflow::OkStatus();
   }
 
-  static Status ShapeFromSizes(const Tensor& sizes, const char* name,
-                               TensorShape* shape) {
+  static Status ShapeFromSizes(const Tensor& sizes, const char* name, TensorShape* shape) {
     if (sizes.dims() != 1 || sizes.NumElements() != 4) {
       return errors::InvalidArgument(name, " must be a vector of 4 ints, got shape ",
                                      sizes.shape().DebugString());
@@ -142,9 +134,8 @@ class ChannelSparseBase : public OpKernel {
   static Status CheckGrad(const Tensor& grad, const ChannelSparseGeometry& g) {
     const TensorShape expected({g.batch, g.out_h, g.out_w, g.out_c});
     if (grad.shape() != expected) {
-      return errors::InvalidArgument("grad must have the output shape ",
-                                     expected.DebugString(), ", got ",
-                                     grad.shape().DebugString());
+      return errors::InvalidArgument("grad must have the output shape ", expected.DebugString(),
+                                     ", got ", grad.shape().DebugString());
     }
     return ::tensorflow::OkStatus();
   }
@@ -161,17 +152,15 @@ class ChannelSparseBase : public OpKernel {
 
 template <typename T>
 struct ChannelSparseFunctor<GPUDevice, T> {
-  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel,
-                      const int32_t* conn, T* y, const ChannelSparseGeometry& g,
-                      const Epilogue<T>& epilogue) {
-    const char* err = LaunchChannelSparseConv2DGpu(DTypeTraits<T>::kFormat, x, kernel, conn,
-                                                   epilogue.bias, epilogue.relu, y, g,
-                                                   GpuStream(ctx));
+  static void Forward(OpKernelContext* ctx, const T* x, const T* kernel, const int32_t* conn, T* y,
+                      const ChannelSparseGeometry& g, const Epilogue<T>& epilogue) {
+    const char* err =
+        LaunchChannelSparseConv2DGpu(DTypeTraits<T>::kFormat, x, kernel, conn, epilogue.bias,
+                                     epilogue.relu, y, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
-  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel,
-                            const int32_t* conn, T* dx,
-                            const ChannelSparseGeometry& g) {
+  static void BackpropInput(OpKernelContext* ctx, const T* dy, const T* kernel, const int32_t* conn,
+                            T* dx, const ChannelSparseGeometry& g) {
     // Deterministic gather; the transposed connection list is built in a
     // temporary workspace (the connections stay on the device).
     int64_t bytes = 0;
@@ -180,19 +169,18 @@ struct ChannelSparseFunctor<GPUDevice, T> {
     Tensor workspace;
     void* ws = nullptr;
     if (bytes > 0) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({bytes}),
-                                             &workspace));
+      OP_REQUIRES_OK(ctx,
+                     ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({bytes}), &workspace));
       ws = workspace.flat<int8_t>().data();
     }
-    err = LaunchChannelSparseConv2DBackpropInputGpu(
-        DTypeTraits<T>::kFormat, dy, kernel, conn, dx, ws, bytes, g, GpuStream(ctx));
+    err = LaunchChannelSparseConv2DBackpropInputGpu(DTypeTraits<T>::kFormat, dy, kernel, conn, dx,
+                                                    ws, bytes, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
-  static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy,
-                             const int32_t* conn, T* dkernel,
-                             const ChannelSparseGeometry& g) {
-    const char* err = LaunchChannelSparseConv2DBackpropKernelGpu(
-        DTypeTraits<T>::kFormat, x, dy, conn, dkernel, g, GpuStream(ctx));
+  static void BackpropKernel(OpKernelContext* ctx, const T* x, const T* dy, const int32_t* conn,
+                             T* dkernel, const ChannelSparseGeometry& g) {
+    const char* err = LaunchChannelSparseConv2DBackpropKernelGpu(DTypeTraits<T>::kFormat, x, dy,
+                                                                 conn, dkernel, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
 };
@@ -211,29 +199,29 @@ class ChannelSparseConv2DOp : public ChannelSparseBase {
     const Tensor& kernel = ctx->input(1);
     const Tensor& connections = ctx->input(2);
     ChannelSparseGeometry g;
-    OP_REQUIRES_OK(ctx, Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx,
+                   Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
     // Empty operands (m = 0, no input positions) are handled by the
     // kernels, which then write zeros.
     if (y->NumElements() == 0) return;
-    ChannelSparseFunctor<Device, T>::Forward(
-        ctx, x.flat<T>().data(), kernel.flat<T>().data(),
-        connections.flat<int32_t>().data(), y->flat<T>().data(), g, Epilogue<T>{});
+    ChannelSparseFunctor<Device, T>::Forward(ctx, x.flat<T>().data(), kernel.flat<T>().data(),
+                                             connections.flat<int32_t>().data(),
+                                             y->flat<T>().data(), g, Epilogue<T>{});
   }
 };
 
 template <typename Device, typename T>
 class ChannelSparseConv2DBiasActivationOp : public ChannelSparseBase {
  public:
-  explicit ChannelSparseConv2DBiasActivationOp(OpKernelConstruction* ctx)
-      : ChannelSparseBase(ctx) {
+  explicit ChannelSparseConv2DBiasActivationOp(OpKernelConstruction* ctx) : ChannelSparseBase(ctx) {
     std::string activation;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
-    OP_REQUIRES(ctx, activation == "linear" || activation == "relu",
-                errors::InvalidArgument("activation must be 'linear' or 'relu', got '",
-                                        activation, "'"));
+    OP_REQUIRES(
+        ctx, activation == "linear" || activation == "relu",
+        errors::InvalidArgument("activation must be 'linear' or 'relu', got '", activation, "'"));
     relu_ = activation == "relu";
   }
   void Compute(OpKernelContext* ctx) override {
@@ -242,18 +230,18 @@ class ChannelSparseConv2DBiasActivationOp : public ChannelSparseBase {
     const Tensor& connections = ctx->input(2);
     const Tensor& bias = ctx->input(3);
     ChannelSparseGeometry g;
-    OP_REQUIRES_OK(ctx, Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx,
+                   Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
     OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == g.out_c,
                 errors::InvalidArgument("bias must be [Cout] = [", g.out_c, "], got shape ",
                                         bias.shape().DebugString()));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
     if (y->NumElements() == 0) return;
     ChannelSparseFunctor<Device, T>::Forward(
-        ctx, x.flat<T>().data(), kernel.flat<T>().data(),
-        connections.flat<int32_t>().data(), y->flat<T>().data(), g,
-        Epilogue<T>{bias.flat<T>().data(), relu_});
+        ctx, x.flat<T>().data(), kernel.flat<T>().data(), connections.flat<int32_t>().data(),
+        y->flat<T>().data(), g, Epilogue<T>{bias.flat<T>().data(), relu_});
   }
 
  private:
@@ -271,14 +259,15 @@ class ChannelSparseConv2DBackpropInputOp : public ChannelSparseBase {
     const Tensor& connections = ctx->input(2);
     const Tensor& grad = ctx->input(3);
     ChannelSparseGeometry g;
-    OP_REQUIRES_OK(ctx, Geometry(x_shape, kernel.shape(), connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx,
+                   Geometry(x_shape, kernel.shape(), connections, kCheckConnections<Device>, &g));
     OP_REQUIRES_OK(ctx, CheckGrad(grad, g));
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape, &dx));
     if (dx->NumElements() == 0) return;
     ChannelSparseFunctor<Device, T>::BackpropInput(
-        ctx, grad.flat<T>().data(), kernel.flat<T>().data(),
-        connections.flat<int32_t>().data(), dx->flat<T>().data(), g);
+        ctx, grad.flat<T>().data(), kernel.flat<T>().data(), connections.flat<int32_t>().data(),
+        dx->flat<T>().data(), g);
   }
 };
 
@@ -293,37 +282,36 @@ class ChannelSparseConv2DBackpropKernelOp : public ChannelSparseBase {
     const Tensor& connections = ctx->input(2);
     const Tensor& grad = ctx->input(3);
     ChannelSparseGeometry g;
-    OP_REQUIRES_OK(ctx, Geometry(x.shape(), kernel_shape, connections, kCheckConnections<Device>, &g));
+    OP_REQUIRES_OK(ctx,
+                   Geometry(x.shape(), kernel_shape, connections, kCheckConnections<Device>, &g));
     OP_REQUIRES_OK(ctx, CheckGrad(grad, g));
     Tensor* dkernel = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel_shape, &dkernel));
     if (dkernel->NumElements() == 0) return;
-    ChannelSparseFunctor<Device, T>::BackpropKernel(
-        ctx, x.flat<T>().data(), grad.flat<T>().data(),
-        connections.flat<int32_t>().data(), dkernel->flat<T>().data(), g);
+    ChannelSparseFunctor<Device, T>::BackpropKernel(ctx, x.flat<T>().data(), grad.flat<T>().data(),
+                                                    connections.flat<int32_t>().data(),
+                                                    dkernel->flat<T>().data(), g);
   }
 };
 
 // On the CPU the connections are read (and validated) in host memory; on the
 // GPU they stay on the device and the kernels skip out-of-range entries.
-#define TSC_REGISTER(DEV, T)                                                    \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2D")              \
-                              .Device(TSC_DEVICE(DEV))                          \
-                              .TypeConstraint<T>("T"),                          \
-                          ChannelSparseConv2DOp<DEV##Device, T>);               \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBiasActivation") \
-                              .Device(TSC_DEVICE(DEV))                          \
-                              .TypeConstraint<T>("T"),                          \
-                          ChannelSparseConv2DBiasActivationOp<DEV##Device, T>); \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropInput") \
-                              .Device(TSC_DEVICE(DEV))                          \
-                                  TSC_ON_GPU(DEV, .HostMemory("input_sizes"))   \
-                              .TypeConstraint<T>("T"),                          \
-                          ChannelSparseConv2DBackpropInputOp<DEV##Device, T>);  \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropKernel") \
-                              .Device(TSC_DEVICE(DEV))                          \
-                                  TSC_ON_GPU(DEV, .HostMemory("kernel_sizes"))  \
-                              .TypeConstraint<T>("T"),                          \
+#define TSC_REGISTER(DEV, T)                                                                       \
+  REGISTER_KERNEL_BUILDER(                                                                         \
+      Name("TfSparseConv>ChannelSparseConv2D").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),     \
+      ChannelSparseConv2DOp<DEV##Device, T>);                                                      \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBiasActivation")                   \
+                              .Device(TSC_DEVICE(DEV))                                             \
+                              .TypeConstraint<T>("T"),                                             \
+                          ChannelSparseConv2DBiasActivationOp<DEV##Device, T>);                    \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropInput")                    \
+                              .Device(TSC_DEVICE(DEV)) TSC_ON_GPU(DEV, .HostMemory("input_sizes")) \
+                              .TypeConstraint<T>("T"),                                             \
+                          ChannelSparseConv2DBackpropInputOp<DEV##Device, T>);                     \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseConv2DBackpropKernel")                   \
+                              .Device(TSC_DEVICE(DEV))                                             \
+                                  TSC_ON_GPU(DEV, .HostMemory("kernel_sizes"))                     \
+                              .TypeConstraint<T>("T"),                                             \
                           ChannelSparseConv2DBackpropKernelOp<DEV##Device, T>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER

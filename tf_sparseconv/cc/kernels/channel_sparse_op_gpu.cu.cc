@@ -57,9 +57,9 @@
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/channel_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
-#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
@@ -81,12 +81,12 @@ constexpr int64_t kTargetThreads = int64_t{1} << 17;
 // Element types
 // ---------------------------------------------------------------------------
 
-using gpu::Elem;
 using gpu::Check;
+using gpu::Elem;
 using gpu::LastError;
+using gpu::MemsetZero;
 using gpu::MulNonNeg;
 using gpu::Product;
-using gpu::MemsetZero;
 
 // ---------------------------------------------------------------------------
 // Device helpers
@@ -94,9 +94,8 @@ using gpu::MemsetZero;
 
 // Taps t in [*lo, *hi) are those with 0 <= base + t * dil < size, t < k
 // (dil >= 1). Empty when *lo >= *hi.
-__device__ __forceinline__ void TapRange(int64_t base, int64_t dil, int64_t k,
-                                         int64_t size, int64_t* lo,
-                                         int64_t* hi) {
+__device__ __forceinline__ void TapRange(int64_t base, int64_t dil, int64_t k, int64_t size,
+                                         int64_t* lo, int64_t* hi) {
   *lo = base >= 0 ? 0 : (-base + dil - 1) / dil;
   const int64_t h = base >= size ? 0 : (size - 1 - base) / dil + 1;
   *hi = h < k ? h : k;
@@ -104,8 +103,7 @@ __device__ __forceinline__ void TapRange(int64_t base, int64_t dil, int64_t k,
 
 // For t = out * stride (t >= 0, stride >= 1): *out, if that division is
 // exact and out < size. (Stride 1, the common case, needs no division.)
-__device__ __forceinline__ bool OutputCoord(int64_t t, int64_t stride,
-                                            int64_t size, int64_t* out) {
+__device__ __forceinline__ bool OutputCoord(int64_t t, int64_t stride, int64_t size, int64_t* out) {
   int64_t q = t;
   if (stride != 1) {
     q = t / stride;
@@ -116,9 +114,8 @@ __device__ __forceinline__ bool OutputCoord(int64_t t, int64_t stride,
 }
 
 // Connection e of output channel o, or -1 if outside [0, in_c).
-__device__ __forceinline__ int64_t Connection(const int32_t* __restrict__ conn,
-                                              int64_t o, int64_t e, int64_t m,
-                                              int64_t in_c) {
+__device__ __forceinline__ int64_t Connection(const int32_t* __restrict__ conn, int64_t o,
+                                              int64_t e, int64_t m, int64_t in_c) {
   const int64_t c = conn[o * m + e];
   return c >= 0 && c < in_c ? c : -1;
 }
@@ -131,23 +128,21 @@ __device__ __forceinline__ int64_t Connection(const int32_t* __restrict__ conn,
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
     ConvForwardKernel(const T* __restrict__ x, const T* __restrict__ w,
-                      const int32_t* __restrict__ conn,
-                      const T* __restrict__ bias, bool relu, T* __restrict__ y,
-                      ChannelSparseGeometry g) {
+                      const int32_t* __restrict__ conn, const T* __restrict__ bias, bool relu,
+                      T* __restrict__ y, ChannelSparseGeometry g) {
   using Acc = typename Elem<T>::Acc;
   const Index out_c = static_cast<Index>(g.out_c);
   const Index out_w = static_cast<Index>(g.out_w);
   const Index out_h = static_cast<Index>(g.out_h);
-  const Index total =
-      static_cast<Index>(g.batch * g.out_h * g.out_w * g.out_c);
+  const Index total = static_cast<Index>(g.batch * g.out_h * g.out_w * g.out_c);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   const int64_t x_image = g.in_h * g.in_w * g.in_c;
   const int64_t x_step_i = g.dil_h * g.in_w * g.in_c;  // next tap row
   const int64_t x_step_j = g.dil_w * g.in_c;           // next tap column
   const int64_t w_step_j = g.m * g.out_c;              // next tap column
   const int64_t w_step_i = g.k_w * w_step_j;           // next tap row
-  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-       idx < total; idx += stride) {
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
     const Index o = idx % out_c;
     Index p = idx / out_c;
     const Index ow = p % out_w;
@@ -194,12 +189,11 @@ __global__ void __launch_bounds__(kThreads)
 // e) if it lies in [0, in_c), else the sentinel in_c (sorted after every
 // channel, so out-of-range entries land in no row); vals[k] = k.
 __global__ void __launch_bounds__(kThreads)
-    TransposeKeysKernel(const int32_t* __restrict__ conn, int64_t n,
-                        int64_t in_c, uint32_t* __restrict__ keys,
-                        int32_t* __restrict__ vals) {
+    TransposeKeysKernel(const int32_t* __restrict__ conn, int64_t n, int64_t in_c,
+                        uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       k < n; k += stride) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += stride) {
     const int64_t c = conn[k];
     keys[k] = static_cast<uint32_t>(c >= 0 && c < in_c ? c : in_c);
     vals[k] = static_cast<int32_t>(k);
@@ -214,15 +208,13 @@ __global__ void __launch_bounds__(kThreads)
 // the kernel. (Sentinel positions >= row_ptr[in_c] are filled too, never
 // read.)
 __global__ void __launch_bounds__(kThreads)
-    TransposeFinishKernel(const uint32_t* __restrict__ keys,
-                          const int32_t* __restrict__ vals, int64_t n,
-                          int64_t in_c, int64_t m, int64_t out_c,
-                          int32_t* __restrict__ row_ptr,
-                          int2* __restrict__ entries) {
+    TransposeFinishKernel(const uint32_t* __restrict__ keys, const int32_t* __restrict__ vals,
+                          int64_t n, int64_t in_c, int64_t m, int64_t out_c,
+                          int32_t* __restrict__ row_ptr, int2* __restrict__ entries) {
   const int64_t work = n > in_c + 1 ? n : in_c + 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < work; i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < work;
+       i += stride) {
     if (i <= in_c) {
       int64_t lo = 0;
       int64_t hi = n;
@@ -259,8 +251,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Index, int kLanes>
 __global__ void __launch_bounds__(kThreads)
     ConvBackpropInputKernel(const T* __restrict__ dy, const T* __restrict__ w,
-                            const int32_t* __restrict__ row_ptr,
-                            const int2* __restrict__ entries,
+                            const int32_t* __restrict__ row_ptr, const int2* __restrict__ entries,
                             T* __restrict__ dx, ChannelSparseGeometry g) {
   using Acc = typename Elem<T>::Acc;
   static_assert(kLanes == 1 || kLanes == kWarpSize, "kLanes");
@@ -330,9 +321,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Index, int B, int kTaps>
 __global__ void __launch_bounds__(B)
     ConvBackpropKernelKernel(const T* __restrict__ x, const T* __restrict__ dy,
-                             const int32_t* __restrict__ conn,
-                             T* __restrict__ dk, ChannelSparseGeometry g,
-                             int log2w, int64_t tap_chunks) {
+                             const int32_t* __restrict__ conn, T* __restrict__ dk,
+                             ChannelSparseGeometry g, int log2w, int64_t tap_chunks) {
   using Acc = typename Elem<T>::Acc;
   static_assert(B >= 32 && B <= 1024 && (B & (B - 1)) == 0, "B");
   static_assert(kTaps >= 1, "kTaps");
@@ -378,8 +368,7 @@ __global__ void __launch_bounds__(B)
     for (int t = 0; t < kTaps; ++t) acc[t] = Acc(0);
 
     if (c >= 0) {
-      for (Index p = static_cast<Index>(row); p < pixels;
-           p += static_cast<Index>(rows)) {
+      for (Index p = static_cast<Index>(row); p < pixels; p += static_cast<Index>(rows)) {
         Index q = p;
         const Index ow = q % out_w;
         q /= out_w;
@@ -430,8 +419,7 @@ __global__ void __launch_bounds__(B)
 
 unsigned GridFor(int64_t work, int64_t threads) {
   const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
-                                                       : kMaxGridBlocks);
+  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
 }
 
 // Sizes derived from a geometry (all checked for overflow).
@@ -446,8 +434,8 @@ struct Sizes {
 };
 
 const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
-  if (g.batch < 0 || g.in_h < 0 || g.in_w < 0 || g.in_c < 0 || g.out_h < 0 ||
-      g.out_w < 0 || g.out_c < 0 || g.m < 0 || g.k_h < 0 || g.k_w < 0) {
+  if (g.batch < 0 || g.in_h < 0 || g.in_w < 0 || g.in_c < 0 || g.out_h < 0 || g.out_w < 0 ||
+      g.out_c < 0 || g.m < 0 || g.k_h < 0 || g.k_w < 0) {
     return "tsc_channel_sparse: negative dimension";
   }
   if (g.stride_h < 1 || g.stride_w < 1 || g.dil_h < 1 || g.dil_w < 1) {
@@ -458,10 +446,8 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
   }
   if (!Product(g.batch, g.in_h, g.in_w, g.in_c, &s->x) ||
       !Product(g.batch, g.out_h, g.out_w, 1, &s->pixels) ||
-      !Product(s->pixels, g.out_c, 1, 1, &s->y) ||
-      !Product(g.k_h, g.k_w, 1, 1, &s->taps) ||
-      !Product(s->taps, g.m, g.out_c, 1, &s->kernel) ||
-      !Product(s->y, g.m, 1, 1, &s->products)) {
+      !Product(s->pixels, g.out_c, 1, 1, &s->y) || !Product(g.k_h, g.k_w, 1, 1, &s->taps) ||
+      !Product(s->taps, g.m, g.out_c, 1, &s->kernel) || !Product(s->y, g.m, 1, 1, &s->products)) {
     return "tsc_channel_sparse: tensor too large";
   }
   // Every input coordinate oh * stride_h - pad_top + i * dil_h, and every
@@ -476,37 +462,35 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
   for (int a = 0; a < 2; ++a) {
     int64_t reach_o = 0;
     int64_t reach_k = 0;
-    if (pads[a] <= -kCoordLimit || pads[a] >= kCoordLimit ||
-        ins[a] >= kCoordLimit ||
+    if (pads[a] <= -kCoordLimit || pads[a] >= kCoordLimit || ins[a] >= kCoordLimit ||
         !MulNonNeg(outs[a] > 0 ? outs[a] - 1 : 0, strides[a], &reach_o) ||
-        !MulNonNeg(ks[a] > 0 ? ks[a] - 1 : 0, dils[a], &reach_k) ||
-        reach_o >= kCoordLimit || reach_k >= kCoordLimit) {
+        !MulNonNeg(ks[a] > 0 ? ks[a] - 1 : 0, dils[a], &reach_k) || reach_o >= kCoordLimit ||
+        reach_k >= kCoordLimit) {
       return "tsc_channel_sparse: coordinates too large";
     }
   }
   // (products is not an index of any kernel; bounding it too keeps the
   // 64-bit instantiations reachable by a test of moderate size.)
-  s->index32 = s->x < kIndex32Limit && s->y < kIndex32Limit &&
-               s->kernel < kIndex32Limit && s->products < kIndex32Limit;
+  s->index32 = s->x < kIndex32Limit && s->y < kIndex32Limit && s->kernel < kIndex32Limit &&
+               s->products < kIndex32Limit;
   return nullptr;
 }
 
 // ---- forward ----
 
 template <typename T>
-const char* ForwardTyped(const void* x, const void* kernel,
-                         const int32_t* conn, const void* bias, bool relu,
-                         void* y, const ChannelSparseGeometry& g,
-                         const Sizes& s, cudaStream_t stream) {
+const char* ForwardTyped(const void* x, const void* kernel, const int32_t* conn, const void* bias,
+                         bool relu, void* y, const ChannelSparseGeometry& g, const Sizes& s,
+                         cudaStream_t stream) {
   const unsigned grid = GridFor(s.y, kThreads);
   if (s.index32) {
     ConvForwardKernel<T, uint32_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
-        static_cast<const T*>(bias), relu, static_cast<T*>(y), g);
+        static_cast<const T*>(x), static_cast<const T*>(kernel), conn, static_cast<const T*>(bias),
+        relu, static_cast<T*>(y), g);
   } else {
     ConvForwardKernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(kernel), conn,
-        static_cast<const T*>(bias), relu, static_cast<T*>(y), g);
+        static_cast<const T*>(x), static_cast<const T*>(kernel), conn, static_cast<const T*>(bias),
+        relu, static_cast<T*>(y), g);
   }
   return LastError();
 }
@@ -519,9 +503,7 @@ class Carver {
  public:
   explicit Carver(void* base) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(base);
-    base_ = base == nullptr
-                ? nullptr
-                : reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
+    base_ = base == nullptr ? nullptr : reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
   }
   template <typename U>
   U* Take(int64_t count) {
@@ -546,8 +528,8 @@ struct TransposeLayout {
   int2* entries;      // [n]
   void* temp;         // CUB radix sort scratch
   size_t temp_bytes;
-  int key_bits;       // keys are < 2^key_bits (values 0 .. in_c)
-  int64_t total;      // bytes of the whole workspace
+  int key_bits;   // keys are < 2^key_bits (values 0 .. in_c)
+  int64_t total;  // bytes of the whole workspace
 };
 
 // Backprop-input limits: entries, row pointers and kernel offsets are int32
@@ -561,8 +543,7 @@ const char* CheckTransposeLimits(const ChannelSparseGeometry& g) {
 }
 
 // Needs a current CUDA device (CUB sizes its scratch for it).
-const char* MakeTransposeLayout(void* base, const ChannelSparseGeometry& g,
-                                TransposeLayout* l) {
+const char* MakeTransposeLayout(void* base, const ChannelSparseGeometry& g, TransposeLayout* l) {
   const int64_t n = g.out_c * g.m;
   Carver c(base);
   l->keys[0] = c.Take<uint32_t>(n);
@@ -597,8 +578,8 @@ int GatherLanes(const ChannelSparseGeometry& g, const Sizes& s) {
 const char* BuildTranspose(const int32_t* conn, const ChannelSparseGeometry& g,
                            const TransposeLayout& l, cudaStream_t stream) {
   const int64_t n = g.out_c * g.m;
-  TransposeKeysKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(
-      conn, n, g.in_c, l.keys[0], l.vals[0]);
+  TransposeKeysKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(conn, n, g.in_c, l.keys[0],
+                                                                     l.vals[0]);
   if (const char* err = LastError()) return err;
   // The sort ping-pongs between the two halves of each double buffer and
   // records (on the host) which half holds the result: Current().
@@ -611,114 +592,96 @@ const char* BuildTranspose(const int32_t* conn, const ChannelSparseGeometry& g,
   }
   const int64_t finish = n > g.in_c + 1 ? n : g.in_c + 1;
   TransposeFinishKernel<<<GridFor(finish, kThreads), kThreads, 0, stream>>>(
-      keys.Current(), vals.Current(), n, g.in_c, g.m, g.out_c, l.row_ptr,
-      l.entries);
+      keys.Current(), vals.Current(), n, g.in_c, g.m, g.out_c, l.row_ptr, l.entries);
   return LastError();
 }
 
 template <typename T, typename Index, int kLanes>
 const char* BackpropInputConfig(const void* dy, const void* kernel, void* dx,
-                                const TransposeLayout& l,
-                                const ChannelSparseGeometry& g, const Sizes& s,
-                                cudaStream_t stream) {
+                                const TransposeLayout& l, const ChannelSparseGeometry& g,
+                                const Sizes& s, cudaStream_t stream) {
   const unsigned grid = GridFor(s.x * kLanes, kThreads);
-  ConvBackpropInputKernel<T, Index, kLanes><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(dy), static_cast<const T*>(kernel), l.row_ptr,
-      l.entries, static_cast<T*>(dx), g);
+  ConvBackpropInputKernel<T, Index, kLanes>
+      <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(dy), static_cast<const T*>(kernel),
+                                      l.row_ptr, l.entries, static_cast<T*>(dx), g);
   return LastError();
 }
 
 template <typename T>
 const char* BackpropInputTyped(const void* dy, const void* kernel, void* dx,
-                               const TransposeLayout& l,
-                               const ChannelSparseGeometry& g, const Sizes& s,
-                               cudaStream_t stream) {
+                               const TransposeLayout& l, const ChannelSparseGeometry& g,
+                               const Sizes& s, cudaStream_t stream) {
   if (GatherLanes(g, s) == kWarpSize) {
-    return s.index32 ? BackpropInputConfig<T, uint32_t, kWarpSize>(
-                           dy, kernel, dx, l, g, s, stream)
-                     : BackpropInputConfig<T, int64_t, kWarpSize>(
-                           dy, kernel, dx, l, g, s, stream);
+    return s.index32 ? BackpropInputConfig<T, uint32_t, kWarpSize>(dy, kernel, dx, l, g, s, stream)
+                     : BackpropInputConfig<T, int64_t, kWarpSize>(dy, kernel, dx, l, g, s, stream);
   }
-  return s.index32
-             ? BackpropInputConfig<T, uint32_t, 1>(dy, kernel, dx, l, g, s, stream)
-             : BackpropInputConfig<T, int64_t, 1>(dy, kernel, dx, l, g, s, stream);
+  return s.index32 ? BackpropInputConfig<T, uint32_t, 1>(dy, kernel, dx, l, g, s, stream)
+                   : BackpropInputConfig<T, int64_t, 1>(dy, kernel, dx, l, g, s, stream);
 }
 
 // ---- backprop kernel ----
 
 template <typename T, typename Index, int B, int kTaps>
-const char* BackpropKernelConfig(const void* x, const void* dy,
-                                 const int32_t* conn, void* dkernel,
-                                 const ChannelSparseGeometry& g, int log2w,
-                                 int64_t tasks, cudaStream_t stream) {
+const char* BackpropKernelConfig(const void* x, const void* dy, const int32_t* conn, void* dkernel,
+                                 const ChannelSparseGeometry& g, int log2w, int64_t tasks,
+                                 cudaStream_t stream) {
   const int64_t tap_chunks = (g.k_h * g.k_w + kTaps - 1) / kTaps;
-  const unsigned grid = static_cast<unsigned>(
-      tasks < kMaxGridBlocks ? tasks : kMaxGridBlocks);
-  ConvBackpropKernelKernel<T, Index, B, kTaps><<<grid, B, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), conn,
-      static_cast<T*>(dkernel), g, log2w, tap_chunks);
+  const unsigned grid = static_cast<unsigned>(tasks < kMaxGridBlocks ? tasks : kMaxGridBlocks);
+  ConvBackpropKernelKernel<T, Index, B, kTaps>
+      <<<grid, B, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), conn,
+                               static_cast<T*>(dkernel), g, log2w, tap_chunks);
   return LastError();
 }
 
 template <typename T, typename Index>
-const char* BackpropKernelIndexed(const void* x, const void* dy,
-                                  const int32_t* conn, void* dkernel,
-                                  const ChannelSparseGeometry& g,
-                                  const Sizes& s, cudaStream_t stream) {
+const char* BackpropKernelIndexed(const void* x, const void* dy, const int32_t* conn, void* dkernel,
+                                  const ChannelSparseGeometry& g, const Sizes& s,
+                                  cudaStream_t stream) {
   // W = lanes per row: the smallest power of two >= out_c, at most 32.
   int log2w = 0;
   while (log2w < 5 && (int64_t{1} << log2w) < g.out_c) ++log2w;
   const int64_t w = int64_t{1} << log2w;
   const int64_t base_tasks = ((g.out_c + w - 1) / w) * g.m;
   // Threads per task that can have work: one row per pixel.
-  const int64_t useful = s.pixels < kIndex32Limit / w ? s.pixels * w
-                                                      : kIndex32Limit;
+  const int64_t useful = s.pixels < kIndex32Limit / w ? s.pixels * w : kIndex32Limit;
   int taps_per_task = s.taps == 1 ? 1 : (s.taps <= 4 ? 4 : 9);
   int64_t tasks = base_tasks * ((s.taps + taps_per_task - 1) / taps_per_task);
   // Few tasks: split the taps (more blocks), then use bigger blocks.
-  if (taps_per_task > 1 && tasks * kThreads < kTargetThreads &&
-      useful > kThreads) {
+  if (taps_per_task > 1 && tasks * kThreads < kTargetThreads && useful > kThreads) {
     taps_per_task = 1;
     tasks = base_tasks * s.taps;
   }
   const bool big = tasks * kThreads < kTargetThreads && useful > 2 * kThreads;
   if (big) {
-    return BackpropKernelConfig<T, Index, 1024, 1>(x, dy, conn, dkernel, g,
-                                                   log2w, base_tasks * s.taps,
-                                                   stream);
+    return BackpropKernelConfig<T, Index, 1024, 1>(x, dy, conn, dkernel, g, log2w,
+                                                   base_tasks * s.taps, stream);
   }
   switch (taps_per_task) {
     case 1:
-      return BackpropKernelConfig<T, Index, kThreads, 1>(
-          x, dy, conn, dkernel, g, log2w, tasks, stream);
+      return BackpropKernelConfig<T, Index, kThreads, 1>(x, dy, conn, dkernel, g, log2w, tasks,
+                                                         stream);
     case 4:
-      return BackpropKernelConfig<T, Index, kThreads, 4>(
-          x, dy, conn, dkernel, g, log2w, tasks, stream);
+      return BackpropKernelConfig<T, Index, kThreads, 4>(x, dy, conn, dkernel, g, log2w, tasks,
+                                                         stream);
     default:
-      return BackpropKernelConfig<T, Index, kThreads, 9>(
-          x, dy, conn, dkernel, g, log2w, tasks, stream);
+      return BackpropKernelConfig<T, Index, kThreads, 9>(x, dy, conn, dkernel, g, log2w, tasks,
+                                                         stream);
   }
 }
 
 template <typename T>
-const char* BackpropKernelTyped(const void* x, const void* dy,
-                                const int32_t* conn, void* dkernel,
+const char* BackpropKernelTyped(const void* x, const void* dy, const int32_t* conn, void* dkernel,
                                 const ChannelSparseGeometry& g, const Sizes& s,
                                 cudaStream_t stream) {
-  return s.index32 ? BackpropKernelIndexed<T, uint32_t>(x, dy, conn, dkernel,
-                                                        g, s, stream)
-                   : BackpropKernelIndexed<T, int64_t>(x, dy, conn, dkernel,
-                                                       g, s, stream);
+  return s.index32 ? BackpropKernelIndexed<T, uint32_t>(x, dy, conn, dkernel, g, s, stream)
+                   : BackpropKernelIndexed<T, int64_t>(x, dy, conn, dkernel, g, s, stream);
 }
 
 }  // namespace
 
-const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
-                                         const void* kernel,
-                                         const int32_t* connections,
-                                         const void* bias, bool relu, void* y,
-                                         const ChannelSparseGeometry& g,
-                                         void* stream) {
+const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x, const void* kernel,
+                                         const int32_t* connections, const void* bias, bool relu,
+                                         void* y, const ChannelSparseGeometry& g, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
@@ -736,8 +699,8 @@ const char* LaunchChannelSparseConv2DGpu(FloatFormat format, const void* x,
   });
 }
 
-const char* ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
-    const ChannelSparseGeometry& g, int64_t* bytes) {
+const char* ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(const ChannelSparseGeometry& g,
+                                                              int64_t* bytes) {
   *bytes = 0;
   Sizes s;
   if (const char* err = CheckGeometry(g, &s)) return err;
@@ -750,9 +713,8 @@ const char* ChannelSparseConv2DBackpropInputGpuWorkspaceBytes(
 }
 
 const char* LaunchChannelSparseConv2DBackpropInputGpu(
-    FloatFormat format, const void* dy, const void* kernel,
-    const int32_t* connections, void* dx, void* workspace,
-    int64_t workspace_bytes, const ChannelSparseGeometry& g, void* stream) {
+    FloatFormat format, const void* dy, const void* kernel, const int32_t* connections, void* dx,
+    void* workspace, int64_t workspace_bytes, const ChannelSparseGeometry& g, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;
@@ -781,10 +743,11 @@ const char* LaunchChannelSparseConv2DBackpropInputGpu(
   });
 }
 
-const char* LaunchChannelSparseConv2DBackpropKernelGpu(
-    FloatFormat format, const void* x, const void* dy,
-    const int32_t* connections, void* dkernel, const ChannelSparseGeometry& g,
-    void* stream) {
+const char* LaunchChannelSparseConv2DBackpropKernelGpu(FloatFormat format, const void* x,
+                                                       const void* dy, const int32_t* connections,
+                                                       void* dkernel,
+                                                       const ChannelSparseGeometry& g,
+                                                       void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_channel_sparse: unknown float format";
   Sizes s;

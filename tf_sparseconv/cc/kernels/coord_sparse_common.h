@@ -35,14 +35,14 @@ constexpr int kMaxCoordDims = 3;
 constexpr int64_t kEmptyKey = -1;
 
 struct ConvGeometry {
-  int dims;                       // D
+  int dims;  // D
   int64_t in_shape[kMaxCoordDims];
   int64_t out_shape[kMaxCoordDims];
   int64_t kernel[kMaxCoordDims];
   int64_t stride[kMaxCoordDims];
   int64_t dilation[kMaxCoordDims];
-  int64_t pad[kMaxCoordDims];     // pad_before
-  int64_t num_offsets;            // prod(kernel)
+  int64_t pad[kMaxCoordDims];  // pad_before
+  int64_t num_offsets;         // prod(kernel)
 };
 
 // ceil(length / stride).
@@ -51,8 +51,8 @@ TSC_COORD_HD int64_t ConvOutSize(int64_t length, int64_t stride) {
 }
 
 // Padding before the first element for padding "SAME".
-TSC_COORD_HD int64_t ConvPadBefore(int64_t length, int64_t out, int64_t kernel,
-                                             int64_t stride, int64_t dilation) {
+TSC_COORD_HD int64_t ConvPadBefore(int64_t length, int64_t out, int64_t kernel, int64_t stride,
+                                   int64_t dilation) {
   const int64_t total = (out - 1) * stride + (kernel - 1) * dilation + 1 - length;
   return total > 0 ? total / 2 : 0;
 }
@@ -62,8 +62,8 @@ TSC_COORD_HD void FinishGeometry(ConvGeometry* g) {
   g->num_offsets = 1;
   for (int a = 0; a < g->dims; ++a) {
     g->out_shape[a] = ConvOutSize(g->in_shape[a], g->stride[a]);
-    g->pad[a] = ConvPadBefore(g->in_shape[a], g->out_shape[a], g->kernel[a], g->stride[a],
-                              g->dilation[a]);
+    g->pad[a] =
+        ConvPadBefore(g->in_shape[a], g->out_shape[a], g->kernel[a], g->stride[a], g->dilation[a]);
     g->num_offsets *= g->kernel[a];
   }
 }
@@ -77,16 +77,14 @@ TSC_COORD_HD void OffsetTaps(const ConvGeometry& g, int64_t offset, int64_t* tap
 }
 
 // Packed key of site (b, x) in a grid of the given shape.
-TSC_COORD_HD int64_t PackSite(int dims, const int64_t* shape, int64_t b,
-                                        const int64_t* x) {
+TSC_COORD_HD int64_t PackSite(int dims, const int64_t* shape, int64_t b, const int64_t* x) {
   int64_t key = b;
   for (int a = 0; a < dims; ++a) key = key * shape[a] + x[a];
   return key;
 }
 
 // Inverse of PackSite: writes (b, x) to out[0..1+D).
-TSC_COORD_HD void UnpackSite(int dims, const int64_t* shape, int64_t key,
-                                       int64_t* out) {
+TSC_COORD_HD void UnpackSite(int dims, const int64_t* shape, int64_t key, int64_t* out) {
   for (int a = dims - 1; a >= 0; --a) {
     out[1 + a] = key % shape[a];
     key /= shape[a];
@@ -96,8 +94,8 @@ TSC_COORD_HD void UnpackSite(int dims, const int64_t* shape, int64_t key,
 
 // Input position read by output position `o` through taps `t`; false when
 // it lies outside the input grid.
-TSC_COORD_HD bool InputPosition(const ConvGeometry& g, const int64_t* o,
-                                          const int64_t* t, int64_t* p) {
+TSC_COORD_HD bool InputPosition(const ConvGeometry& g, const int64_t* o, const int64_t* t,
+                                int64_t* p) {
   for (int a = 0; a < g.dims; ++a) {
     p[a] = o[a] * g.stride[a] - g.pad[a] + t[a] * g.dilation[a];
     if (p[a] < 0 || p[a] >= g.in_shape[a]) return false;
@@ -107,8 +105,8 @@ TSC_COORD_HD bool InputPosition(const ConvGeometry& g, const int64_t* o,
 
 // Output position that reads input position `p` through taps `t`; false
 // when there is none (not on the stride lattice, or outside the output grid).
-TSC_COORD_HD bool OutputPosition(const ConvGeometry& g, const int64_t* p,
-                                           const int64_t* t, int64_t* o) {
+TSC_COORD_HD bool OutputPosition(const ConvGeometry& g, const int64_t* p, const int64_t* t,
+                                 int64_t* o) {
   for (int a = 0; a < g.dims; ++a) {
     const int64_t num = p[a] + g.pad[a] - t[a] * g.dilation[a];
     if (num < 0 || num % g.stride[a] != 0) return false;

@@ -185,7 +185,8 @@ Status CheckRulebook(OpKernelContext* ctx, const Tensor& pair_ptr_t, const Tenso
   const int32_t* pairs = pairs_t.flat<int32_t>().data();
   // First bad pair index per offset (num_pairs: none).
   std::vector<int64_t> bad(num_offsets, num_pairs);
-  ParallelFor(ctx, num_offsets, std::max<int64_t>(num_pairs / std::max<int64_t>(num_offsets, 1), 1) * 4,
+  ParallelFor(ctx, num_offsets,
+              std::max<int64_t>(num_pairs / std::max<int64_t>(num_offsets, 1), 1) * 4,
               [&](int64_t k0, int64_t k1) {
                 for (int64_t k = k0; k < k1; ++k) {
                   int64_t previous = 0;
@@ -204,12 +205,12 @@ Status CheckRulebook(OpKernelContext* ctx, const Tensor& pair_ptr_t, const Tenso
   if (p == num_pairs) return ::tensorflow::OkStatus();
   const int64_t src = pairs[2 * p], dst = pairs[2 * p + 1];
   if (src < 0 || src >= num_src) {
-    return errors::InvalidArgument("pairs[", p, ", 0] = ", src, " is outside [0, ", num_src,
-                                   ") (", src_what, ")");
+    return errors::InvalidArgument("pairs[", p, ", 0] = ", src, " is outside [0, ", num_src, ") (",
+                                   src_what, ")");
   }
   if (dst < 0 || dst >= num_dst) {
-    return errors::InvalidArgument("pairs[", p, ", 1] = ", dst, " is outside [0, ", num_dst,
-                                   ") (", dst_what, ")");
+    return errors::InvalidArgument("pairs[", p, ", 1] = ", dst, " is outside [0, ", num_dst, ") (",
+                                   dst_what, ")");
   }
   return errors::InvalidArgument("pairs[", p, ", 1] = ", dst,
                                  " breaks the order: dst must be non-decreasing within a kernel "
@@ -248,11 +249,10 @@ class SparseConvFeaturesOp : public OpKernel {
                                         "dims flattened), got shape ",
                                         kernel_t.shape().DebugString()));
     OP_REQUIRES(ctx, kernel_t.dim_size(1) == features_t.dim_size(1),
-                errors::InvalidArgument("kernel has ", kernel_t.dim_size(1),
-                                        " input channels but features has ",
-                                        features_t.dim_size(1), " (kernel shape ",
-                                        kernel_t.shape().DebugString(), ", features shape ",
-                                        features_t.shape().DebugString(), ")"));
+                errors::InvalidArgument(
+                    "kernel has ", kernel_t.dim_size(1), " input channels but features has ",
+                    features_t.dim_size(1), " (kernel shape ", kernel_t.shape().DebugString(),
+                    ", features shape ", features_t.shape().DebugString(), ")"));
     int64_t num_out = 0;
     OP_REQUIRES_OK(ctx, ScalarCount(ctx->input(4), "num_out", &num_out));
     const int64_t n = features_t.dim_size(0);
@@ -263,9 +263,8 @@ class SparseConvFeaturesOp : public OpKernel {
     Tensor* out_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_out, cout}), &out_t));
     if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckRulebook(ctx, ctx->input(2), ctx->input(3), num_offsets, n,
-                                        num_out, true, "a row of features",
-                                        "an output row: num_out"));
+      OP_REQUIRES_OK(ctx, CheckRulebook(ctx, ctx->input(2), ctx->input(3), num_offsets, n, num_out,
+                                        true, "a row of features", "an output row: num_out"));
       ComputeCpu(ctx, features_t.flat<T>().data(), kernel_t.flat<T>().data(),
                  ctx->input(2).vec<int32_t>().data(), ctx->input(3).flat<int32_t>().data(),
                  num_offsets, cin, cout, num_out, out_t->flat<T>().data());
@@ -275,16 +274,15 @@ class SparseConvFeaturesOp : public OpKernel {
       const Tensor& pairs_t = ctx->input(3);
       OP_REQUIRES(ctx, ctx->input(2).dims() == 1 && ctx->input(2).dim_size(0) == num_offsets + 1,
                   errors::InvalidArgument("pair_ptr must be int32 [K + 1] = [", num_offsets + 1,
-                                          "], got shape ",
-                                          ctx->input(2).shape().DebugString()));
+                                          "], got shape ", ctx->input(2).shape().DebugString()));
       OP_REQUIRES(ctx, pairs_t.dims() == 2 && pairs_t.dim_size(1) == 2,
                   errors::InvalidArgument("pairs must be int32 [P, 2], got shape ",
                                           pairs_t.shape().DebugString()));
       const char* err = LaunchSparseConvFeaturesGpu(
           DTypeTraits<T>::kFormat, features_t.flat<T>().data(), n, kernel_t.flat<T>().data(),
           num_offsets, cin, cout, ctx->input(2).vec<int32_t>().data(),
-          pairs_t.flat<int32_t>().data(), pairs_t.dim_size(0), num_out,
-          out_t->flat<T>().data(), GpuStream(ctx));
+          pairs_t.flat<int32_t>().data(), pairs_t.dim_size(0), num_out, out_t->flat<T>().data(),
+          GpuStream(ctx));
       OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvFeatures GPU: ", err));
     }
 #endif
@@ -292,8 +290,8 @@ class SparseConvFeaturesOp : public OpKernel {
 
  private:
   static void ComputeCpu(OpKernelContext* ctx, const T* features, const T* kernel,
-                         const int32_t* ptr, const int32_t* pairs, int64_t num_offsets,
-                         int64_t cin, int64_t cout, int64_t num_out, T* out) {
+                         const int32_t* ptr, const int32_t* pairs, int64_t num_offsets, int64_t cin,
+                         int64_t cout, int64_t num_out, T* out) {
     using A = typename Acc<T>::type;
     if (num_out == 0 || cout == 0) return;
     std::vector<A> kernel_copy;
@@ -364,15 +362,14 @@ class SparseConvKernelGradOp : public OpKernel {
     const int64_t num_offsets = pair_ptr_t.dim_size(0) - 1;
     const int64_t cin = features_t.dim_size(1), cout = grad_t.dim_size(1);
     Tensor* out_t = nullptr;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(0, TensorShape({num_offsets, cin, cout}), &out_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_offsets, cin, cout}), &out_t));
     if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckRulebook(ctx, pair_ptr_t, pairs_t, num_offsets,
-                                        features_t.dim_size(0), grad_t.dim_size(0), false,
-                                        "a row of features", "a row of grad"));
+      OP_REQUIRES_OK(
+          ctx, CheckRulebook(ctx, pair_ptr_t, pairs_t, num_offsets, features_t.dim_size(0),
+                             grad_t.dim_size(0), false, "a row of features", "a row of grad"));
       ComputeCpu(ctx, features_t.flat<T>().data(), grad_t.flat<T>().data(),
-                 pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(), num_offsets,
-                 cin, cout, out_t->flat<T>().data());
+                 pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(), num_offsets, cin,
+                 cout, out_t->flat<T>().data());
     }
 #if TF_SPARSECONV_CUDA
     if constexpr (!std::is_same<Device, CPUDevice>::value) {
@@ -382,17 +379,17 @@ class SparseConvKernelGradOp : public OpKernel {
       const char* err = LaunchSparseConvKernelGradGpu(
           DTypeTraits<T>::kFormat, features_t.flat<T>().data(), features_t.dim_size(0),
           grad_t.flat<T>().data(), grad_t.dim_size(0), num_offsets, cin, cout,
-          pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(),
-          pairs_t.dim_size(0), out_t->flat<T>().data(), GpuStream(ctx));
+          pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(), pairs_t.dim_size(0),
+          out_t->flat<T>().data(), GpuStream(ctx));
       OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvKernelGrad GPU: ", err));
     }
 #endif
   }
 
  private:
-  static void ComputeCpu(OpKernelContext* ctx, const T* features, const T* grad,
-                         const int32_t* ptr, const int32_t* pairs, int64_t num_offsets,
-                         int64_t cin, int64_t cout, T* out) {
+  static void ComputeCpu(OpKernelContext* ctx, const T* features, const T* grad, const int32_t* ptr,
+                         const int32_t* pairs, int64_t num_offsets, int64_t cin, int64_t cout,
+                         T* out) {
     using A = typename Acc<T>::type;
     const int64_t total = num_offsets * cin * cout;
     if (total == 0) return;
@@ -413,23 +410,25 @@ class SparseConvKernelGradOp : public OpKernel {
     first_chunk[num_offsets] = static_cast<int64_t>(chunks.size());
     const int64_t num_chunks = static_cast<int64_t>(chunks.size());
     std::vector<A> partial(num_chunks * cin * cout);
-    ParallelFor(ctx, num_chunks, chunk * (cin * cout * 2 + cin + cout), [&](int64_t c0, int64_t c1) {
-      std::vector<A> f(kTileRows * std::max<int64_t>(cin, 1)), g(kTileRows * std::max<int64_t>(cout, 1));
-      for (int64_t c = c0; c < c1; ++c) {
-        Eigen::Map<RowMajor<A>> sum(partial.data() + c * cin * cout, cin, cout);
-        sum.setZero();
-        for (int64_t s0 = chunks[c].begin; s0 < chunks[c].end; s0 += kTileRows) {
-          const int64_t m = std::min(chunks[c].end - s0, kTileRows);
-          for (int64_t r = 0; r < m; ++r) {
-            LoadRow<T, A>(features, pairs[2 * (s0 + r)], cin, f.data() + r * cin);
-            LoadRow<T, A>(grad, pairs[2 * (s0 + r) + 1], cout, g.data() + r * cout);
-          }
-          Eigen::Map<const RowMajor<A>> fm(f.data(), m, cin);
-          Eigen::Map<const RowMajor<A>> gm(g.data(), m, cout);
-          sum.noalias() += fm.transpose() * gm;
-        }
-      }
-    });
+    ParallelFor(ctx, num_chunks, chunk * (cin * cout * 2 + cin + cout),
+                [&](int64_t c0, int64_t c1) {
+                  std::vector<A> f(kTileRows * std::max<int64_t>(cin, 1)),
+                      g(kTileRows * std::max<int64_t>(cout, 1));
+                  for (int64_t c = c0; c < c1; ++c) {
+                    Eigen::Map<RowMajor<A>> sum(partial.data() + c * cin * cout, cin, cout);
+                    sum.setZero();
+                    for (int64_t s0 = chunks[c].begin; s0 < chunks[c].end; s0 += kTileRows) {
+                      const int64_t m = std::min(chunks[c].end - s0, kTileRows);
+                      for (int64_t r = 0; r < m; ++r) {
+                        LoadRow<T, A>(features, pairs[2 * (s0 + r)], cin, f.data() + r * cin);
+                        LoadRow<T, A>(grad, pairs[2 * (s0 + r) + 1], cout, g.data() + r * cout);
+                      }
+                      Eigen::Map<const RowMajor<A>> fm(f.data(), m, cin);
+                      Eigen::Map<const RowMajor<A>> gm(g.data(), m, cout);
+                      sum.noalias() += fm.transpose() * gm;
+                    }
+                  }
+                });
     ParallelFor(ctx, num_offsets, (first_chunk[1] + 1) * cin * cout, [&](int64_t k0, int64_t k1) {
       std::vector<A> sum(cin * cout);
       for (int64_t k = k0; k < k1; ++k) {
@@ -505,12 +504,12 @@ class SparseConvRulebookTransposeOp : public OpKernel {
 };
 
 // SparseConvRulebook and TopKSites are registered in coord_sparse_index_op.cc.
-#define TSC_REGISTER(DEV, T)                                                               \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvFeatures")                          \
-                              .Device(TSC_DEVICE(DEV))                                     \
-                              .TypeConstraint<T>("T") TSC_ON_GPU(DEV, .HostMemory("num_out")), \
-                          SparseConvFeaturesOp<DEV##Device, T>);                           \
-  REGISTER_KERNEL_BUILDER(                                                                 \
+#define TSC_REGISTER(DEV, T)                                                                    \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>SparseConvFeatures")                               \
+                              .Device(TSC_DEVICE(DEV))                                          \
+                              .TypeConstraint<T>("T") TSC_ON_GPU(DEV, .HostMemory("num_out")),  \
+                          SparseConvFeaturesOp<DEV##Device, T>);                                \
+  REGISTER_KERNEL_BUILDER(                                                                      \
       Name("TfSparseConv>SparseConvKernelGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
       SparseConvKernelGradOp<DEV##Device, T>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)

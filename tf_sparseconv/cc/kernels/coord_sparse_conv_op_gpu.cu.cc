@@ -66,17 +66,17 @@
 #include <cstdint>
 
 #include "tf_sparseconv/cc/kernels/coord_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
-#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
 
 using gpu::Elem;
 using gpu::LastError;
-using gpu::MulNonNeg;
 using gpu::MemsetZero;
+using gpu::MulNonNeg;
 
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 constexpr int64_t kIndex32Limit = int64_t{1} << 31;
@@ -89,9 +89,7 @@ constexpr int kRegCols = 4;
 // 4 rows per thread (2 for TN = 16): 256, 128, 128 threads for TN = 64, 32,
 // 16, so that no thread stages more than 8 gathered values per chunk.
 constexpr int FeaturesRegRows(int tn) { return tn <= 16 ? 2 : 4; }
-constexpr int FeaturesThreads(int tn) {
-  return (kRows / FeaturesRegRows(tn)) * (tn / kRegCols);
-}
+constexpr int FeaturesThreads(int tn) { return (kRows / FeaturesRegRows(tn)) * (tn / kRegCols); }
 // Padding of the transposed A tile: a row stride of 2 (mod 32) banks makes
 // the staging stores (16 channels of 2 rows per warp) conflict-free.
 constexpr int kRowsPadded = kRows + 2;
@@ -117,21 +115,18 @@ constexpr const char* kTooLarge = "tsc_coord_sparse: tensor too large";
 // Device helpers
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ int64_t PairSrc(const int32_t* __restrict__ pairs,
-                                           int64_t p) {
+__device__ __forceinline__ int64_t PairSrc(const int32_t* __restrict__ pairs, int64_t p) {
   return __ldg(pairs + 2 * p);
 }
 
-__device__ __forceinline__ int64_t PairDst(const int32_t* __restrict__ pairs,
-                                           int64_t p) {
+__device__ __forceinline__ int64_t PairDst(const int32_t* __restrict__ pairs, int64_t p) {
   return __ldg(pairs + 2 * p + 1);
 }
 
 // The pairs [*lo, *hi) of offset k, with pair_ptr clamped to [0, num_pairs]
 // and *hi >= *lo (a malformed pair_ptr cannot cause out-of-bounds reads).
-__device__ __forceinline__ void OffsetRange(const int32_t* __restrict__ pair_ptr,
-                                            int64_t k, int64_t num_pairs,
-                                            int64_t* lo, int64_t* hi) {
+__device__ __forceinline__ void OffsetRange(const int32_t* __restrict__ pair_ptr, int64_t k,
+                                            int64_t num_pairs, int64_t* lo, int64_t* hi) {
   int64_t a = __ldg(pair_ptr + k);
   int64_t b = __ldg(pair_ptr + k + 1);
   a = a < 0 ? 0 : (a > num_pairs ? num_pairs : a);
@@ -147,9 +142,8 @@ __device__ __forceinline__ void OffsetRange(const int32_t* __restrict__ pair_ptr
 // counts those below the bound (true on a prefix of the probes). Always
 // terminates inside [lo, hi], even on unsorted input. Ranges come from the
 // int32 pair_ptr, so lengths fit in 32 bits (no 64-bit division).
-__device__ void BlockLowerBounds(const int32_t* __restrict__ pairs, int64_t lo,
-                                 int64_t hi, int64_t v0, int64_t v1,
-                                 int64_t* r0, int64_t* r1) {
+__device__ void BlockLowerBounds(const int32_t* __restrict__ pairs, int64_t lo, int64_t hi,
+                                 int64_t v0, int64_t v1, int64_t* r0, int64_t* r1) {
   const uint32_t t = threadIdx.x;
   const uint32_t nt = blockDim.x;
   // The answer lies in [l, h]; each step shrinks h - l below the step.
@@ -195,14 +189,11 @@ __device__ void BlockLowerBounds(const int32_t* __restrict__ pairs, int64_t lo,
 // out [num_out, cout]; one block per tile of kRows rows x TN channels
 // (grid-stride over the tiles, channel tiles of a row tile adjacent).
 template <typename T, int TN>
-__global__ void __launch_bounds__(FeaturesThreads(TN),
-                                  FeaturesMinBlocks<T>(TN))
+__global__ void __launch_bounds__(FeaturesThreads(TN), FeaturesMinBlocks<T>(TN))
     SparseConvFeaturesKernel(const T* __restrict__ features, int64_t n,
-                             const T* __restrict__ kernel, int64_t num_offsets,
-                             int64_t cin, int64_t cout,
-                             const int32_t* __restrict__ pair_ptr,
-                             const int32_t* __restrict__ pairs,
-                             int64_t num_pairs, int64_t num_out,
+                             const T* __restrict__ kernel, int64_t num_offsets, int64_t cin,
+                             int64_t cout, const int32_t* __restrict__ pair_ptr,
+                             const int32_t* __restrict__ pairs, int64_t num_pairs, int64_t num_out,
                              T* __restrict__ out) {
   using Acc = typename Elem<T>::Acc;
   constexpr int kRegRows = FeaturesRegRows(TN);
@@ -219,15 +210,14 @@ __global__ void __launch_bounds__(FeaturesThreads(TN),
   __shared__ Acc b_tile[kChunk][TN];           // kernel[k] chunk
   __shared__ int64_t row_begin[kRows];         // run of pairs of a tile row
   __shared__ int64_t row_end[kRows];
-  __shared__ int32_t row_src[kRows];           // src of the round, -1: none
+  __shared__ int32_t row_src[kRows];  // src of the round, -1: none
 
   const int tid = threadIdx.x;
   const int tx = tid % kColThreads;
   const int ty = tid / kColThreads;
   // Tile counts are < 2^31 (checked by the launcher): 32-bit division.
   const uint32_t col_tiles = static_cast<uint32_t>((cout + TN - 1) / TN);
-  const uint32_t tiles =
-      static_cast<uint32_t>((num_out + kRows - 1) / kRows) * col_tiles;
+  const uint32_t tiles = static_cast<uint32_t>((num_out + kRows - 1) / kRows) * col_tiles;
 
   for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t j0 = static_cast<int64_t>(tile / col_tiles) * kRows;
@@ -308,8 +298,7 @@ __global__ void __launch_bounds__(FeaturesThreads(TN),
             const int64_t c = c0 + e % kChunk;
             const int32_t s = row_src[e / kChunk];
             a_tile[e % kChunk][e / kChunk] =
-                s >= 0 && c < cin ? Elem<T>::Load(features[s * cin + c])
-                                  : Acc(0);
+                s >= 0 && c < cin ? Elem<T>::Load(features[s * cin + c]) : Acc(0);
           }
 #pragma unroll
           for (int q = 0; q < kBLoads; ++q) {
@@ -317,8 +306,7 @@ __global__ void __launch_bounds__(FeaturesThreads(TN),
             const int64_t c = c0 + e / TN;
             const int64_t col = n0 + e % TN;
             b_tile[e / TN][e % TN] =
-                c < cin && col < cout ? Elem<T>::Load(w[c * cout + col])
-                                      : Acc(0);
+                c < cin && col < cout ? Elem<T>::Load(w[c * cout + col]) : Acc(0);
           }
           __syncthreads();
 #pragma unroll
@@ -382,12 +370,10 @@ int64_t GradSmemBytes(int ti, int tj, int groups, int64_t acc_bytes) {
 template <typename T, int TI, int TJ>
 __global__ void __launch_bounds__(kGradMaxThreads)
     SparseConvKernelGradKernel(const T* __restrict__ features, int64_t n,
-                               const T* __restrict__ grad, int64_t m,
-                               int64_t num_offsets, int64_t cin, int64_t cout,
-                               const int32_t* __restrict__ pair_ptr,
-                               const int32_t* __restrict__ pairs,
-                               int64_t num_pairs, T* __restrict__ kernel_grad,
-                               int groups) {
+                               const T* __restrict__ grad, int64_t m, int64_t num_offsets,
+                               int64_t cin, int64_t cout, const int32_t* __restrict__ pair_ptr,
+                               const int32_t* __restrict__ pairs, int64_t num_pairs,
+                               T* __restrict__ kernel_grad, int groups) {
   using Acc = typename Elem<T>::Acc;
   constexpr int kRowT = TI / kGradReg;  // threads along cin in a group
   constexpr int kColT = TJ / kGradReg;  // threads along cout in a group
@@ -398,11 +384,10 @@ __global__ void __launch_bounds__(kGradMaxThreads)
   Acc* f_tile = reinterpret_cast<Acc*>(grad_smem);  // [span][TI]
   Acc* g_tile = f_tile + span * TI;                 // [span][TJ]
   Acc* red = f_tile;                                // [TI][TJ], at the end
-  const int staging =
-      span * (TI + TJ) > TI * TJ ? span * (TI + TJ) : TI * TJ;
-  int32_t* slab_src = reinterpret_cast<int32_t*>(
-      grad_smem + static_cast<size_t>(staging) * sizeof(Acc));  // [span]
-  int32_t* slab_dst = slab_src + span;                             // [span]
+  const int staging = span * (TI + TJ) > TI * TJ ? span * (TI + TJ) : TI * TJ;
+  int32_t* slab_src =
+      reinterpret_cast<int32_t*>(grad_smem + static_cast<size_t>(staging) * sizeof(Acc));  // [span]
+  int32_t* slab_dst = slab_src + span;                                                     // [span]
 
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
@@ -450,14 +435,12 @@ __global__ void __launch_bounds__(kGradMaxThreads)
       for (int e = tid; e < span * TI; e += nthreads) {
         const int32_t s = slab_src[e / TI];
         const int64_t c = i0 + e % TI;
-        f_tile[e] = s >= 0 && c < cin ? Elem<T>::Load(features[s * cin + c])
-                                      : Acc(0);
+        f_tile[e] = s >= 0 && c < cin ? Elem<T>::Load(features[s * cin + c]) : Acc(0);
       }
       for (int e = tid; e < span * TJ; e += nthreads) {
         const int32_t d = slab_dst[e / TJ];
         const int64_t c = j0 + e % TJ;
-        g_tile[e] = d >= 0 && c < cout ? Elem<T>::Load(grad[d * cout + c])
-                                       : Acc(0);
+        g_tile[e] = d >= 0 && c < cout ? Elem<T>::Load(grad[d * cout + c]) : Acc(0);
       }
       __syncthreads();
       const Acc* fr = f_tile + grp * kSlab * TI;
@@ -524,8 +507,7 @@ __global__ void __launch_bounds__(kGradMaxThreads)
 // ---------------------------------------------------------------------------
 
 unsigned GridFor(int64_t blocks) {
-  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks
-                                                       : kMaxGridBlocks);
+  return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -552,9 +534,8 @@ const char* FeaturesConfig(const FeaturesArgs& a, cudaStream_t stream) {
   const int64_t tiles = CeilDiv(a.num_out, kRows) * CeilDiv(a.cout, TN);
   if (tiles >= kIndex32Limit) return kTooLarge;
   SparseConvFeaturesKernel<T, TN><<<GridFor(tiles), kThreads, 0, stream>>>(
-      static_cast<const T*>(a.features), a.n, static_cast<const T*>(a.kernel),
-      a.num_offsets, a.cin, a.cout, a.pair_ptr, a.pairs, a.num_pairs,
-      a.num_out, static_cast<T*>(a.out));
+      static_cast<const T*>(a.features), a.n, static_cast<const T*>(a.kernel), a.num_offsets, a.cin,
+      a.cout, a.pair_ptr, a.pairs, a.num_pairs, a.num_out, static_cast<T*>(a.out));
   return LastError();
 }
 
@@ -604,15 +585,12 @@ const char* GradConfig(const GradArgs& a, cudaStream_t stream) {
   const int threads = groups * (TI / kGradReg) * (TJ / kGradReg);
   const int64_t smem = GradSmemBytes(TI, TJ, groups, sizeof(Acc));
   if (smem > 48 * 1024) return "tsc_coord_sparse: kernel grad shared memory";
-  const int64_t tasks =
-      a.num_offsets * CeilDiv(a.cin, TI) * CeilDiv(a.cout, TJ);
+  const int64_t tasks = a.num_offsets * CeilDiv(a.cin, TI) * CeilDiv(a.cout, TJ);
   if (tasks >= kIndex32Limit) return kTooLarge;
   SparseConvKernelGradKernel<T, TI, TJ>
       <<<GridFor(tasks), threads, static_cast<size_t>(smem), stream>>>(
-          static_cast<const T*>(a.features), a.n,
-          static_cast<const T*>(a.grad), a.m, a.num_offsets, a.cin, a.cout,
-          a.pair_ptr, a.pairs, a.num_pairs, static_cast<T*>(a.kernel_grad),
-          groups);
+          static_cast<const T*>(a.features), a.n, static_cast<const T*>(a.grad), a.m, a.num_offsets,
+          a.cin, a.cout, a.pair_ptr, a.pairs, a.num_pairs, static_cast<T*>(a.kernel_grad), groups);
   return LastError();
 }
 
@@ -634,8 +612,7 @@ const char* GradTyped(const GradArgs& a, cudaStream_t stream) {
   // there are few tasks and halving adds tiles.
   int ti = PickTile(a.cin);
   int tj = PickTile(a.cout);
-  while (a.num_offsets * CeilDiv(a.cin, ti) * CeilDiv(a.cout, tj) <
-         kGradTargetBlocks) {
+  while (a.num_offsets * CeilDiv(a.cin, ti) * CeilDiv(a.cout, tj) < kGradTargetBlocks) {
     const bool can_i = ti > 16 && a.cin > ti / 2;
     const bool can_j = tj > 16 && a.cout > tj / 2;
     if (can_i && (ti >= tj || !can_j)) {
@@ -658,23 +635,19 @@ const char* GradTyped(const GradArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features,
-                                        int64_t n, const void* kernel,
-                                        int64_t num_offsets, int64_t cin,
-                                        int64_t cout, const int32_t* pair_ptr,
-                                        const int32_t* pairs, int64_t num_pairs,
-                                        int64_t num_out, void* out,
+const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features, int64_t n,
+                                        const void* kernel, int64_t num_offsets, int64_t cin,
+                                        int64_t cout, const int32_t* pair_ptr, const int32_t* pairs,
+                                        int64_t num_pairs, int64_t num_out, void* out,
                                         void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return kUnknownFormat;
-  if (n < 0 || num_offsets < 0 || cin < 0 || cout < 0 || num_pairs < 0 ||
-      num_out < 0) {
+  if (n < 0 || num_offsets < 0 || cin < 0 || cout < 0 || num_pairs < 0 || num_out < 0) {
     return "tsc_coord_sparse: negative dimension";
   }
   int64_t out_size, in_size, kernel_size;
   if (!MulNonNeg(num_out, cout, &out_size) || !MulNonNeg(n, cin, &in_size) ||
-      !MulNonNeg(num_offsets, cin, &kernel_size) ||
-      !MulNonNeg(kernel_size, cout, &kernel_size) ||
+      !MulNonNeg(num_offsets, cin, &kernel_size) || !MulNonNeg(kernel_size, cout, &kernel_size) ||
       !MulNonNeg(out_size, bytes, &out_size)) {
     return kTooLarge;
   }
@@ -685,28 +658,25 @@ const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features
     // No offsets, channels, pairs or input rows: out is all zeros.
     return MemsetZero(out, out_size, st);
   }
-  if (features == nullptr || kernel == nullptr || pair_ptr == nullptr ||
-      pairs == nullptr) {
+  if (features == nullptr || kernel == nullptr || pair_ptr == nullptr || pairs == nullptr) {
     return "tsc_coord_sparse: null input";
   }
-  const FeaturesArgs a{features, n,        kernel, num_offsets, cin, cout,
-                       pair_ptr, pairs,    num_pairs, num_out,  out};
+  const FeaturesArgs a{features, n,     kernel,    num_offsets, cin, cout,
+                       pair_ptr, pairs, num_pairs, num_out,     out};
   return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return FeaturesTyped<T>(a, st);
   });
 }
 
-const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features,
-                                          int64_t n, const void* grad, int64_t m,
-                                          int64_t num_offsets, int64_t cin,
-                                          int64_t cout, const int32_t* pair_ptr,
+const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features, int64_t n,
+                                          const void* grad, int64_t m, int64_t num_offsets,
+                                          int64_t cin, int64_t cout, const int32_t* pair_ptr,
                                           const int32_t* pairs, int64_t num_pairs,
                                           void* kernel_grad, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return kUnknownFormat;
-  if (n < 0 || m < 0 || num_offsets < 0 || cin < 0 || cout < 0 ||
-      num_pairs < 0) {
+  if (n < 0 || m < 0 || num_offsets < 0 || cin < 0 || cout < 0 || num_pairs < 0) {
     return "tsc_coord_sparse: negative dimension";
   }
   int64_t size, in_size, grad_size;
@@ -722,8 +692,7 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
     // No pairs, or none can be in range: kernel_grad is all zeros.
     return MemsetZero(kernel_grad, size, st);
   }
-  if (features == nullptr || grad == nullptr || pair_ptr == nullptr ||
-      pairs == nullptr) {
+  if (features == nullptr || grad == nullptr || pair_ptr == nullptr || pairs == nullptr) {
     return "tsc_coord_sparse: null input";
   }
   const GradArgs a{features, n,        grad,  m,         num_offsets, cin,

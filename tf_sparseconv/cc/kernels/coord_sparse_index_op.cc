@@ -212,19 +212,20 @@ struct RulebookFunctor<CPUDevice> {
     int64_t batch = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* row = coords + i * width;
-      OP_REQUIRES(ctx, row[0] >= 0,
-                  errors::InvalidArgument("coords[", i, ", 0] = ", row[0],
-                                          " is a negative batch index"));
+      OP_REQUIRES(
+          ctx, row[0] >= 0,
+          errors::InvalidArgument("coords[", i, ", 0] = ", row[0], " is a negative batch index"));
       batch = std::max<int64_t>(batch, int64_t{row[0]} + 1);
       for (int a = 0; a < dims; ++a) {
         OP_REQUIRES(ctx, row[1 + a] >= 0 && row[1 + a] < g.in_shape[a],
                     errors::InvalidArgument("coords[", i, ", ", 1 + a, "] = ", row[1 + a],
-                                            " is outside [0, ", g.in_shape[a],
-                                            ") (spatial_shape[", a, "])"));
+                                            " is outside [0, ", g.in_shape[a], ") (spatial_shape[",
+                                            a, "])"));
       }
     }
     OP_REQUIRES(ctx, GridVolume(batch, dims, g.in_shape) >= 0,
-                errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
+                errors::InvalidArgument("batch (", batch,
+                                        ") x spatial_shape is too large to "
                                         "index with 62-bit keys"));
     const int64_t volume = GridVolume(batch, dims, g.in_shape);
     const bool use_grid =
@@ -346,8 +347,7 @@ struct RulebookFunctor<CPUDevice> {
     }
     start[num_offsets] = total;
     OP_REQUIRES(ctx, total <= kInt32Max,
-                errors::InvalidArgument("the rulebook has ", total,
-                                        " pairs, more than 2^31 - 1"));
+                errors::InvalidArgument("the rulebook has ", total, " pairs, more than 2^31 - 1"));
     pair_ptr(num_offsets) = static_cast<int32_t>(total);
     Tensor* pairs_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({total, 2}), &pairs_t));
@@ -455,39 +455,39 @@ struct RulebookFunctor<GPUDevice> {
 
     // 1. Validate the sites (the CPU kernel's messages); find the batch size.
     Tensor check_ws;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
-                                           TensorShape({RulebookCheckGpuWorkspaceBytes()}),
-                                           &check_ws));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8,
+                                      TensorShape({RulebookCheckGpuWorkspaceBytes()}), &check_ws));
     int64_t bad = n, batch = 0;
     int32_t row[1 + kMaxCoordDims] = {0, 0, 0, 0};
     const char* err = LaunchRulebookCheckGpu(g, coords, n, check_ws.flat<int8_t>().data(), &bad,
                                              row, &batch, stream);
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
     if (bad < n) {
-      OP_REQUIRES(ctx, row[0] >= 0,
-                  errors::InvalidArgument("coords[", bad, ", 0] = ", row[0],
-                                          " is a negative batch index"));
+      OP_REQUIRES(
+          ctx, row[0] >= 0,
+          errors::InvalidArgument("coords[", bad, ", 0] = ", row[0], " is a negative batch index"));
       for (int a = 0; a < dims; ++a) {
         OP_REQUIRES(ctx, row[1 + a] >= 0 && row[1 + a] < g.in_shape[a],
                     errors::InvalidArgument("coords[", bad, ", ", 1 + a, "] = ", row[1 + a],
-                                            " is outside [0, ", g.in_shape[a],
-                                            ") (spatial_shape[", a, "])"));
+                                            " is outside [0, ", g.in_shape[a], ") (spatial_shape[",
+                                            a, "])"));
       }
       OP_REQUIRES(ctx, false, errors::Internal("SparseConvRulebook GPU: inconsistent check"));
     }
     OP_REQUIRES(ctx, GridVolume(batch, dims, g.in_shape) >= 0,
-                errors::InvalidArgument("batch (", batch, ") x spatial_shape is too large to "
+                errors::InvalidArgument("batch (", batch,
+                                        ") x spatial_shape is too large to "
                                         "index with 62-bit keys"));
 
     // 2. Sorted sites, duplicates, output sites.
     const int64_t sites_bytes = RulebookSitesGpuWorkspaceBytes(g, n, submanifold);
     OP_REQUIRES(ctx, sites_bytes >= 0,
-                errors::InvalidArgument("SparseConvRulebook GPU: ", n, " sites x ",
-                                        g.num_offsets,
+                errors::InvalidArgument("SparseConvRulebook GPU: ", n, " sites x ", g.num_offsets,
                                         " offsets is too large (must be below 2^31)"));
     Tensor sites_ws;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({sites_bytes}), &sites_ws));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({sites_bytes}), &sites_ws));
     int64_t dup_later = -1, dup_earlier = -1, m = 0;
     err = LaunchRulebookSitesGpu(g, coords, n, batch, submanifold, sites_ws.flat<int8_t>().data(),
                                  &dup_later, &dup_earlier, &m, stream);
@@ -505,22 +505,21 @@ struct RulebookFunctor<GPUDevice> {
     Tensor* pair_ptr_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.num_offsets + 1}), &pair_ptr_t));
     const int64_t pairs_bytes = RulebookPairsGpuWorkspaceBytes(g, m);
-    OP_REQUIRES(ctx, pairs_bytes >= 0,
-                errors::InvalidArgument("SparseConvRulebook GPU: ", m, " output sites x ",
-                                        g.num_offsets,
-                                        " offsets is too large (must be below 2^31)"));
+    OP_REQUIRES(
+        ctx, pairs_bytes >= 0,
+        errors::InvalidArgument("SparseConvRulebook GPU: ", m, " output sites x ", g.num_offsets,
+                                " offsets is too large (must be below 2^31)"));
     Tensor pairs_ws;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({pairs_bytes}), &pairs_ws));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(::tensorflow::DT_INT8, TensorShape({pairs_bytes}), &pairs_ws));
     int64_t total = 0;
-    err = LaunchRulebookPairsGpu(g, coords, n, submanifold, sites_ws.flat<int8_t>().data(), m,
-                                 out_coords_t->flat<int32_t>().data(),
-                                 pairs_ws.flat<int8_t>().data(),
-                                 pair_ptr_t->flat<int32_t>().data(), &total, stream);
+    err =
+        LaunchRulebookPairsGpu(g, coords, n, submanifold, sites_ws.flat<int8_t>().data(), m,
+                               out_coords_t->flat<int32_t>().data(), pairs_ws.flat<int8_t>().data(),
+                               pair_ptr_t->flat<int32_t>().data(), &total, stream);
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvRulebook GPU: ", err));
     OP_REQUIRES(ctx, total <= kInt32Max,
-                errors::InvalidArgument("the rulebook has ", total,
-                                        " pairs, more than 2^31 - 1"));
+                errors::InvalidArgument("the rulebook has ", total, " pairs, more than 2^31 - 1"));
     Tensor* pairs_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({total, 2}), &pairs_t));
     err = LaunchRulebookWritePairsGpu(g, m, pairs_ws.flat<int8_t>().data(), total,
@@ -670,8 +669,9 @@ class TopKSitesOp : public OpKernel {
     OP_REQUIRES(ctx, features_t.dims() == 2,
                 errors::InvalidArgument("features must be [N, C], got shape ",
                                         features_t.shape().DebugString()));
-    OP_REQUIRES(ctx, coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
-                         coords_t.dim_size(1) <= 1 + kMaxCoordDims,
+    OP_REQUIRES(ctx,
+                coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
+                    coords_t.dim_size(1) <= 1 + kMaxCoordDims,
                 errors::InvalidArgument("coords must be int32 [N, 1 + D] (D = 1, 2, 3), got shape ",
                                         coords_t.shape().DebugString()));
     OP_REQUIRES(ctx, coords_t.dim_size(0) == features_t.dim_size(0),
@@ -697,9 +697,9 @@ class TopKSitesOp : public OpKernel {
     int64_t batch = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t b = coords[i * width];
-      OP_REQUIRES(ctx, b >= 0,
-                  errors::InvalidArgument("coords[", i, ", 0] = ", b,
-                                          " is a negative batch index"));
+      OP_REQUIRES(
+          ctx, b >= 0,
+          errors::InvalidArgument("coords[", i, ", 0] = ", b, " is a negative batch index"));
       batch = std::max<int64_t>(batch, int64_t{b} + 1);
     }
     // Rows grouped by sample, ascending within each: counting sort when the
@@ -767,10 +767,9 @@ class TopKSitesOp : public OpKernel {
     void* ws = workspace.flat<int8_t>().data();
     int64_t bad = n, kept = 0;
     int32_t bad_batch = 0;
-    const char* err = LaunchTopKSitesGpu(
-        DTypeTraits<T>::kFormat, ctx->input(0).flat<T>().data(), n, c,
-        ctx->input(1).flat<int32_t>().data(), width, k, l2_, ws, &bad, &bad_batch, &kept,
-        GpuStream(ctx));
+    const char* err = LaunchTopKSitesGpu(DTypeTraits<T>::kFormat, ctx->input(0).flat<T>().data(), n,
+                                         c, ctx->input(1).flat<int32_t>().data(), width, k, l2_, ws,
+                                         &bad, &bad_batch, &kept, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
     OP_REQUIRES(ctx, bad >= n,
                 errors::InvalidArgument("coords[", bad, ", 0] = ", bad_batch,

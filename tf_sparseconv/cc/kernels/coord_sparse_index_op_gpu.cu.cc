@@ -54,15 +54,15 @@
 
 #include "tf_sparseconv/cc/kernels/coord_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/coord_sparse_launcher.h"
+#include "tf_sparseconv/cc/kernels/float_format.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
-#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
 
-using gpu::Elem;
 using gpu::Check;
+using gpu::Elem;
 using gpu::LastError;
 
 constexpr int kThreads = 256;
@@ -188,9 +188,9 @@ TSC_IDX_HD bool KeepPosition(const uint32_t* batch_keys, int64_t p, int64_t k) {
 // Kernels
 // ---------------------------------------------------------------------------
 
-#define TSC_GRID_STRIDE(i, total)                                                    \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
-       i < (total); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+#define TSC_GRID_STRIDE(i, total)                                                            \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 __global__ void InitCheckKernel(CheckInfo* info, int64_t n) {
   info->bad_row = static_cast<unsigned long long>(n);
@@ -257,8 +257,8 @@ __global__ void FinishSitesKernel(const uint64_t* __restrict__ unique, uint64_t 
   info->num_out = u > 0 && unique[u - 1] == sentinel ? u - 1 : u;
 }
 
-__global__ void UnpackKernel(ConvGeometry g, const uint64_t* __restrict__ keys,
-                             int64_t m, int32_t* out_coords) {
+__global__ void UnpackKernel(ConvGeometry g, const uint64_t* __restrict__ keys, int64_t m,
+                             int32_t* out_coords) {
   const int width = g.dims + 1;
   TSC_GRID_STRIDE(j, m) {
     int64_t site[1 + kMaxCoordDims];
@@ -270,8 +270,8 @@ __global__ void UnpackKernel(ConvGeometry g, const uint64_t* __restrict__ keys,
 // read[k * M + j], flags[k * M + j] for every offset k and output row j.
 __global__ void ReadRowsKernel(ConvGeometry g, const int32_t* __restrict__ out_coords, int64_t m,
                                const uint64_t* __restrict__ sorted_keys,
-                               const int32_t* __restrict__ sorted_rows, int64_t n,
-                               int32_t* read, int32_t* flags) {
+                               const int32_t* __restrict__ sorted_rows, int64_t n, int32_t* read,
+                               int32_t* flags) {
   const int width = g.dims + 1;
   TSC_GRID_STRIDE(idx, g.num_offsets * m) {
     const int64_t k = idx / m, j = idx - k * m;
@@ -351,8 +351,7 @@ __global__ void BatchKeysKernel(const int32_t* __restrict__ rows,
 }
 
 __global__ void KeepKernel(const uint32_t* __restrict__ batch_keys,
-                           const int32_t* __restrict__ rows, int64_t n, int64_t k,
-                           int32_t* keep) {
+                           const int32_t* __restrict__ rows, int64_t n, int64_t k, int32_t* keep) {
   TSC_GRID_STRIDE(p, n) { keep[rows[p]] = KeepPosition(batch_keys, p, k) ? 1 : 0; }
 }
 
@@ -387,8 +386,7 @@ class Carver {
  public:
   explicit Carver(void* base) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(base);
-    base_ = base == nullptr ? nullptr
-                            : reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
+    base_ = base == nullptr ? nullptr : reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
   }
   template <typename T>
   T* Take(int64_t count) {
@@ -482,8 +480,7 @@ struct SitesLayout {
 bool SitesSizes(const ConvGeometry& g, int64_t n, bool submanifold, int64_t* nk) {
   if (n < 0 || n > kItemLimit) return false;
   *nk = submanifold ? 0 : n * g.num_offsets;
-  return g.num_offsets <= kItemLimit && (n == 0 || *nk / n == g.num_offsets) &&
-         *nk <= kItemLimit;
+  return g.num_offsets <= kItemLimit && (n == 0 || *nk / n == g.num_offsets) && *nk <= kItemLimit;
 }
 
 SitesLayout MakeSitesLayout(void* base, int64_t n, int64_t nk) {
@@ -536,11 +533,11 @@ PairsLayout MakePairsLayout(void* base, int64_t cells) {
 }
 
 struct TopKLayout {
-  uint64_t* keys_a;  // [n] rank keys (32- or 64-bit), then batch keys
-  uint64_t* keys_b;  // [n]
-  int32_t* rows_a;   // [n]
-  int32_t* rows_b;   // [n]
-  int32_t* keep;     // [n]
+  uint64_t* keys_a;    // [n] rank keys (32- or 64-bit), then batch keys
+  uint64_t* keys_b;    // [n]
+  int32_t* rows_a;     // [n]
+  int32_t* rows_b;     // [n]
+  int32_t* keep;       // [n]
   int32_t* positions;  // [n]
   TopKInfo* info;
   void* temp;
@@ -558,9 +555,9 @@ TopKLayout MakeTopKLayout(void* base, int64_t n) {
   l.keep = c.Take<int32_t>(n);
   l.positions = c.Take<int32_t>(n);
   l.info = c.Take<TopKInfo>(1);
-  l.temp_bytes = Max(Max(static_cast<int64_t>(SortPairsBytes64(n)),
-                         static_cast<int64_t>(SortPairsBytes32(n))),
-                     static_cast<int64_t>(ScanBytes(n)));
+  l.temp_bytes =
+      Max(Max(static_cast<int64_t>(SortPairsBytes64(n)), static_cast<int64_t>(SortPairsBytes32(n))),
+          static_cast<int64_t>(ScanBytes(n)));
   l.temp = c.Bytes(l.temp_bytes);
   l.total = c.Total();
   return l;
@@ -573,9 +570,9 @@ const char* LaunchScores(const void* features, int64_t n, int64_t c, const int32
     ScoreKernel<T, uint64_t><<<GridFor(n), kThreads, 0, st>>>(
         static_cast<const T*>(features), n, c, coords, width, l2, l.keys_a, l.rows_a, l.info);
   } else {
-    ScoreKernel<T, uint32_t><<<GridFor(n), kThreads, 0, st>>>(
-        static_cast<const T*>(features), n, c, coords, width, l2,
-        reinterpret_cast<uint32_t*>(l.keys_a), l.rows_a, l.info);
+    ScoreKernel<T, uint32_t>
+        <<<GridFor(n), kThreads, 0, st>>>(static_cast<const T*>(features), n, c, coords, width, l2,
+                                          reinterpret_cast<uint32_t*>(l.keys_a), l.rows_a, l.info);
   }
   return LastError();
 }
@@ -615,8 +612,8 @@ const char* LaunchRulebookCheckGpu(const ConvGeometry& g, const int32_t* coords,
   *batch = static_cast<int64_t>(host.batch);
   if (*bad_row < n) {
     const int64_t width = g.dims + 1;
-    if ((err = Check(cudaMemcpyAsync(bad_values, coords + *bad_row * width,
-                                     sizeof(int32_t) * width, cudaMemcpyDeviceToHost, st)))) {
+    if ((err = Check(cudaMemcpyAsync(bad_values, coords + *bad_row * width, sizeof(int32_t) * width,
+                                     cudaMemcpyDeviceToHost, st)))) {
       return err;
     }
     if ((err = Check(cudaStreamSynchronize(st)))) return err;
@@ -648,8 +645,8 @@ const char* LaunchRulebookSitesGpu(const ConvGeometry& g, const int32_t* coords,
     if ((err = LastError())) return err;
     size_t bytes = static_cast<size_t>(l.temp_bytes);
     if ((err = Check(cub::DeviceRadixSort::SortPairs(l.temp, bytes, l.keys_in, l.sorted_keys,
-                                                     l.rows_in, l.sorted_rows,
-                                                     static_cast<int>(n), 0, in_bits, st)))) {
+                                                     l.rows_in, l.sorted_rows, static_cast<int>(n),
+                                                     0, in_bits, st)))) {
       return err;
     }
     if (n > 1) {
@@ -672,8 +669,7 @@ const char* LaunchRulebookSitesGpu(const ConvGeometry& g, const int32_t* coords,
     }
     bytes = static_cast<size_t>(l.temp_bytes);
     if ((err = Check(cub::DeviceSelect::Unique(l.temp, bytes, l.proposals, l.out_keys,
-                                               &l.info->num_unique, static_cast<int>(nk),
-                                               st)))) {
+                                               &l.info->num_unique, static_cast<int>(nk), st)))) {
       return err;
     }
   }
@@ -702,9 +698,9 @@ int64_t RulebookPairsGpuWorkspaceBytes(const ConvGeometry& g, int64_t num_out) {
 }
 
 const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords, int64_t n,
-                                   bool submanifold, const void* sites_workspace,
-                                   int64_t num_out, int32_t* out_coords, void* workspace,
-                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream) {
+                                   bool submanifold, const void* sites_workspace, int64_t num_out,
+                                   int32_t* out_coords, void* workspace, int32_t* pair_ptr,
+                                   int64_t* num_pairs, void* stream) {
   int64_t nk = 0, cells = 0;
   if (!GeometryOk(g)) return kBadArgument;
   if (!SitesSizes(g, n, submanifold, &nk) || !PairsCells(g, num_out, &cells)) return kTooLarge;
@@ -723,8 +719,7 @@ const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords,
         return err;
       }
     } else {
-      UnpackKernel<<<GridFor(num_out), kThreads, 0, st>>>(g, s.out_keys, num_out,
-                                                          out_coords);
+      UnpackKernel<<<GridFor(num_out), kThreads, 0, st>>>(g, s.out_keys, num_out, out_coords);
       if ((err = LastError())) return err;
     }
   }
@@ -742,8 +737,7 @@ const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords,
       l.positions, l.flags, g.num_offsets, num_out, pair_ptr, l.total);
   if ((err = LastError())) return err;
   long long total = 0;
-  if ((err = Check(cudaMemcpyAsync(&total, l.total, sizeof(total), cudaMemcpyDeviceToHost,
-                                   st)))) {
+  if ((err = Check(cudaMemcpyAsync(&total, l.total, sizeof(total), cudaMemcpyDeviceToHost, st)))) {
     return err;
   }
   if ((err = Check(cudaStreamSynchronize(st)))) return err;
@@ -752,8 +746,8 @@ const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords,
 }
 
 const char* LaunchRulebookWritePairsGpu(const ConvGeometry& g, int64_t num_out,
-                                        const void* workspace, int64_t num_pairs,
-                                        int32_t* pairs, void* stream) {
+                                        const void* workspace, int64_t num_pairs, int32_t* pairs,
+                                        void* stream) {
   int64_t cells = 0;
   if (!GeometryOk(g)) return kBadArgument;
   if (!PairsCells(g, num_out, &cells)) return kTooLarge;
@@ -777,8 +771,8 @@ int64_t TopKSitesGpuWorkspaceBytes(int64_t n) {
 
 const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t n, int64_t c,
                                const int32_t* coords, int64_t width, int64_t k, bool l2,
-                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
-                               int64_t* kept, void* stream) {
+                               void* workspace, int64_t* bad_row, int32_t* bad_batch, int64_t* kept,
+                               void* stream) {
   if (n < 0 || c < 0 || width < 1 || k < 1) return kBadArgument;
   if (n > kItemLimit) return kTooLarge;
   if (FormatBytes(format) == 0) return kUnknownFormat;
@@ -799,10 +793,10 @@ const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t
       err = Check(cub::DeviceRadixSort::SortPairs(l.temp, bytes, l.keys_a, l.keys_b, l.rows_a,
                                                   l.rows_b, static_cast<int>(n), 0, 64, st));
     } else {
-      err = Check(cub::DeviceRadixSort::SortPairs(
-          l.temp, bytes, reinterpret_cast<const uint32_t*>(l.keys_a),
-          reinterpret_cast<uint32_t*>(l.keys_b), l.rows_a, l.rows_b, static_cast<int>(n), 0, 32,
-          st));
+      err = Check(cub::DeviceRadixSort::SortPairs(l.temp, bytes,
+                                                  reinterpret_cast<const uint32_t*>(l.keys_a),
+                                                  reinterpret_cast<uint32_t*>(l.keys_b), l.rows_a,
+                                                  l.rows_b, static_cast<int>(n), 0, 32, st));
     }
     if (err) return err;
     uint32_t* batch_in = reinterpret_cast<uint32_t*>(l.keys_a);
@@ -810,9 +804,9 @@ const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t
     BatchKeysKernel<<<GridFor(n), kThreads, 0, st>>>(l.rows_b, coords, n, width, batch_in);
     if ((err = LastError())) return err;
     bytes = static_cast<size_t>(l.temp_bytes);
-    if ((err = Check(cub::DeviceRadixSort::SortPairs(l.temp, bytes, batch_in, batch_sorted,
-                                                     l.rows_b, l.rows_a, static_cast<int>(n),
-                                                     0, 32, st)))) {
+    if ((err =
+             Check(cub::DeviceRadixSort::SortPairs(l.temp, bytes, batch_in, batch_sorted, l.rows_b,
+                                                   l.rows_a, static_cast<int>(n), 0, 32, st)))) {
       return err;
     }
     KeepKernel<<<GridFor(n), kThreads, 0, st>>>(batch_sorted, l.rows_a, n, k, l.keep);
@@ -842,8 +836,8 @@ const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t
   return nullptr;
 }
 
-const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kept,
-                                   int32_t* rows, void* stream) {
+const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kept, int32_t* rows,
+                                   void* stream) {
   if (n < 0 || kept < 0 || kept > n) return kBadArgument;
   if (n > kItemLimit) return kTooLarge;
   if (kept == 0) return nullptr;

@@ -29,18 +29,18 @@ namespace tf_sparseconv {
 // summed per output row in offset order (deterministic, no atomics).
 const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features, int64_t n,
                                         const void* kernel, int64_t num_offsets, int64_t cin,
-                                        int64_t cout, const int32_t* pair_ptr,
-                                        const int32_t* pairs, int64_t num_pairs,
-                                        int64_t num_out, void* out, void* stream);
+                                        int64_t cout, const int32_t* pair_ptr, const int32_t* pairs,
+                                        int64_t num_pairs, int64_t num_out, void* out,
+                                        void* stream);
 
 // kernel_grad [K, cin, cout]: kernel_grad[k] = sum over the pairs (src, dst)
 // of offset k of features[src]^T grad[dst] ([cin] x [cout] outer products),
 // summed in a fixed order (deterministic, no atomics). grad is [m, cout].
-const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features,
-                                          int64_t n, const void* grad, int64_t m,
-                                          int64_t num_offsets, int64_t cin, int64_t cout,
-                                          const int32_t* pair_ptr, const int32_t* pairs,
-                                          int64_t num_pairs, void* kernel_grad, void* stream);
+const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features, int64_t n,
+                                          const void* grad, int64_t m, int64_t num_offsets,
+                                          int64_t cin, int64_t cout, const int32_t* pair_ptr,
+                                          const int32_t* pairs, int64_t num_pairs,
+                                          void* kernel_grad, void* stream);
 
 }  // namespace tf_sparseconv
 
@@ -85,15 +85,15 @@ const char* LaunchRulebookSitesGpu(const ConvGeometry& g, const int32_t* coords,
 // [K + 1] (device) and *num_pairs = P (host); fills `workspace` for phase 4.
 int64_t RulebookPairsGpuWorkspaceBytes(const ConvGeometry& g, int64_t num_out);
 const char* LaunchRulebookPairsGpu(const ConvGeometry& g, const int32_t* coords, int64_t n,
-                                   bool submanifold, const void* sites_workspace,
-                                   int64_t num_out, int32_t* out_coords, void* workspace,
-                                   int32_t* pair_ptr, int64_t* num_pairs, void* stream);
+                                   bool submanifold, const void* sites_workspace, int64_t num_out,
+                                   int32_t* out_coords, void* workspace, int32_t* pair_ptr,
+                                   int64_t* num_pairs, void* stream);
 
 // Phase 4: writes pairs int32 [num_pairs, 2] (in_row, out_row) from the
 // phase 3 workspace.
 const char* LaunchRulebookWritePairsGpu(const ConvGeometry& g, int64_t num_out,
-                                        const void* workspace, int64_t num_pairs,
-                                        int32_t* pairs, void* stream);
+                                        const void* workspace, int64_t num_pairs, int32_t* pairs,
+                                        void* stream);
 
 // TopKSites, phase 1: features [n, c] of `format`, coords int32 [n, width]
 // (column 0 = batch), k >= 1, l2 (else abs_max). *bad_row = the first row
@@ -102,10 +102,10 @@ const char* LaunchRulebookWritePairsGpu(const ConvGeometry& g, int64_t num_out,
 int64_t TopKSitesGpuWorkspaceBytes(int64_t n);
 const char* LaunchTopKSitesGpu(FloatFormat format, const void* features, int64_t n, int64_t c,
                                const int32_t* coords, int64_t width, int64_t k, bool l2,
-                               void* workspace, int64_t* bad_row, int32_t* bad_batch,
-                               int64_t* kept, void* stream);
-const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kept,
-                                   int32_t* rows, void* stream);
+                               void* workspace, int64_t* bad_row, int32_t* bad_batch, int64_t* kept,
+                               void* stream);
+const char* LaunchTopKSitesRowsGpu(const void* workspace, int64_t n, int64_t kept, int32_t* rows,
+                                   void* stream);
 
 }  // namespace tf_sparseconv
 

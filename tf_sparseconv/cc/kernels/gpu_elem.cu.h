@@ -19,23 +19,15 @@ struct Elem;
 template <>
 struct Elem<__half> {
   using Acc = float;
-  static __device__ __forceinline__ float Load(__half v) {
-    return __half2float(v);
-  }
-  static __device__ __forceinline__ __half Store(float v) {
-    return __float2half_rn(v);
-  }
+  static __device__ __forceinline__ float Load(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half Store(float v) { return __float2half_rn(v); }
 };
 
 template <>
 struct Elem<__nv_bfloat16> {
   using Acc = float;
-  static __device__ __forceinline__ float Load(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 Store(float v) {
-    return __float2bfloat16_rn(v);
-  }
+  static __device__ __forceinline__ float Load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 Store(float v) { return __float2bfloat16_rn(v); }
 };
 
 template <>

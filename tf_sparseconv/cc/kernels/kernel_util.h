@@ -64,8 +64,7 @@ using GPUDevice = Eigen::GpuDevice;
 
 // fn(begin, end) over [0, total) on the op's CPU worker threads; `cost_per_unit`
 // (in cycles, roughly) lets TensorFlow choose the shard size.
-inline void ParallelFor(::tensorflow::OpKernelContext* ctx, int64_t total,
-                        int64_t cost_per_unit,
+inline void ParallelFor(::tensorflow::OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
                         const std::function<void(int64_t, int64_t)>& fn) {
   if (total <= 0) return;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;

@@ -17,8 +17,8 @@ namespace tf_sparseconv {
 
 struct StreamingGeometry {
   int64_t batch;
-  int64_t steps;     // new frames
-  int64_t hist;      // kept frames: (taps - 1) * dilation
+  int64_t steps;  // new frames
+  int64_t hist;   // kept frames: (taps - 1) * dilation
   int64_t channels;
   int64_t filters;
   int64_t taps;

@@ -8,17 +8,15 @@
 
 #include <cstdint>
 
-#include "tf_sparseconv/cc/kernels/streaming_common.h"
 #include "tf_sparseconv/cc/kernels/float_format.h"
+#include "tf_sparseconv/cc/kernels/streaming_common.h"
 
 namespace tf_sparseconv {
 
 // `bias` may be nullptr (no bias); `relu` selects max(., 0).
-const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history,
-                                       const void* frames, const void* kernel,
-                                       const void* bias, bool relu, void* y,
-                                       void* new_history,
-                                       const StreamingGeometry& g, void* stream);
+const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history, const void* frames,
+                                       const void* kernel, const void* bias, bool relu, void* y,
+                                       void* new_history, const StreamingGeometry& g, void* stream);
 
 }  // namespace tf_sparseconv
 

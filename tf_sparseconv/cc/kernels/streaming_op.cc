@@ -101,7 +101,8 @@ void StepCpu(OpKernelContext* ctx, const T* history, const T* frames, const T* k
       for (int64_t r = 0; r < count; ++r) {
         T* yr = y + (row0 + r) * f_count + f0;
         for (int64_t f = 0; f < width; ++f) {
-          const A v = relu && acc[r][f] < A(0) ? A(0) : acc[r][f];  // (NaN stays NaN, as in tf.nn.relu)
+          const A v =
+              relu && acc[r][f] < A(0) ? A(0) : acc[r][f];  // (NaN stays NaN, as in tf.nn.relu)
           yr[f] = static_cast<T>(v);
         }
       }
@@ -123,8 +124,7 @@ struct StreamingStepFunctor;
 template <typename T>
 struct StreamingStepFunctor<CPUDevice, T> {
   static void Compute(OpKernelContext* ctx, const T* history, const T* frames, const T* kernel,
-                      const T* bias, bool relu, T* y, T* new_history,
-                      const StreamingGeometry& g) {
+                      const T* bias, bool relu, T* y, T* new_history, const StreamingGeometry& g) {
     StepCpu(ctx, history, frames, kernel, bias, relu, y, new_history, g);
   }
 };
@@ -134,11 +134,9 @@ struct StreamingStepFunctor<CPUDevice, T> {
 template <typename T>
 struct StreamingStepFunctor<GPUDevice, T> {
   static void Compute(OpKernelContext* ctx, const T* history, const T* frames, const T* kernel,
-                      const T* bias, bool relu, T* y, T* new_history,
-                      const StreamingGeometry& g) {
-    const char* err = LaunchStreamingConvStepGpu(DTypeTraits<T>::kFormat, history, frames,
-                                                 kernel, bias, relu, y, new_history, g,
-                                                 GpuStream(ctx));
+                      const T* bias, bool relu, T* y, T* new_history, const StreamingGeometry& g) {
+    const char* err = LaunchStreamingConvStepGpu(DTypeTraits<T>::kFormat, history, frames, kernel,
+                                                 bias, relu, y, new_history, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
 };
@@ -153,9 +151,9 @@ class StreamingConvStepOp : public OpKernel {
                 errors::InvalidArgument("dilation must be >= 1, got ", dilation_));
     std::string activation;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
-    OP_REQUIRES(ctx, activation == "linear" || activation == "relu",
-                errors::InvalidArgument("activation must be 'linear' or 'relu', got '",
-                                        activation, "'"));
+    OP_REQUIRES(
+        ctx, activation == "linear" || activation == "relu",
+        errors::InvalidArgument("activation must be 'linear' or 'relu', got '", activation, "'"));
     relu_ = activation == "relu";
   }
 
@@ -209,11 +207,10 @@ class StreamingConvStepOp : public OpKernel {
   bool relu_ = false;
 };
 
-#define TSC_REGISTER(DEV, T)                                                       \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>StreamingConvStep")                   \
-                              .Device(TSC_DEVICE(DEV))                             \
-                              .TypeConstraint<T>("T"),                             \
-                          StreamingConvStepOp<DEV##Device, T>);
+#define TSC_REGISTER(DEV, T)                                                                 \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfSparseConv>StreamingConvStep").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+      StreamingConvStepOp<DEV##Device, T>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER
 

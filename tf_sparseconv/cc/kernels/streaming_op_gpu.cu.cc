@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
+#include "tf_sparseconv/cc/kernels/float_format.h"
 #include "tf_sparseconv/cc/kernels/gpu_elem.cu.h"
 #include "tf_sparseconv/cc/kernels/gpu_util.cu.h"
 #include "tf_sparseconv/cc/kernels/streaming_common.h"
 #include "tf_sparseconv/cc/kernels/streaming_launcher.h"
-#include "tf_sparseconv/cc/kernels/float_format.h"
 
 namespace tf_sparseconv {
 namespace {
@@ -25,8 +25,8 @@ constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 
 // z[b, p] of concat(history, frames).
 template <typename T>
-__device__ __forceinline__ const T* Frame(const T* history, const T* frames, int64_t b,
-                                          int64_t p, const StreamingGeometry& g) {
+__device__ __forceinline__ const T* Frame(const T* history, const T* frames, int64_t b, int64_t p,
+                                          const StreamingGeometry& g) {
   return p < g.hist ? history + (b * g.hist + p) * g.channels
                     : frames + (b * g.steps + p - g.hist) * g.channels;
 }
@@ -76,9 +76,9 @@ unsigned GridFor(int64_t work) {
 }
 
 template <typename T>
-const char* StepTyped(const void* history, const void* frames, const void* kernel,
-                      const void* bias, bool relu, void* y, void* new_history,
-                      const StreamingGeometry& g, cudaStream_t stream) {
+const char* StepTyped(const void* history, const void* frames, const void* kernel, const void* bias,
+                      bool relu, void* y, void* new_history, const StreamingGeometry& g,
+                      cudaStream_t stream) {
   const int64_t outputs = g.batch * g.steps * g.filters;
   if (outputs > 0) {
     StepKernel<T><<<GridFor(outputs), kThreads, 0, stream>>>(
@@ -87,18 +87,17 @@ const char* StepTyped(const void* history, const void* frames, const void* kerne
   }
   const int64_t kept = g.batch * g.hist * g.channels;
   if (kept > 0) {
-    HistoryKernel<T><<<GridFor(kept), kThreads, 0, stream>>>(
-        static_cast<const T*>(history), static_cast<const T*>(frames),
-        static_cast<T*>(new_history), g);
+    HistoryKernel<T><<<GridFor(kept), kThreads, 0, stream>>>(static_cast<const T*>(history),
+                                                             static_cast<const T*>(frames),
+                                                             static_cast<T*>(new_history), g);
   }
   return LastError();
 }
 
 }  // namespace
 
-const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history,
-                                       const void* frames, const void* kernel,
-                                       const void* bias, bool relu, void* y,
+const char* LaunchStreamingConvStepGpu(FloatFormat format, const void* history, const void* frames,
+                                       const void* kernel, const void* bias, bool relu, void* y,
                                        void* new_history, const StreamingGeometry& g,
                                        void* stream) {
   if (g.batch < 0 || g.steps < 0 || g.channels < 0 || g.filters < 0 || g.taps < 1 ||

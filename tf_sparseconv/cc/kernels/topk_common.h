@@ -32,8 +32,8 @@ TSC_HOST_DEVICE U OrderedKey(U b, FormatBits<U> f, ScoreMode mode) {
   const U mag = static_cast<U>(b & static_cast<U>(~f.sign));
   const U flipped = (b & f.sign) ? static_cast<U>(~b) : static_cast<U>(b | f.sign);
   // -0 ranks as +0; |x| ranks by magnitude.
-  const U key = mode == ScoreMode::kAbs ? static_cast<U>(mag | f.sign)
-                                        : (mag == 0 ? f.sign : flipped);
+  const U key =
+      mode == ScoreMode::kAbs ? static_cast<U>(mag | f.sign) : (mag == 0 ? f.sign : flipped);
   return mag > f.inf ? static_cast<U>(~U(0)) : key;  // NaN: highest
 }
 

@@ -14,17 +14,15 @@ namespace tf_sparseconv {
 
 // y[o, i, c] = x[o, i, c] for the k winners of slice (o, c) (that survive,
 // for kRelu), 0 elsewhere; indices as described for TopKGeometry.
-const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
-                              void* y, int32_t* indices, TopKGeometry geometry,
-                              void* stream);
+const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x, void* y,
+                              int32_t* indices, TopKGeometry geometry, void* stream);
 
 // dx = 0 except dx[o, indices[o, j, c], c] = dy[o, indices[o, j, c], c] for
 // indices in [0, size). -1 marks a dropped winner; other values outside
 // [0, size) are skipped too (not checked on the GPU: the CPU kernel rejects
 // them). `element_bytes` is 2, 4 or 8 (the gradient is a bit copy).
-const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
-                                  const int32_t* indices, void* dx,
-                                  TopKGeometry geometry, void* stream);
+const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy, const int32_t* indices,
+                                  void* dx, TopKGeometry geometry, void* stream);
 
 }  // namespace tf_sparseconv
 

@@ -39,8 +39,8 @@ constexpr int64_t kSortBelow = 24;    // radix select sorts this few keys
 // `scratch`, room for n keys), so the passes after the first touch few keys.
 // O(n), no sort, no data-dependent branches in the inner loops.
 template <typename U>
-U KthLargest(const U* keys, int64_t n, int64_t k, U* scratch,
-             int64_t* num_greater, int64_t* num_equal) {
+U KthLargest(const U* keys, int64_t n, int64_t k, U* scratch, int64_t* num_greater,
+             int64_t* num_equal) {
   constexpr int kKeyBits = 8 * sizeof(U);
   const U* src = keys;
   int64_t m = n;
@@ -101,8 +101,7 @@ struct ColumnSelection {
 };
 
 template <typename U>
-ColumnSelection<U> SelectColumn(const U* keys, int64_t n, int64_t k,
-                                U* scratch) {
+ColumnSelection<U> SelectColumn(const U* keys, int64_t n, int64_t k, U* scratch) {
   if (k == n) return {U(0), n, true};  // everything wins
   int64_t num_greater, num_equal;
   const U t = KthLargest(keys, n, k, scratch, &num_greater, &num_equal);
@@ -112,8 +111,8 @@ ColumnSelection<U> SelectColumn(const U* keys, int64_t n, int64_t k,
 // The selection on the CPU. x, y: [outer, size, inner] (y may alias x: each
 // entry is read before it is written); indices: [outer, k, inner].
 template <typename U, ScoreMode kMode>
-void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
-                 const TopKGeometry& g, FormatBits<U> bits) {
+void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices, const TopKGeometry& g,
+                 FormatBits<U> bits) {
   const int64_t n = g.size, k = g.k, inner = g.inner;
   if (g.outer * n * inner == 0) return;
   if (k == 0) {  // only when size == 0, handled above; kept for clarity
@@ -165,15 +164,13 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
         const U t = sel[0].threshold;
         for (int64_t i = 0; i < n; ++i) {
           const U v = xs[i];
-          const bool keep = keys[i] >= t &&
-                            (kMode != ScoreMode::kRelu || IsPositive(v, bits));
+          const bool keep = keys[i] >= t && (kMode != ScoreMode::kRelu || IsPositive(v, bits));
           ys[i] = keep ? v : U(0);
         }
         for (int64_t i = 0; i < n; ++i) {
           if (keys[i] >= t) {
-            is[winners[0]++] = (kMode != ScoreMode::kRelu || ys[i] != 0)
-                                   ? static_cast<int32_t>(i)
-                                   : -1;
+            is[winners[0]++] =
+                (kMode != ScoreMode::kRelu || ys[i] != 0) ? static_cast<int32_t>(i) : -1;
           }
         }
       } else if (fast) {
@@ -208,8 +205,8 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
 }
 
 template <typename U>
-void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
-                 const TopKGeometry& g, FormatBits<U> bits, ScoreMode mode) {
+void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices, const TopKGeometry& g,
+                 FormatBits<U> bits, ScoreMode mode) {
   switch (mode) {
     case ScoreMode::kValue:
       return TopKMaskCpu<U, ScoreMode::kValue>(ctx, x, y, indices, g, bits);
@@ -225,8 +222,8 @@ void TopKMaskCpu(OpKernelContext* ctx, const U* x, U* y, int32_t* indices,
 // [0, size) or -1 (a dropped winner); returns false otherwise, having touched
 // nothing out of range.
 template <typename U>
-bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
-                     U* dx, const TopKGeometry& g) {
+bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices, U* dx,
+                     const TopKGeometry& g) {
   const int64_t n = g.size, k = g.k, inner = g.inner;
   if (g.outer * n * inner == 0) return true;
   std::atomic<bool> ok(true);
@@ -284,11 +281,9 @@ bool TopKMaskGradCpu(OpKernelContext* ctx, const U* dy, const int32_t* indices,
 // The output that has the shape of input `input`: on the CPU the input's
 // buffer is reused when nothing else holds it (the kernels allow aliasing).
 template <typename Device>
-::tensorflow::Status SameShapeOutput(OpKernelContext* ctx, int input,
-                                     Tensor** out) {
+::tensorflow::Status SameShapeOutput(OpKernelContext* ctx, int input, Tensor** out) {
   if (std::is_same<Device, Eigen::ThreadPoolDevice>::value) {
-    return ctx->forward_input_or_allocate_output({input}, 0,
-                                                 ctx->input(input).shape(), out);
+    return ctx->forward_input_or_allocate_output({input}, 0, ctx->input(input).shape(), out);
   }
   return ctx->allocate_output(0, ctx->input(input).shape(), out);
 }
@@ -321,28 +316,25 @@ struct TopKMaskFunctor;
 template <typename Device, typename T>
 struct TopKMaskGradFunctor;
 
-
 template <typename T>
 struct TopKMaskFunctor<CPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const Tensor& x, Tensor* y,
-                  Tensor* indices, const TopKGeometry& g, ScoreMode mode) {
+  void operator()(OpKernelContext* ctx, const Tensor& x, Tensor* y, Tensor* indices,
+                  const TopKGeometry& g, ScoreMode mode) {
     using U = typename DTypeTraits<T>::U;
     TopKMaskCpu<U>(ctx, reinterpret_cast<const U*>(x.flat<T>().data()),
-                   reinterpret_cast<U*>(y->flat<T>().data()),
-                   indices->flat<int32_t>().data(), g, DTypeTraits<T>::Bits(),
-                   mode);
+                   reinterpret_cast<U*>(y->flat<T>().data()), indices->flat<int32_t>().data(), g,
+                   DTypeTraits<T>::Bits(), mode);
   }
 };
 
 template <typename T>
 struct TopKMaskGradFunctor<CPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const Tensor& dy,
-                  const Tensor& indices, Tensor* dx, const TopKGeometry& g) {
+  void operator()(OpKernelContext* ctx, const Tensor& dy, const Tensor& indices, Tensor* dx,
+                  const TopKGeometry& g) {
     using U = typename DTypeTraits<T>::U;
-    const bool ok = TopKMaskGradCpu<U>(
-        ctx, reinterpret_cast<const U*>(dy.flat<T>().data()),
-        indices.flat<int32_t>().data(), reinterpret_cast<U*>(dx->flat<T>().data()),
-        g);
+    const bool ok = TopKMaskGradCpu<U>(ctx, reinterpret_cast<const U*>(dy.flat<T>().data()),
+                                       indices.flat<int32_t>().data(),
+                                       reinterpret_cast<U*>(dx->flat<T>().data()), g);
     OP_REQUIRES(ctx, ok,
                 errors::InvalidArgument("indices must be in [-1, ", g.size,
                                         ") (positions along the selection)"));
@@ -353,27 +345,25 @@ struct TopKMaskGradFunctor<CPUDevice, T> {
 
 template <typename T>
 struct TopKMaskFunctor<GPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const Tensor& x, Tensor* y,
-                  Tensor* indices, const TopKGeometry& g, ScoreMode mode) {
-    const char* err = LaunchTopKMaskGpu(
-        DTypeTraits<T>::kFormat, mode, x.flat<T>().data(), y->flat<T>().data(),
-        indices->flat<int32_t>().data(), g, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr,
-                errors::Internal("top-k GPU kernel failed: ", err));
+  void operator()(OpKernelContext* ctx, const Tensor& x, Tensor* y, Tensor* indices,
+                  const TopKGeometry& g, ScoreMode mode) {
+    const char* err =
+        LaunchTopKMaskGpu(DTypeTraits<T>::kFormat, mode, x.flat<T>().data(), y->flat<T>().data(),
+                          indices->flat<int32_t>().data(), g, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("top-k GPU kernel failed: ", err));
   }
 };
 
 template <typename T>
 struct TopKMaskGradFunctor<GPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const Tensor& dy,
-                  const Tensor& indices, Tensor* dx, const TopKGeometry& g) {
+  void operator()(OpKernelContext* ctx, const Tensor& dy, const Tensor& indices, Tensor* dx,
+                  const TopKGeometry& g) {
     // Indices come from the forward op on the same device; the GPU kernel
     // skips entries outside [0, size) rather than reading out of range.
-    const char* err = LaunchTopKMaskGradGpu(
-        sizeof(T), dy.flat<T>().data(), indices.flat<int32_t>().data(),
-        dx->flat<T>().data(), g, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr,
-                errors::Internal("top-k gradient GPU kernel failed: ", err));
+    const char* err =
+        LaunchTopKMaskGradGpu(sizeof(T), dy.flat<T>().data(), indices.flat<int32_t>().data(),
+                              dx->flat<T>().data(), g, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("top-k gradient GPU kernel failed: ", err));
   }
 };
 #endif  // TF_SPARSECONV_CUDA
@@ -388,14 +378,12 @@ class KWinnersOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const int rank = x.dims();
-    OP_REQUIRES(ctx, rank >= 1,
-                errors::InvalidArgument("x must have rank >= 1, got shape ",
-                                        x.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, rank >= 1,
+        errors::InvalidArgument("x must have rank >= 1, got shape ", x.shape().DebugString()));
     OP_REQUIRES(ctx, axis_ >= -rank && axis_ < rank,
-                errors::InvalidArgument("axis must be in [", -rank, ", ", rank,
-                                        ") for x of shape ",
-                                        x.shape().DebugString(), ", got ",
-                                        axis_));
+                errors::InvalidArgument("axis must be in [", -rank, ", ", rank, ") for x of shape ",
+                                        x.shape().DebugString(), ", got ", axis_));
     int64_t k;
     OP_REQUIRES_OK(ctx, ReadK(ctx, &k));
     const int axis = axis_ < 0 ? axis_ + rank : axis_;
@@ -428,21 +416,18 @@ class KWinnersGradOp : public OpKernel {
     const Tensor& indices = ctx->input(1);
     const int rank = dy.dims();
     OP_REQUIRES(ctx, rank >= 1 && axis_ >= -rank && axis_ < rank,
-                errors::InvalidArgument("axis ", axis_,
-                                        " is out of range for grad of shape ",
+                errors::InvalidArgument("axis ", axis_, " is out of range for grad of shape ",
                                         dy.shape().DebugString()));
     const int axis = axis_ < 0 ? axis_ + rank : axis_;
-    bool match = indices.dims() == rank &&
-                 indices.dim_size(axis) <= dy.dim_size(axis);
+    bool match = indices.dims() == rank && indices.dim_size(axis) <= dy.dim_size(axis);
     for (int d = 0; match && d < rank; ++d) {
       match = d == axis || indices.dim_size(d) == dy.dim_size(d);
     }
     OP_REQUIRES(ctx, match,
-                errors::InvalidArgument(
-                    "indices must have the shape of grad with axis ", axis,
-                    " of length <= ", dy.dim_size(axis), "; got indices ",
-                    indices.shape().DebugString(), " and grad ",
-                    dy.shape().DebugString()));
+                errors::InvalidArgument("indices must have the shape of grad with axis ", axis,
+                                        " of length <= ", dy.dim_size(axis), "; got indices ",
+                                        indices.shape().DebugString(), " and grad ",
+                                        dy.shape().DebugString()));
     TopKGeometry g = AxisGeometry(dy.shape(), axis);
     g.k = indices.dim_size(axis);
     Tensor* dx = nullptr;
@@ -468,20 +453,18 @@ class TopKAttentionOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     OP_REQUIRES(ctx, x.dims() >= 3 && x.dims() <= 5,
-                errors::InvalidArgument(
-                    "x must be [B, *spatial, C] with 1 to 3 spatial dims, got "
-                    "shape ",
-                    x.shape().DebugString()));
+                errors::InvalidArgument("x must be [B, *spatial, C] with 1 to 3 spatial dims, got "
+                                        "shape ",
+                                        x.shape().DebugString()));
     int64_t k;
     OP_REQUIRES_OK(ctx, ReadK(ctx, &k));
     TopKGeometry g = AttentionGeometry(x.shape(), per_sample_);
-    OP_REQUIRES(ctx, g.size <= std::numeric_limits<int32_t>::max(),
-                errors::InvalidArgument("x has too many positions per sample: ",
-                                        x.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, g.size <= std::numeric_limits<int32_t>::max(),
+        errors::InvalidArgument("x has too many positions per sample: ", x.shape().DebugString()));
     g.k = std::min<int64_t>(k, g.size);
     const TensorShape indices_shape =
-        per_sample_ ? TensorShape({g.outer, g.k})
-                    : TensorShape({g.outer, g.k, g.inner});
+        per_sample_ ? TensorShape({g.outer, g.k}) : TensorShape({g.outer, g.k, g.inner});
     Tensor* y = nullptr;
     Tensor* indices = nullptr;
     OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
@@ -507,24 +490,20 @@ class TopKAttentionGradOp : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& indices = ctx->input(1);
     OP_REQUIRES(ctx, dy.dims() >= 3 && dy.dims() <= 5,
-                errors::InvalidArgument(
-                    "grad must be [B, *spatial, C] with 1 to 3 spatial dims, "
-                    "got shape ",
-                    dy.shape().DebugString()));
+                errors::InvalidArgument("grad must be [B, *spatial, C] with 1 to 3 spatial dims, "
+                                        "got shape ",
+                                        dy.shape().DebugString()));
     TopKGeometry g = AttentionGeometry(dy.shape(), per_sample_);
     const bool match =
         per_sample_
-            ? indices.dims() == 2 && indices.dim_size(0) == g.outer &&
-                  indices.dim_size(1) <= g.size
+            ? indices.dims() == 2 && indices.dim_size(0) == g.outer && indices.dim_size(1) <= g.size
             : indices.dims() == 3 && indices.dim_size(0) == g.outer &&
-                  indices.dim_size(1) <= g.size &&
-                  indices.dim_size(2) == g.inner;
+                  indices.dim_size(1) <= g.size && indices.dim_size(2) == g.inner;
     OP_REQUIRES(ctx, match,
                 errors::InvalidArgument(
-                    "indices ", indices.shape().DebugString(),
-                    " do not match grad ", dy.shape().DebugString(),
-                    per_sample_ ? " (per='sample': [B, k])"
-                                : " (per='channel': [B, k, C])"));
+                    "indices ", indices.shape().DebugString(), " do not match grad ",
+                    dy.shape().DebugString(),
+                    per_sample_ ? " (per='sample': [B, k])" : " (per='channel': [B, k, C])"));
     g.k = indices.dim_size(1);
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
@@ -535,24 +514,23 @@ class TopKAttentionGradOp : public OpKernel {
   bool per_sample_;
 };
 
-#define TSC_REGISTER(DEV, T)                                                           \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>KWinners")                                \
-                              .Device(TSC_DEVICE(DEV))                                 \
-                              .HostMemory("k")                                         \
-                              .TypeConstraint<T>("T"),                                 \
-                          KWinnersOp<DEV##Device, T>);                                 \
-  REGISTER_KERNEL_BUILDER(                                                             \
-      Name("TfSparseConv>KWinnersGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
-      KWinnersGradOp<DEV##Device, T>);                                                 \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttention")                           \
-                              .Device(TSC_DEVICE(DEV))                                 \
-                              .HostMemory("k")                                         \
-                              .TypeConstraint<T>("T"),                                 \
-                          TopKAttentionOp<DEV##Device, T>);                            \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttentionGrad")                       \
-                              .Device(TSC_DEVICE(DEV))                                 \
-                              .TypeConstraint<T>("T"),                                 \
-                          TopKAttentionGradOp<DEV##Device, T>);
+#define TSC_REGISTER(DEV, T)                                                                 \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>KWinners")                                      \
+                              .Device(TSC_DEVICE(DEV))                                       \
+                              .HostMemory("k")                                               \
+                              .TypeConstraint<T>("T"),                                       \
+                          KWinnersOp<DEV##Device, T>);                                       \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfSparseConv>KWinnersGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"),      \
+      KWinnersGradOp<DEV##Device, T>);                                                       \
+  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>TopKAttention")                                 \
+                              .Device(TSC_DEVICE(DEV))                                       \
+                              .HostMemory("k")                                               \
+                              .TypeConstraint<T>("T"),                                       \
+                          TopKAttentionOp<DEV##Device, T>);                                  \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfSparseConv>TopKAttentionGrad").Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+      TopKAttentionGradOp<DEV##Device, T>);
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER
 

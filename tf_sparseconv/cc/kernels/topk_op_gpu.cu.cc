@@ -48,9 +48,7 @@ constexpr int kBinsPerLane = kBins / kWarpSize;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;
 
-__device__ __forceinline__ uint32_t MinU32(uint32_t a, uint32_t b) {
-  return a < b ? a : b;
-}
+__device__ __forceinline__ uint32_t MinU32(uint32_t a, uint32_t b) { return a < b ? a : b; }
 
 // Shared memory of one block of the mask kernel.
 template <int B, int R>
@@ -72,9 +70,9 @@ struct MaskSmem {
 // One block per slice. B threads, R entries per thread per chunk.
 template <typename U, int B, int R>
 __global__ void __launch_bounds__(B)
-    TopKMaskKernel(const U* __restrict__ x, U* __restrict__ y,
-                   int32_t* __restrict__ indices, int64_t outer, int64_t size,
-                   int64_t inner, int64_t k, FormatBits<U> f, ScoreMode mode) {
+    TopKMaskKernel(const U* __restrict__ x, U* __restrict__ y, int32_t* __restrict__ indices,
+                   int64_t outer, int64_t size, int64_t inner, int64_t k, FormatBits<U> f,
+                   ScoreMode mode) {
   static_assert(B % kWarpSize == 0 && B >= kWarpSize && B <= 1024, "B");
   static_assert(R >= 1, "R");
   static_assert(B * R < (1 << 16), "packed 16-bit counts per chunk");
@@ -136,8 +134,7 @@ __global__ void __launch_bounds__(B)
             if (pos < n) {
               const U key = OrderedKey<U>(bits[r], f, mode);
               if (static_cast<U>(key & mask) == prefix) {
-                const unsigned digit =
-                    static_cast<unsigned>(key >> shift) & (kBins - 1u);
+                const unsigned digit = static_cast<unsigned>(key >> shift) & (kBins - 1u);
                 atomicAdd(&sm.hist[digit], 1u);
               }
             }
@@ -271,8 +268,7 @@ __global__ void __launch_bounds__(B)
       for (int r = 0; r < R; ++r) {
         const uint32_t pos = start + static_cast<uint32_t>(r * B + tid);
         if (pos >= n) continue;
-        const unsigned before =
-            sm.scan[buf][r * Smem::kNumWarps + warp] + incl[r] - flags[r];
+        const unsigned before = sm.scan[buf][r * Smem::kNumWarps + warp] + incl[r] - flags[r];
         const uint32_t gt_before = run_gt + (before >> 16);
         const uint32_t eq_before = run_eq + (before & 0xffffu);
         const bool is_gt = (flags[r] >> 16) != 0u;
@@ -282,8 +278,7 @@ __global__ void __launch_bounds__(B)
           const uint32_t j = gt_before + MinU32(eq_before, krem);
           const bool keep = !relu || IsPositive<U>(bits[r], f);
           ys[y_off] = keep ? bits[r] : U(0);
-          is[static_cast<int64_t>(j) * inner] =
-              keep ? static_cast<int32_t>(pos) : int32_t{-1};
+          is[static_cast<int64_t>(j) * inner] = keep ? static_cast<int32_t>(pos) : int32_t{-1};
         } else {
           ys[y_off] = U(0);
         }
@@ -301,14 +296,13 @@ __global__ void __launch_bounds__(B)
 // dx[o, indices[o, j, c], c] = dy[...] for indices >= 0 (dx is zeroed
 // beforehand on the same stream).
 template <typename U>
-__global__ void TopKMaskGradKernel(const U* __restrict__ dy,
-                                   const int32_t* __restrict__ indices,
-                                   U* __restrict__ dx, int64_t outer,
-                                   int64_t size, int64_t inner, int64_t k) {
+__global__ void TopKMaskGradKernel(const U* __restrict__ dy, const int32_t* __restrict__ indices,
+                                   U* __restrict__ dx, int64_t outer, int64_t size, int64_t inner,
+                                   int64_t k) {
   const int64_t total = outer * k * inner;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       e < total; e += stride) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
     const int32_t idx = indices[e];
     if (idx < 0 || idx >= size) continue;
     const int64_t o = e / (k * inner);
@@ -321,25 +315,21 @@ __global__ void TopKMaskGradKernel(const U* __restrict__ dy,
 using gpu::Check;
 using gpu::LastError;
 
-int64_t GridFor(int64_t work) {
-  return work < kMaxGridBlocks ? work : kMaxGridBlocks;
-}
+int64_t GridFor(int64_t work) { return work < kMaxGridBlocks ? work : kMaxGridBlocks; }
 
 template <typename U, int B, int R>
-const char* LaunchMaskConfig(FormatBits<U> f, ScoreMode mode, const void* x,
-                             void* y, int32_t* indices, const TopKGeometry& g,
-                             cudaStream_t stream) {
+const char* LaunchMaskConfig(FormatBits<U> f, ScoreMode mode, const void* x, void* y,
+                             int32_t* indices, const TopKGeometry& g, cudaStream_t stream) {
   const int64_t grid = GridFor(g.outer * g.inner);
   TopKMaskKernel<U, B, R><<<static_cast<unsigned>(grid), B, 0, stream>>>(
-      static_cast<const U*>(x), static_cast<U*>(y), indices, g.outer, g.size,
-      g.inner, g.k, f, mode);
+      static_cast<const U*>(x), static_cast<U*>(y), indices, g.outer, g.size, g.inner, g.k, f,
+      mode);
   return LastError();
 }
 
 template <typename U>
-const char* LaunchMaskTyped(FormatBits<U> f, ScoreMode mode, const void* x,
-                            void* y, int32_t* indices, const TopKGeometry& g,
-                            cudaStream_t stream) {
+const char* LaunchMaskTyped(FormatBits<U> f, ScoreMode mode, const void* x, void* y,
+                            int32_t* indices, const TopKGeometry& g, cudaStream_t stream) {
   if (g.size <= 256) {
     return LaunchMaskConfig<U, 64, 4>(f, mode, x, y, indices, g, stream);
   }
@@ -361,8 +351,7 @@ const char* CheckGeometry(const TopKGeometry& g) {
   if (g.size > INT32_MAX) {
     return "tsc_topk: size must be < 2^31 (int32 indices)";
   }
-  if (g.outer > 0 && g.inner > 0 && g.size > 0 &&
-      g.size > INT64_MAX / g.outer / g.inner) {
+  if (g.outer > 0 && g.inner > 0 && g.size > 0 && g.size > INT64_MAX / g.outer / g.inner) {
     return "tsc_topk: tensor too large";
   }
   return nullptr;
@@ -370,13 +359,11 @@ const char* CheckGeometry(const TopKGeometry& g) {
 
 }  // namespace
 
-const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
-                              void* y, int32_t* indices, TopKGeometry geometry,
-                              void* stream) {
+const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x, void* y,
+                              int32_t* indices, TopKGeometry geometry, void* stream) {
   const int bytes = FormatBytes(format);
   if (bytes == 0) return "tsc_topk: unknown float format";
-  if (mode != ScoreMode::kValue && mode != ScoreMode::kAbs &&
-      mode != ScoreMode::kRelu) {
+  if (mode != ScoreMode::kValue && mode != ScoreMode::kAbs && mode != ScoreMode::kRelu) {
     return "tsc_topk: unknown score mode";
   }
   if (const char* err = CheckGeometry(geometry)) return err;
@@ -384,27 +371,23 @@ const char* LaunchTopKMaskGpu(FloatFormat format, ScoreMode mode, const void* x,
   if (g.outer == 0 || g.inner == 0 || g.size == 0) return nullptr;  // empty
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (g.k == 0) {
-    return Check(cudaMemsetAsync(
-        y, 0, static_cast<size_t>(g.outer * g.size * g.inner) * bytes, s));
+    return Check(cudaMemsetAsync(y, 0, static_cast<size_t>(g.outer * g.size * g.inner) * bytes, s));
   }
   switch (format) {
     case FloatFormat::kHalf:
       return LaunchMaskTyped<uint16_t>(HalfBits(), mode, x, y, indices, g, s);
     case FloatFormat::kBFloat16:
-      return LaunchMaskTyped<uint16_t>(BFloat16Bits(), mode, x, y, indices, g,
-                                       s);
+      return LaunchMaskTyped<uint16_t>(BFloat16Bits(), mode, x, y, indices, g, s);
     case FloatFormat::kFloat:
       return LaunchMaskTyped<uint32_t>(FloatBits(), mode, x, y, indices, g, s);
     case FloatFormat::kDouble:
-      return LaunchMaskTyped<uint64_t>(DoubleBits(), mode, x, y, indices, g,
-                                       s);
+      return LaunchMaskTyped<uint64_t>(DoubleBits(), mode, x, y, indices, g, s);
   }
   return "tsc_topk: unknown float format";
 }
 
-const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
-                                  const int32_t* indices, void* dx,
-                                  TopKGeometry geometry, void* stream) {
+const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy, const int32_t* indices,
+                                  void* dx, TopKGeometry geometry, void* stream) {
   if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
     return "tsc_topk: element_bytes must be 2, 4 or 8";
   }
@@ -413,30 +396,29 @@ const char* LaunchTopKMaskGradGpu(int element_bytes, const void* dy,
   const int64_t elements = g.outer * g.size * g.inner;
   if (elements == 0) return nullptr;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (const char* err = Check(cudaMemsetAsync(
-          dx, 0, static_cast<size_t>(elements) * element_bytes, s))) {
+  if (const char* err =
+          Check(cudaMemsetAsync(dx, 0, static_cast<size_t>(elements) * element_bytes, s))) {
     return err;
   }
   const int64_t entries = g.outer * g.k * g.inner;
   if (entries == 0) return nullptr;
   constexpr int kThreads = 256;
-  const unsigned grid =
-      static_cast<unsigned>(GridFor((entries + kThreads - 1) / kThreads));
+  const unsigned grid = static_cast<unsigned>(GridFor((entries + kThreads - 1) / kThreads));
   switch (element_bytes) {
     case 2:
-      TopKMaskGradKernel<uint16_t><<<grid, kThreads, 0, s>>>(
-          static_cast<const uint16_t*>(dy), indices,
-          static_cast<uint16_t*>(dx), g.outer, g.size, g.inner, g.k);
+      TopKMaskGradKernel<uint16_t><<<grid, kThreads, 0, s>>>(static_cast<const uint16_t*>(dy),
+                                                             indices, static_cast<uint16_t*>(dx),
+                                                             g.outer, g.size, g.inner, g.k);
       break;
     case 4:
-      TopKMaskGradKernel<uint32_t><<<grid, kThreads, 0, s>>>(
-          static_cast<const uint32_t*>(dy), indices,
-          static_cast<uint32_t*>(dx), g.outer, g.size, g.inner, g.k);
+      TopKMaskGradKernel<uint32_t><<<grid, kThreads, 0, s>>>(static_cast<const uint32_t*>(dy),
+                                                             indices, static_cast<uint32_t*>(dx),
+                                                             g.outer, g.size, g.inner, g.k);
       break;
     default:
-      TopKMaskGradKernel<uint64_t><<<grid, kThreads, 0, s>>>(
-          static_cast<const uint64_t*>(dy), indices,
-          static_cast<uint64_t*>(dx), g.outer, g.size, g.inner, g.k);
+      TopKMaskGradKernel<uint64_t><<<grid, kThreads, 0, s>>>(static_cast<const uint64_t*>(dy),
+                                                             indices, static_cast<uint64_t*>(dx),
+                                                             g.outer, g.size, g.inner, g.k);
       break;
   }
   return LastError();

@@ -8,17 +8,15 @@ namespace tf_sparseconv {
 namespace {
 
 // Output length along one spatial axis (unknown while the input length is).
-Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k,
-                 int64_t stride, int64_t dilation, bool same,
-                 DimensionHandle* out) {
+Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k, int64_t stride,
+                 int64_t dilation, bool same, DimensionHandle* out) {
   if (!c->ValueKnown(in)) {
     *out = c->UnknownDim();
     return ::tensorflow::OkStatus();
   }
   const int64_t n = c->Value(in);
   const int64_t span = (k - 1) * dilation + 1;
-  const int64_t len = same ? (n + stride - 1) / stride
-                           : (n >= span ? (n - span) / stride + 1 : 0);
+  const int64_t len = same ? (n + stride - 1) / stride : (n >= span ? (n - span) / stride + 1 : 0);
   *out = c->MakeDim(len);
   return ::tensorflow::OkStatus();
 }
@@ -43,12 +41,12 @@ Status ForwardShape(InferenceContext* c) {
   DimensionHandle out_h = c->UnknownDim(), out_w = c->UnknownDim();
   DimensionHandle kh = c->Dim(kernel, 0), kw = c->Dim(kernel, 1);
   if (c->ValueKnown(kh)) {
-    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), c->Value(kh), strides[0],
-                                 dilations[0], padding == "SAME", &out_h));
+    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), c->Value(kh), strides[0], dilations[0],
+                                 padding == "SAME", &out_h));
   }
   if (c->ValueKnown(kw)) {
-    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), c->Value(kw), strides[1],
-                                 dilations[1], padding == "SAME", &out_w));
+    TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), c->Value(kw), strides[1], dilations[1],
+                                 padding == "SAME", &out_w));
   }
   c->set_output(0, c->MakeShape({c->Dim(x, 0), out_h, out_w, out_c}));
   return ::tensorflow::OkStatus();
@@ -82,10 +80,10 @@ Status KernelGradShape(InferenceContext* c) {
 
 }  // namespace
 
-#define TSC_CONV_ATTRS                              \
-  Attr("T: {half, bfloat16, float, double}")        \
-      .Attr("strides: list(int) = [1, 1]")          \
-      .Attr("padding: {'SAME', 'VALID'} = 'SAME'")  \
+#define TSC_CONV_ATTRS                             \
+  Attr("T: {half, bfloat16, float, double}")       \
+      .Attr("strides: list(int) = [1, 1]")         \
+      .Attr("padding: {'SAME', 'VALID'} = 'SAME'") \
       .Attr("dilations: list(int) = [1, 1]")
 
 REGISTER_OP("TfSparseConv>ChannelSparseConv2D")
@@ -93,8 +91,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2D")
     .Input("kernel: T")
     .Input("connections: int32")
     .Output("y: T")
-    .TSC_CONV_ATTRS
-    .SetShapeFn(ForwardShape)
+    .TSC_CONV_ATTRS.SetShapeFn(ForwardShape)
     .Doc(R"doc(
 Channel-sparse 2-D convolution: output channel o reads only the input
 channels connections[o, :] (m distinct values in [0, Cin)).
@@ -114,8 +111,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBiasActivation")
     .Input("connections: int32")
     .Input("bias: T")
     .Output("y: T")
-    .TSC_CONV_ATTRS
-    .Attr("activation: {'linear', 'relu'} = 'linear'")
+    .TSC_CONV_ATTRS.Attr("activation: {'linear', 'relu'} = 'linear'")
     .SetShapeFn(BiasActivationShape)
     .Doc(R"doc(
 ChannelSparseConv2D with the bias and activation fused into its output
@@ -133,8 +129,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropInput")
     .Input("connections: int32")
     .Input("grad: T")
     .Output("x_grad: T")
-    .TSC_CONV_ATTRS
-    .SetShapeFn(ShapeFromSizesInput)
+    .TSC_CONV_ATTRS.SetShapeFn(ShapeFromSizesInput)
     .Doc("Gradient of ChannelSparseConv2D with respect to x.");
 
 REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
@@ -143,8 +138,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
     .Input("connections: int32")
     .Input("grad: T")
     .Output("kernel_grad: T")
-    .TSC_CONV_ATTRS
-    .SetShapeFn(KernelGradShape)
+    .TSC_CONV_ATTRS.SetShapeFn(KernelGradShape)
     .Doc("Gradient of ChannelSparseConv2D with respect to kernel.");
 
 #undef TSC_CONV_ATTRS

@@ -12,8 +12,7 @@ namespace {
 
 // Number of winners per slice for a slice of `size` entries: min(k, size),
 // or unknown while k or size is.
-Status WinnersDim(InferenceContext* c, DimensionHandle size,
-                  DimensionHandle* out) {
+Status WinnersDim(InferenceContext* c, DimensionHandle size, DimensionHandle* out) {
   ShapeHandle k_shape;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &k_shape));
   const ::tensorflow::Tensor* k_tensor = c->input_tensor(1);
@@ -40,9 +39,8 @@ Status KWinnersShape(InferenceContext* c) {
   int64_t axis;
   TF_RETURN_IF_ERROR(c->GetAttr("axis", &axis));
   if (axis < -rank || axis >= rank) {
-    return ::tensorflow::errors::InvalidArgument(
-        "axis must be in [", -rank, ", ", rank, ") for x of rank ", rank,
-        ", got ", axis);
+    return ::tensorflow::errors::InvalidArgument("axis must be in [", -rank, ", ", rank,
+                                                 ") for x of rank ", rank, ", got ", axis);
   }
   if (axis < 0) axis += rank;
   DimensionHandle winners;
@@ -59,8 +57,7 @@ Status TopKAttentionShape(InferenceContext* c) {
     const int32_t rank = c->Rank(x);
     if (rank < 3 || rank > 5) {
       return ::tensorflow::errors::InvalidArgument(
-          "x must be [B, *spatial, C] with 1 to 3 spatial dims, got rank ",
-          rank);
+          "x must be [B, *spatial, C] with 1 to 3 spatial dims, got rank ", rank);
     }
   }
   c->set_output(0, x);
