@@ -34,11 +34,16 @@ def _check_sparsity(value, name: str) -> float:
 class PruningSchedule:
     """Base class: `schedule(step)` -> `(should_prune, sparsity)` tensors."""
 
+    # The constructor arguments, which a schedule stores under their names: its config.
+    config_attributes: tuple[str, ...] | None = None
+
     def __call__(self, step):
         raise NotImplementedError
 
     def get_config(self) -> dict:
-        raise NotImplementedError
+        if self.config_attributes is None:
+            raise NotImplementedError
+        return {name: getattr(self, name) for name in self.config_attributes}
 
     @classmethod
     def from_config(cls, config: dict):
@@ -76,6 +81,8 @@ class ConstantSparsity(PruningSchedule):
       frequency: prune every `frequency` steps (>= 1).
     """
 
+    config_attributes = ("target_sparsity", "begin_step", "end_step", "frequency")
+
     def __init__(self, target_sparsity: float, begin_step: int, end_step: int = -1, frequency: int = 100):
         self.target_sparsity = _check_sparsity(target_sparsity, "target_sparsity")
         self.begin_step = _check_step(begin_step, "begin_step")
@@ -92,14 +99,6 @@ class ConstantSparsity(PruningSchedule):
             tf.constant(self.target_sparsity, dtype=tf.float32),
         )
 
-    def get_config(self) -> dict:
-        return {
-            "target_sparsity": self.target_sparsity,
-            "begin_step": self.begin_step,
-            "end_step": self.end_step,
-            "frequency": self.frequency,
-        }
-
 
 @keras.saving.register_keras_serializable(package="tf_sparseconv")
 class PolynomialDecay(PruningSchedule):
@@ -115,6 +114,8 @@ class PolynomialDecay(PruningSchedule):
       power: the exponent of the decay (3 by default, as tfmot).
       frequency: prune every `frequency` steps (>= 1).
     """
+
+    config_attributes = ("initial_sparsity", "final_sparsity", "begin_step", "end_step", "power", "frequency")
 
     def __init__(
         self,
@@ -151,16 +152,6 @@ class PolynomialDecay(PruningSchedule):
             self._should_prune_in_step(step, self.begin_step, self.end_step, self.frequency),
             tf.cast(sparsity, tf.float32),
         )
-
-    def get_config(self) -> dict:
-        return {
-            "initial_sparsity": self.initial_sparsity,
-            "final_sparsity": self.final_sparsity,
-            "begin_step": self.begin_step,
-            "end_step": self.end_step,
-            "power": self.power,
-            "frequency": self.frequency,
-        }
 
 
 _OURS = {"ConstantSparsity": ConstantSparsity, "PolynomialDecay": PolynomialDecay}

@@ -247,16 +247,14 @@ class _QuantizedWrapper(_ActivationRangeMixin, keras.layers.Wrapper):
     """What `QuantizeWrapper` and `IntegerWeightsWrapper` share: the bit widths and
     `per_channel` in the config, the wrapped layer's output shape."""
 
+    # The constructor arguments the config holds after the wrapped layer's (same-named attributes).
+    config_attributes: tuple[str, ...] = ("weight_bits", "activation_bits", "per_channel")
+
     def compute_output_shape(self, input_shape) -> tuple | list:
         return self.layer.compute_output_shape(input_shape)
 
     def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "weight_bits": self.weight_bits,
-            "activation_bits": self.activation_bits,
-            "per_channel": self.per_channel,
-        }
+        return {**super().get_config(), **{name: getattr(self, name) for name in self.config_attributes}}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -294,6 +292,14 @@ class QuantizeWrapper(_QuantizedWrapper):
         non-trainable mask), for pruned-then-stripped models.
       seed: seed of the stochastic rounding (None: random).
     """
+
+    config_attributes = (
+        *_QuantizedWrapper.config_attributes,
+        "rounding",
+        "ema_decay",
+        "preserve_sparsity",
+        "seed",
+    )
 
     def __init__(
         self,
@@ -417,15 +423,6 @@ class QuantizeWrapper(_QuantizedWrapper):
 
     def compute_output_spec(self, inputs, training=None) -> Any:
         return self.layer.compute_output_spec(inputs)
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "rounding": self.rounding,
-            "ema_decay": self.ema_decay,
-            "preserve_sparsity": self.preserve_sparsity,
-            "seed": self.seed,
-        }
 
 
 # --- converted (integer weights) -----------------------------------------------------------
