@@ -385,6 +385,38 @@ def test_sparse_scatter_matches_oracle(rng, name, case):
         assert_bitwise_equal(base, base_before)  # a copy: base itself is untouched
 
 
+@pytest.mark.parametrize("case", SCATTER_CASES, ids=[str(i) for i in range(len(SCATTER_CASES))])
+def test_scatter_into_zeros_matches_oracle(rng, case):
+    # block_sparse_conv2d's scatter: the zero base is never materialised (SparseScatterZeros;
+    # with add=False one pass over the output rows zeroes what no block covers and copies the
+    # blocks' rows in). Blocks of random data, in random order; some clipped, some outside.
+    from tf_sparseconv.python.ops.block_sparse_ops import scatter_into_zeros
+
+    b, h, w, c, size, stride, offset, add = case
+    (sh, sw), (th, tw), (oh, ow) = pair(size), pair(stride), pair(offset)
+    grid = (grid_len(h, sh, th, oh), grid_len(w, sw, tw, ow))
+    zeros = np.zeros((b, h, w, c), np.float32)
+    picks = [all_blocks(b, grid), random_indices(rng, b, grid, shuffle=True), np.zeros((0, 3), np.int32)]
+    for indices in picks:
+        blocks = rng.standard_normal((len(indices), sh, sw, c)).astype(np.float32)
+        got = scatter_into_zeros(blocks, indices, [b, h, w, c], (th, tw), (oh, ow), add=add)
+        expected = np_scatter(blocks, indices, zeros, stride, offset, add)
+        assert got.dtype == tf.float32 and tuple(got.shape) == zeros.shape
+        if add:
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        else:
+            assert_exactly_equal(got, expected)
+
+
+def test_scatter_into_zeros_small_stride_disjoint_blocks(rng):
+    from tf_sparseconv.python.ops.block_sparse_ops import scatter_into_zeros
+
+    indices = np.array([[0, 3, 0], [0, 0, 0], [0, 6, 4], [1, 2, 5]], np.int32)
+    blocks = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    got = scatter_into_zeros(blocks, indices, [2, 9, 9, 2], (1, 1))
+    assert_exactly_equal(got, np_scatter(blocks, indices, np.zeros((2, 9, 9, 2), np.float32), 1))
+
+
 @pytest.mark.parametrize("name", both("sparse_scatter"))
 def test_sparse_scatter_add_heavy_overlap(rng, name):
     # Every pixel is covered by up to 32 blocks (each index twice, unsorted) of very different

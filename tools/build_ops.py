@@ -412,9 +412,13 @@ def _link(cxx_cmd: list[str], opt: list[str], output: Path, tasks: list[Task], l
     # build here instead of the library load at import time. No CUDA runtime of our own: the
     # cuda* symbols of the nvcc objects resolve against libtensorflow_framework.so.2 (in
     # link_flags), i.e. TensorFlow's CUDA runtime, which loads its libcudart when first used.
-    link = [cxx_cmd[0], "-shared", "-Wl,-z,defs", *opt, "-o", str(output), *[str(t[2]) for t in tasks]]
+    # Linked beside it and renamed over it: a process loading the library meanwhile sees the
+    # old file or the new one, never a half-written one.
+    partial = output.with_name(output.name + ".partial")
+    link = [cxx_cmd[0], "-shared", "-Wl,-z,defs", *opt, "-o", str(partial), *[str(t[2]) for t in tasks]]
     output.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(link + link_flags, check=True)
+    partial.replace(output)
     own = defined_cuda_runtime_symbols(output)
     if own:
         raise RuntimeError(
