@@ -181,18 +181,16 @@ struct Run {
   int64_t tile_pos, result_pos, len;
 };
 
-// What every source holds: the source tensor [batch][src_h][src_w][channels]
-// and the correlation that reads it.
-template <typename T>
+// What every source holds besides its source tensor [batch][src_h][src_w]
+// [channels]: the correlation that reads it and the batch size.
 class SourceBase {
  public:
-  SourceBase(const T* src, const Correlation& c, int64_t batch) : src_(src), c_(c), batch_(batch) {}
+  SourceBase(const Correlation& c, int64_t batch) : c_(c), batch_(batch) {}
   int64_t positions() const { return c_.res_h * c_.res_w; }
   int64_t channels() const { return c_.channels; }
   int64_t taps() const { return c_.k_h * c_.k_w; }
 
  protected:
-  const T* src_;
   Correlation c_;
   int64_t batch_;
 };
@@ -239,12 +237,12 @@ void TransposeRows(const T* src, const Correlation& c, int64_t b, int64_t lo_h, 
 // (cached across the consecutive units of a shard), and the column of tap
 // (i, j) is a pointer into source row i, shifted by j: no per-tap copy at all.
 template <typename T, typename A>
-class RowSource : public SourceBase<T> {
+class RowSource : public SourceBase {
  public:
   static bool Applies(const Correlation& c) {
     return c.a_w == 1 && c.div_w == 1 && c.res_w >= kTile / 2;
   }
-  RowSource(const T* src, const Correlation& c, int64_t batch) : SourceBase<T>(src, c, batch) {
+  RowSource(const T* src, const Correlation& c, int64_t batch) : SourceBase(c, batch), src_(src) {
     tiles_per_row_ = (c.res_w + kTile - 1) / kTile;
     const TapSpan w(c.off_w, c.di_w, c.k_w);
     shift_ = std::max<int64_t>(0, -w.lo);
@@ -331,10 +329,39 @@ class RowSource : public SourceBase<T> {
   };
 
  private:
-  using SourceBase<T>::src_;
-  using SourceBase<T>::c_;
-  using SourceBase<T>::batch_;
+  const T* src_;
   int64_t tiles_per_row_, shift_, row_len_;
+};
+
+// The shard of plane and shifted-planes mode: a unit's columns are runs of
+// its sample's planes (Source::Fill) at the tap offsets from its first
+// position (Source::Locate); the planes are kept while consecutive units stay
+// in the sample.
+template <typename Source, typename A>
+class PlanesShard {
+ public:
+  explicit PlanesShard(const Source& s) : s_(s), planes_(s.buffer_size()) {
+    cols_.base.resize(s.taps());
+    cols_.stride = s.len_;
+  }
+
+  const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
+    const int64_t first = s_.Locate(unit, b, runs);
+    if (sample_ != *b) {
+      sample_ = *b;
+      s_.Fill(*b, planes_.get());
+    }
+    for (int64_t t = 0; t < s_.taps(); ++t) {
+      cols_.base[t] = planes_.get() + first + s_.tap_offset_[t];
+    }
+    return cols_;
+  }
+
+ private:
+  const Source& s_;
+  Columns<A> cols_;
+  Scratch<A> planes_;
+  int64_t sample_ = -1;
 };
 
 // Plane mode (stride 1 on both axes, rows too narrow for row mode, and a
@@ -345,9 +372,11 @@ class RowSource : public SourceBase<T> {
 // run at q0 + (constant offset of the tap): no gather. The positions with
 // rw >= res_w are computed and dropped (a Wp / res_w overhead).
 template <typename T, typename A>
-class PlaneSource : public SourceBase<T> {
+class PlaneSource : public SourceBase {
  public:
-  PlaneSource(const T* src, const Correlation& c, int64_t batch) : SourceBase<T>(src, c, batch) {
+  using Shard = PlanesShard<PlaneSource, A>;
+
+  PlaneSource(const T* src, const Correlation& c, int64_t batch) : SourceBase(c, batch), src_(src) {
     const TapSpan h(c.off_h, c.di_h, c.k_h), w(c.off_w, c.di_w, c.k_w);
     wp_ = c.res_w + w.hi - w.lo;
     lo_h_ = h.lo;
@@ -371,58 +400,36 @@ class PlaneSource : public SourceBase<T> {
   int64_t units() const { return batch_ * tiles_; }
   int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * span_; }
 
-  // The columns of a unit, in the plane of its sample (kept while consecutive
-  // units stay in the sample).
-  class Shard {
-   public:
-    explicit Shard(const PlaneSource& s) : s_(s), plane_(s.len_ * s.c_.channels) {
-      cols_.base.resize(s.taps());
-      cols_.stride = s.len_;
-    }
-
-    const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
-      const Correlation& c = s_.c_;
-      *b = unit / s_.tiles_;
-      const int64_t q0 = unit % s_.tiles_ * kTile;
-      if (sample_ != *b) Fill(*b);
-      const A* plane = plane_.get();
-      for (int64_t t = 0; t < s_.taps(); ++t) cols_.base[t] = plane + q0 + s_.tap_offset_[t];
-      const int64_t wp = s_.wp_;
-      runs->clear();
-      for (int64_t rh = q0 / wp; rh * wp < q0 + kTile && rh < c.res_h; ++rh) {
-        const int64_t q_lo = std::max(q0, rh * wp);
-        const int64_t q_hi = std::min(q0 + kTile, rh * wp + c.res_w);
-        if (q_hi > q_lo) {
-          runs->push_back({q_lo - q0, rh * c.res_w + (q_lo - rh * wp), q_hi - q_lo});
-        }
-      }
-      return cols_;
-    }
-
-   private:
-    // The zero-padded source plane of sample b as [channel][len_].
-    void Fill(int64_t b) {
-      sample_ = b;
-      const Correlation& c = s_.c_;
-      A* dst = plane_.get();
-      std::fill(dst, dst + s_.len_ * c.channels, A(0));
-      const int64_t w0 = std::max<int64_t>(0, s_.lo_w_);
-      const int64_t w1 = std::min(c.src_w, s_.lo_w_ + s_.wp_);
-      if (w1 <= w0) return;
-      TransposeRows(s_.src_, c, b, s_.lo_h_, s_.rows_, w0, w1 - w0, dst + (w0 - s_.lo_w_), s_.wp_,
-                    s_.len_);
-    }
-
-    const PlaneSource& s_;
-    Columns<A> cols_;
-    Scratch<A> plane_;
-    int64_t sample_ = -1;
-  };
-
  private:
-  using SourceBase<T>::src_;
-  using SourceBase<T>::c_;
-  using SourceBase<T>::batch_;
+  friend Shard;
+  int64_t buffer_size() const { return len_ * c_.channels; }
+
+  // Sets the sample and the runs (one per result row) of `unit`; returns its
+  // first padded position q0.
+  int64_t Locate(int64_t unit, int64_t* b, std::vector<Run>* runs) const {
+    *b = unit / tiles_;
+    const int64_t q0 = unit % tiles_ * kTile;
+    runs->clear();
+    for (int64_t rh = q0 / wp_; rh * wp_ < q0 + kTile && rh < c_.res_h; ++rh) {
+      const int64_t q_lo = std::max(q0, rh * wp_);
+      const int64_t q_hi = std::min(q0 + kTile, rh * wp_ + c_.res_w);
+      if (q_hi > q_lo) {
+        runs->push_back({q_lo - q0, rh * c_.res_w + (q_lo - rh * wp_), q_hi - q_lo});
+      }
+    }
+    return q0;
+  }
+
+  // dst = the zero-padded source plane of sample b as [channel][len_].
+  void Fill(int64_t b, A* dst) const {
+    std::fill(dst, dst + len_ * c_.channels, A(0));
+    const int64_t w0 = std::max<int64_t>(0, lo_w_);
+    const int64_t w1 = std::min(c_.src_w, lo_w_ + wp_);
+    if (w1 <= w0) return;
+    TransposeRows(src_, c_, b, lo_h_, rows_, w0, w1 - w0, dst + (w0 - lo_w_), wp_, len_);
+  }
+
+  const T* src_;
   int64_t wp_, rows_, lo_h_, lo_w_, tiles_, len_, span_;
   std::vector<int64_t> tap_offset_;
 };
@@ -436,17 +443,18 @@ class PlaneSource : public SourceBase<T> {
 // positions, and loads that are vector-aligned whenever res_w is a multiple of
 // the vector width.
 template <typename T, typename A>
-class ShiftedSource : public SourceBase<T> {
+class ShiftedSource : public SourceBase {
  public:
-  ShiftedSource(const T* src, const Correlation& c, int64_t batch) : SourceBase<T>(src, c, batch) {
+  using Shard = PlanesShard<ShiftedSource, A>;
+
+  ShiftedSource(const T* src, const Correlation& c, int64_t batch)
+      : SourceBase(c, batch), src_(src) {
     const TapSpan h(c.off_h, c.di_h, c.k_h);
     lo_h_ = h.lo;
     rows_ = c.res_h + h.hi - h.lo;
-    len_ =
-        (std::max(FlatTiles(this->positions()) * kTile + (h.hi - h.lo) * c.res_w, rows_ * c.res_w) +
-         15) /
-        16 * 16;
-    span_ = c.k_w * (kTile + (h.hi - h.lo) * c.res_w);
+    const int64_t reach = (h.hi - h.lo) * c.res_w;  // offset of the last kernel row
+    len_ = (std::max(FlatTiles(positions()) * kTile + reach, rows_ * c.res_w) + 15) / 16 * 16;
+    span_ = c.k_w * (kTile + reach);
     for (int64_t i = 0; i < c.k_h; ++i) {
       for (int64_t j = 0; j < c.k_w; ++j) {
         tap_offset_.push_back(j * c.channels * len_ + (c.off_h + i * c.di_h - lo_h_) * c.res_w);
@@ -455,58 +463,33 @@ class ShiftedSource : public SourceBase<T> {
   }
   // Whether the k_w planes fit in L2 (1.5 MiB).
   bool Fits() const {
-    return c_.k_w * len_ * c_.channels * static_cast<int64_t>(sizeof(A)) <= (3 << 19) &&
-           c_.res_w > 0;
+    return buffer_size() * static_cast<int64_t>(sizeof(A)) <= (3 << 19) && c_.res_w > 0;
   }
-  int64_t units() const { return batch_ * FlatTiles(this->positions()); }
+  int64_t units() const { return batch_ * FlatTiles(positions()); }
   int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * span_; }
 
-  // The columns of a unit, in the planes of its sample (kept while
-  // consecutive units stay in the sample).
-  class Shard {
-   public:
-    explicit Shard(const ShiftedSource& s) : s_(s), planes_(s.c_.k_w * s.len_ * s.c_.channels) {
-      cols_.base.resize(s.taps());
-      cols_.stride = s.len_;
-    }
-
-    const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
-      const int64_t p0 = FlatUnit(unit, s_.positions(), b, runs);
-      if (sample_ != *b) Fill(*b);
-      const A* planes = planes_.get();
-      for (int64_t t = 0; t < s_.taps(); ++t) cols_.base[t] = planes + p0 + s_.tap_offset_[t];
-      return cols_;
-    }
-
-   private:
-    // The k_w shifted planes of sample b as [j][channel][len_].
-    void Fill(int64_t b) {
-      sample_ = b;
-      const Correlation& c = s_.c_;
-      const int64_t len = s_.len_, w = c.res_w;
-      A* dst = planes_.get();
-      std::fill(dst, dst + c.k_w * c.channels * len, A(0));
-      for (int64_t j = 0; j < c.k_w; ++j) {
-        // Result column rw reads source column rw + shift.
-        const int64_t shift = c.off_w + j * c.di_w;
-        const int64_t w0 = std::max<int64_t>(0, -shift);
-        const int64_t w1 = std::min(w, c.src_w - shift);
-        if (w1 <= w0) continue;
-        TransposeRows(s_.src_, c, b, s_.lo_h_, s_.rows_, w0 + shift, w1 - w0,
-                      dst + j * c.channels * len + w0, w, len);
-      }
-    }
-
-    const ShiftedSource& s_;
-    Columns<A> cols_;
-    Scratch<A> planes_;
-    int64_t sample_ = -1;
-  };
-
  private:
-  using SourceBase<T>::src_;
-  using SourceBase<T>::c_;
-  using SourceBase<T>::batch_;
+  friend Shard;
+  int64_t buffer_size() const { return c_.k_w * len_ * c_.channels; }
+  int64_t Locate(int64_t unit, int64_t* b, std::vector<Run>* runs) const {
+    return FlatUnit(unit, positions(), b, runs);
+  }
+
+  // dst = the k_w shifted planes of sample b as [j][channel][len_].
+  void Fill(int64_t b, A* dst) const {
+    std::fill(dst, dst + buffer_size(), A(0));
+    for (int64_t j = 0; j < c_.k_w; ++j) {
+      // Result column rw reads source column rw + shift.
+      const int64_t shift = c_.off_w + j * c_.di_w;
+      const int64_t w0 = std::max<int64_t>(0, -shift);
+      const int64_t w1 = std::min(c_.res_w, c_.src_w - shift);
+      if (w1 <= w0) continue;
+      TransposeRows(src_, c_, b, lo_h_, rows_, w0 + shift, w1 - w0,
+                    dst + j * c_.channels * len_ + w0, c_.res_w, len_);
+    }
+  }
+
+  const T* src_;
   int64_t rows_, lo_h_, len_, span_;
   std::vector<int64_t> tap_offset_;
 };
@@ -515,13 +498,12 @@ class ShiftedSource : public SourceBase<T> {
 // gathered per tap and position into a [tap][channel][kTile] buffer (an
 // im2col).
 template <typename T, typename A>
-class GatherSource : public SourceBase<T> {
+class GatherSource : public SourceBase {
  public:
-  using SourceBase<T>::SourceBase;
-  int64_t units() const { return batch_ * FlatTiles(this->positions()); }
-  int64_t bytes_per_channel() const {
-    return static_cast<int64_t>(sizeof(A)) * this->taps() * kTile;
-  }
+  GatherSource(const T* src, const Correlation& c, int64_t batch)
+      : SourceBase(c, batch), src_(src) {}
+  int64_t units() const { return batch_ * FlatTiles(positions()); }
+  int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * taps() * kTile; }
 
   class Shard {
    public:
@@ -575,9 +557,7 @@ class GatherSource : public SourceBase<T> {
   };
 
  private:
-  using SourceBase<T>::src_;
-  using SourceBase<T>::c_;
-  using SourceBase<T>::batch_;
+  const T* src_;
 };
 
 // Calls f(source) with the source of the mode that applies: row mode, else

@@ -90,6 +90,20 @@ void GroupTile(const A* const* base, int64_t stride, int64_t taps, const int32_t
   }
 }
 
+// GroupTile<A, size> for a group of 2 .. GroupLimit<A>() rows (GroupRows
+// makes no larger ones): G counts up to size, one instantiation per size.
+template <typename A, int G = std::min(2, GroupLimit<A>())>
+void SizedGroupTile(int size, const A* const* base, int64_t stride, int64_t taps,
+                    const int32_t* src, int64_t n, const A* const* w, A* const* out) {
+  if constexpr (G < GroupLimit<A>()) {
+    if (size > G) {
+      SizedGroupTile<A, G + 1>(size, base, stride, taps, src, n, w, out);
+      return;
+    }
+  }
+  GroupTile<A, G>(base, stride, taps, src, n, w, out);
+}
+
 // One row (G = 1). With a tile only 4 vectors wide (AVX-512), odd taps go to
 // a second accumulator set: 8 independent FMA chains hide the FMA latency.
 template <typename A>
@@ -153,25 +167,10 @@ void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* s
         wk[k] = w + p[m[k]] * taps;
         ok[k] = out + m[k] * kTile;
       }
-      switch (size) {
-        case 1:
-          RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]);
-          break;
-        case 2:
-          GroupTile<A, std::min(2, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 3:
-          GroupTile<A, std::min(3, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 4:
-          GroupTile<A, std::min(4, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 5:
-          GroupTile<A, std::min(5, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        default:
-          GroupTile<A, kMax>(base, stride, taps, src + first, n, wk, ok);
-          break;
+      if (size == 1) {
+        RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]);
+      } else {
+        SizedGroupTile<A>(size, base, stride, taps, src + first, n, wk, ok);
       }
     }
   }
