@@ -10,24 +10,8 @@
 namespace {
 
 tf_sparseconv::ChannelSparseGeometry UnpackGeometry(const int64_t* v) {
-  tf_sparseconv::ChannelSparseGeometry g;
-  g.batch = v[0];
-  g.in_h = v[1];
-  g.in_w = v[2];
-  g.in_c = v[3];
-  g.out_h = v[4];
-  g.out_w = v[5];
-  g.out_c = v[6];
-  g.m = v[7];
-  g.k_h = v[8];
-  g.k_w = v[9];
-  g.stride_h = v[10];
-  g.stride_w = v[11];
-  g.dil_h = v[12];
-  g.dil_w = v[13];
-  g.pad_top = v[14];
-  g.pad_left = v[15];
-  return g;
+  return {v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
+          v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
 }
 
 constexpr const char* kNullGeometry = "tsc_channel_sparse: geometry is null";

@@ -1,6 +1,6 @@
 // The operand columns of the channel-sparse CPU engine (channel_sparse_cpu.cc):
 // the vector type the tiles are computed in, the correlation the three ops
-// reduce to, and ColumnSource, which presents each work unit's operand as
+// reduce to, and the column sources, which present each work unit's operand as
 // contiguous columns of kTile positions (row, plane, shifted-planes or
 // gather mode). Included by channel_sparse_cpu.cc only.
 #ifndef TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_COLUMNS_H_
@@ -167,224 +167,123 @@ struct Correlation {
   }
 };
 
-// Provides the operand columns of each work unit (kTile consecutive result
-// positions of one sample; result positions are flattened rh * res_w + rw).
-//  * Row mode (a_w == div_w == 1, i.e. stride 1 along the width, and rows of
-//    at least kTile / 2 positions): a unit is a run of kTile positions of one
-//    result row. The source rows it needs are transposed once into
-//    [channel][column] buffers (cached across the consecutive units of a
-//    shard), and the column of tap (i, j) is a pointer into source row i,
-//    shifted by j: no per-tap copy at all.
-//  * Plane mode (stride 1 on both axes, narrower rows, and a source plane
-//    that fits in L2): the whole zero-padded source plane of a sample is
-//    transposed once into [channel][padded position], and result positions
-//    are numbered in the padded width Wp (q = rh * Wp + rw). Then the column
-//    of tap (i, j) for the positions q0 .. q0 + kTile is the contiguous run
-//    at q0 + (constant offset of the tap): no gather. The positions with
-//    rw >= res_w are computed and dropped (a Wp / res_w overhead).
-//  * Shifted-planes mode (preferred over plane mode when its k_w planes fit
-//    in L2): one plane per kernel column j, P_j[channel][rh' * res_w + rw] =
-//    source(rh' + lo_h, rw + off_w + j * di_w) (zeros outside), rows exactly
-//    res_w wide. The column of tap (i, j) for result positions p0 .. p0 +
-//    kTile (flat, rh * res_w + rw) is then the contiguous run of P_j at p0 +
-//    (off_h + i * di_h - lo_h) * res_w: no dropped positions, and loads that
-//    are vector-aligned whenever res_w is a multiple of the vector width.
-//  * Gather mode (otherwise): the columns are gathered per tap and position
-//    into a [tap][channel][kTile] buffer (an im2col).
-// A unit's valid results are a few runs of consecutive tile positions that
-// map to consecutive flat result positions (one run except in plane mode).
+// The operand columns of each work unit (kTile consecutive result positions
+// of one sample; result positions are flattened rh * res_w + rw) come from one
+// of four sources, one type per mode; WithColumnSource (below) picks the mode
+// once per op call, so each mode's engine is its own instantiation with no
+// mode tests inside it. Every source has units(), positions(), channels(),
+// taps(), bytes_per_channel() (bytes of one source channel's columns for one
+// unit) and a per-shard Shard(source), whose Prepare(unit, &b, &runs) returns
+// the unit's columns and sets its sample and the runs of its valid results: a
+// few runs of consecutive tile positions that map to consecutive flat result
+// positions (one run except in plane mode).
 struct Run {
   int64_t tile_pos, result_pos, len;
 };
 
-template <typename T, typename A>
-class ColumnSource {
+// What every source holds besides its source tensor [batch][src_h][src_w]
+// [channels]: the correlation that reads it and the batch size.
+class SourceBase {
  public:
-  ColumnSource(const T* src, const Correlation& c, int64_t batch)
-      : src_(src), c_(c), batch_(batch), taps_(c.k_h * c.k_w) {
-    row_mode_ = c.a_w == 1 && c.div_w == 1 && c.res_w >= kTile / 2;
-    if (!row_mode_ && c.a_h == 1 && c.div_h == 1 && c.a_w == 1 && c.div_w == 1) {
-      const int64_t lo_h = c.off_h + std::min<int64_t>(0, (c.k_h - 1) * c.di_h);
-      const int64_t hi_h = c.off_h + std::max<int64_t>(0, (c.k_h - 1) * c.di_h);
-      const int64_t lo_w = c.off_w + std::min<int64_t>(0, (c.k_w - 1) * c.di_w);
-      const int64_t hi_w = c.off_w + std::max<int64_t>(0, (c.k_w - 1) * c.di_w);
-      plane_w_ = c.res_w + hi_w - lo_w;
-      plane_lo_h_ = lo_h;
-      plane_lo_w_ = lo_w;
-      plane_rows_ = c.res_h + hi_h - lo_h;
-      const int64_t max_tap = (hi_h - lo_h) * plane_w_ + (hi_w - lo_w);
-      plane_tiles_ = (c.res_h * plane_w_ + kTile - 1) / kTile;
-      plane_len_ =
-          (std::max(plane_tiles_ * kTile + max_tap, plane_rows_ * plane_w_) + 15) / 16 * 16;
-      plane_span_ = kTile + max_tap;
-      const int64_t bytes = plane_len_ * c.channels * static_cast<int64_t>(sizeof(A));
-      plane_mode_ = bytes <= (1 << 20) && plane_w_ * 2 <= c.res_w * 3;
-      // Shifted planes: k_w planes of (res_h + hi_h - lo_h) rows of res_w.
-      const int64_t tiles = (c.res_h * c.res_w + kTile - 1) / kTile;
-      shifted_len_ =
-          (std::max(tiles * kTile + (hi_h - lo_h) * c.res_w, plane_rows_ * c.res_w) + 15) / 16 * 16;
-      shifted_span_ = c.k_w * (kTile + (hi_h - lo_h) * c.res_w);
-      const int64_t shifted_bytes =
-          c.k_w * shifted_len_ * c.channels * static_cast<int64_t>(sizeof(A));
-      shifted_mode_ = shifted_bytes <= (3 << 19) && c.res_w > 0;
-      if (shifted_mode_) plane_mode_ = false;
-    }
-    if (row_mode_) {
-      tiles_per_row_ = (c.res_w + kTile - 1) / kTile;
-      const int64_t lo = c.off_w + std::min<int64_t>(0, (c.k_w - 1) * c.di_w);
-      const int64_t hi = c.off_w + std::max<int64_t>(0, (c.k_w - 1) * c.di_w);
-      shift_ = std::max<int64_t>(0, -lo);
-      row_len_ = (tiles_per_row_ * kTile + hi + shift_ + 7) / 8 * 8;
-    }
-  }
-
-  int64_t units() const {
-    if (row_mode_) return batch_ * c_.res_h * tiles_per_row_;
-    if (plane_mode_) return batch_ * plane_tiles_;
-    // (shifted-planes and gather mode tile the flat result positions alike)
-    return batch_ * ((c_.res_h * c_.res_w + kTile - 1) / kTile);
-  }
+  SourceBase(const Correlation& c, int64_t batch) : c_(c), batch_(batch) {}
   int64_t positions() const { return c_.res_h * c_.res_w; }
   int64_t channels() const { return c_.channels; }
-  int64_t taps() const { return taps_; }
-  // Bytes of one source channel's columns for one unit.
+  int64_t taps() const { return c_.k_h * c_.k_w; }
+
+ protected:
+  Correlation c_;
+  int64_t batch_;
+};
+
+// The range [lo, hi] of off + k * di over the taps k < n (di may be negative).
+struct TapSpan {
+  int64_t lo, hi;
+  TapSpan(int64_t off, int64_t di, int64_t n)
+      : lo(off + std::min<int64_t>(0, (n - 1) * di)),
+        hi(off + std::max<int64_t>(0, (n - 1) * di)) {}
+};
+
+// Units over the flat result positions (shifted-planes and gather mode): unit
+// = sample * FlatTiles + tile. FlatUnit sets the sample and the one run of a
+// unit and returns its first position.
+inline int64_t FlatTiles(int64_t positions) { return (positions + kTile - 1) / kTile; }
+inline int64_t FlatUnit(int64_t unit, int64_t positions, int64_t* b, std::vector<Run>* runs) {
+  const int64_t tiles = FlatTiles(positions);
+  *b = unit / tiles;
+  const int64_t p0 = unit % tiles * kTile;
+  runs->clear();
+  runs->push_back({0, p0, std::min(kTile, positions - p0)});
+  return p0;
+}
+
+// dst[channel * len + (sh - lo_h) * width + column - s0] = the source at
+// (b, sh, column) for the source rows sh in [lo_h, lo_h + rows) that exist and
+// the columns s0 .. s0 + n - 1 (the plane layouts of plane and shifted-planes
+// mode).
+template <typename T, typename A>
+void TransposeRows(const T* src, const Correlation& c, int64_t b, int64_t lo_h, int64_t rows,
+                   int64_t s0, int64_t n, A* dst, int64_t width, int64_t len) {
+  const int64_t ch = c.channels;
+  const int64_t h1 = std::min(c.src_h, lo_h + rows);
+  for (int64_t sh = std::max<int64_t>(0, lo_h); sh < h1; ++sh) {
+    Transpose(src + ((b * c.src_h + sh) * c.src_w + s0) * ch, ch, n, ch, dst + (sh - lo_h) * width,
+              len);
+  }
+}
+
+// Row mode (stride 1 along the width, and rows of at least kTile / 2
+// positions): a unit is a run of kTile positions of one result row. The
+// source rows it needs are transposed once into [channel][column] buffers
+// (cached across the consecutive units of a shard), and the column of tap
+// (i, j) is a pointer into source row i, shifted by j: no per-tap copy at all.
+template <typename T, typename A>
+class RowSource : public SourceBase {
+ public:
+  static bool Applies(const Correlation& c) {
+    return c.a_w == 1 && c.div_w == 1 && c.res_w >= kTile / 2;
+  }
+  RowSource(const T* src, const Correlation& c, int64_t batch) : SourceBase(c, batch), src_(src) {
+    tiles_per_row_ = (c.res_w + kTile - 1) / kTile;
+    const TapSpan w(c.off_w, c.di_w, c.k_w);
+    shift_ = std::max<int64_t>(0, -w.lo);
+    row_len_ = (tiles_per_row_ * kTile + w.hi + shift_ + 7) / 8 * 8;
+  }
+  int64_t units() const { return batch_ * c_.res_h * tiles_per_row_; }
   int64_t bytes_per_channel() const {
-    if (plane_mode_) return static_cast<int64_t>(sizeof(A)) * plane_span_;
-    if (shifted_mode_) return static_cast<int64_t>(sizeof(A)) * shifted_span_;
-    return static_cast<int64_t>(sizeof(A)) *
-           (row_mode_ ? c_.k_h * (kTile + std::abs((c_.k_w - 1) * c_.di_w)) : taps_ * kTile);
+    return static_cast<int64_t>(sizeof(A)) * c_.k_h * (kTile + std::abs((c_.k_w - 1) * c_.di_w));
   }
 
-  // Per-shard state: scratch buffers and the row cache.
+  // The columns of a unit, and a cache of the last k_h + 1 source rows.
   class Shard {
    public:
-    explicit Shard(const ColumnSource& s) : s_(s) {
-      cols_.base.resize(s.taps_);
-      if (s.row_mode_) {
-        const int64_t slots = s.c_.k_h + 1;
-        rows_.resize(slots, Scratch<A>(s.row_len_ * s.c_.channels));
-        tags_.assign(slots, {-1, -2});
-        stamp_.assign(slots, 0);
-      } else if (s.shifted_mode_) {
-        plane_ = std::make_unique<Scratch<A>>(s.c_.k_w * s.shifted_len_ * s.c_.channels);
-        const Correlation& c = s.c_;
-        for (int64_t i = 0; i < c.k_h; ++i) {
-          for (int64_t j = 0; j < c.k_w; ++j) {
-            tap_offset_.push_back(j * c.channels * s.shifted_len_ +
-                                  (c.off_h + i * c.di_h - s.plane_lo_h_) * c.res_w);
-          }
-        }
-      } else if (s.plane_mode_) {
-        plane_ = std::make_unique<Scratch<A>>(s.plane_len_ * s.c_.channels);
-        const Correlation& c = s.c_;
-        for (int64_t i = 0; i < c.k_h; ++i) {
-          for (int64_t j = 0; j < c.k_w; ++j) {
-            tap_offset_.push_back((c.off_h + i * c.di_h - s.plane_lo_h_) * s.plane_w_ + c.off_w +
-                                  j * c.di_w - s.plane_lo_w_);
-          }
-        }
-      } else {
-        gathered_ = std::make_unique<Scratch<A>>(s.taps_ * s.c_.channels * kTile);
-      }
+    explicit Shard(const RowSource& s)
+        : s_(s),
+          rows_(s.c_.k_h + 1, Scratch<A>(s.row_len_ * s.c_.channels)),
+          tags_(s.c_.k_h + 1, {-1, -2}),
+          stamp_(s.c_.k_h + 1, 0) {
+      cols_.base.resize(s.taps());
+      cols_.stride = s.row_len_;
     }
 
-    // Columns of `unit`; sets its sample and the runs of its valid results.
     const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
       const Correlation& c = s_.c_;
+      const int64_t per_sample = c.res_h * s_.tiles_per_row_;
+      *b = unit / per_sample;
+      const int64_t rh = unit % per_sample / s_.tiles_per_row_;
+      const int64_t rw0 = unit % s_.tiles_per_row_ * kTile;
       runs->clear();
-      if (s_.plane_mode_) {
-        *b = unit / s_.plane_tiles_;
-        const int64_t q0 = unit % s_.plane_tiles_ * kTile;
-        const A* plane = Plane(*b);
-        cols_.stride = s_.plane_len_;
-        for (int64_t t = 0; t < s_.taps_; ++t) cols_.base[t] = plane + q0 + tap_offset_[t];
-        const int64_t wp = s_.plane_w_;
-        for (int64_t rh = q0 / wp; rh * wp < q0 + kTile && rh < c.res_h; ++rh) {
-          const int64_t q_lo = std::max(q0, rh * wp);
-          const int64_t q_hi = std::min(q0 + kTile, rh * wp + c.res_w);
-          if (q_hi > q_lo) {
-            runs->push_back({q_lo - q0, rh * c.res_w + (q_lo - rh * wp), q_hi - q_lo});
-          }
-        }
-      } else if (s_.row_mode_) {
-        const int64_t per_sample = c.res_h * s_.tiles_per_row_;
-        *b = unit / per_sample;
-        const int64_t rh = unit % per_sample / s_.tiles_per_row_;
-        const int64_t rw0 = unit % s_.tiles_per_row_ * kTile;
-        runs->push_back({0, rh * c.res_w + rw0, std::min(kTile, c.res_w - rw0)});
-        cols_.stride = s_.row_len_;
-        for (int64_t i = 0; i < c.k_h; ++i) {
-          const int64_t sh = Correlation::Source(rh, c.a_h, c.off_h, c.di_h, c.div_h, i, c.src_h);
-          const A* row = Row(*b, sh);
-          for (int64_t j = 0; j < c.k_w; ++j) {
-            cols_.base[i * c.k_w + j] = row + rw0 + c.off_w + j * c.di_w + s_.shift_;
-          }
-        }
-      } else {
-        const int64_t tiles = (s_.positions() + kTile - 1) / kTile;
-        *b = unit / tiles;
-        const int64_t p0 = unit % tiles * kTile;
-        runs->push_back({0, p0, std::min(kTile, s_.positions() - p0)});
-        if (s_.shifted_mode_) {
-          const A* planes = ShiftedPlanes(*b);
-          cols_.stride = s_.shifted_len_;
-          for (int64_t t = 0; t < s_.taps_; ++t) cols_.base[t] = planes + p0 + tap_offset_[t];
-        } else {
-          Gather(*b, p0);
+      runs->push_back({0, rh * c.res_w + rw0, std::min(kTile, c.res_w - rw0)});
+      for (int64_t i = 0; i < c.k_h; ++i) {
+        const int64_t sh = Correlation::Source(rh, c.a_h, c.off_h, c.di_h, c.div_h, i, c.src_h);
+        const A* row = Row(*b, sh);
+        for (int64_t j = 0; j < c.k_w; ++j) {
+          cols_.base[i * c.k_w + j] = row + rw0 + c.off_w + j * c.di_w + s_.shift_;
         }
       }
       return cols_;
     }
 
    private:
-    // The zero-padded source plane of sample b as [channel][plane_len_]
-    // (kept while consecutive units stay in the sample).
-    const A* Plane(int64_t b) {
-      A* dst = plane_->get();
-      if (plane_sample_ == b) return dst;
-      plane_sample_ = b;
-      const Correlation& c = s_.c_;
-      const int64_t len = s_.plane_len_, wp = s_.plane_w_, ch = c.channels;
-      std::fill(dst, dst + len * ch, A(0));
-      const int64_t h0 = std::max<int64_t>(0, s_.plane_lo_h_);
-      const int64_t h1 = std::min(c.src_h, s_.plane_lo_h_ + s_.plane_rows_);
-      const int64_t w0 = std::max<int64_t>(0, s_.plane_lo_w_);
-      const int64_t w1 = std::min(c.src_w, s_.plane_lo_w_ + wp);
-      if (w1 <= w0) return dst;
-      for (int64_t sh = h0; sh < h1; ++sh) {
-        const T* src = s_.src_ + ((b * c.src_h + sh) * c.src_w + w0) * ch;
-        Transpose(src, ch, w1 - w0, ch, dst + (sh - s_.plane_lo_h_) * wp + (w0 - s_.plane_lo_w_),
-                  len);
-      }
-      return dst;
-    }
-
-    // The k_w shifted planes of sample b as [j][channel][shifted_len_] (kept
-    // while consecutive units stay in the sample).
-    const A* ShiftedPlanes(int64_t b) {
-      A* dst = plane_->get();
-      if (plane_sample_ == b) return dst;
-      plane_sample_ = b;
-      const Correlation& c = s_.c_;
-      const int64_t len = s_.shifted_len_, ch = c.channels, w = c.res_w;
-      std::fill(dst, dst + c.k_w * ch * len, A(0));
-      const int64_t h0 = std::max<int64_t>(0, s_.plane_lo_h_);
-      const int64_t h1 = std::min(c.src_h, s_.plane_lo_h_ + s_.plane_rows_);
-      for (int64_t j = 0; j < c.k_w; ++j) {
-        // Result column rw reads source column rw + shift.
-        const int64_t shift = c.off_w + j * c.di_w;
-        const int64_t w0 = std::max<int64_t>(0, -shift);
-        const int64_t w1 = std::min(w, c.src_w - shift);
-        if (w1 <= w0) continue;
-        A* plane = dst + j * ch * len;
-        for (int64_t sh = h0; sh < h1; ++sh) {
-          const T* src = s_.src_ + ((b * c.src_h + sh) * c.src_w + w0 + shift) * ch;
-          Transpose(src, ch, w1 - w0, ch, plane + (sh - s_.plane_lo_h_) * w + w0, len);
-        }
-      }
-      return dst;
-    }
-
     // The source row (b, sh) transposed to [channel][row_len_] (column
     // index = source column + shift_; zeros outside the source), from the
     // cache when a recent unit used it. sh = -1: a zero row.
@@ -421,12 +320,207 @@ class ColumnSource {
       return dst;
     }
 
-    void Gather(int64_t b, int64_t p0) {
+    const RowSource& s_;
+    Columns<A> cols_;
+    std::vector<Scratch<A>> rows_;
+    std::vector<std::pair<int64_t, int64_t>> tags_;
+    std::vector<int64_t> stamp_;
+    int64_t clock_ = 0;
+  };
+
+ private:
+  const T* src_;
+  int64_t tiles_per_row_, shift_, row_len_;
+};
+
+// The shard of plane and shifted-planes mode: a unit's columns are runs of
+// its sample's planes (Source::Fill) at the tap offsets from its first
+// position (Source::Locate); the planes are kept while consecutive units stay
+// in the sample.
+template <typename Source, typename A>
+class PlanesShard {
+ public:
+  explicit PlanesShard(const Source& s) : s_(s), planes_(s.buffer_size()) {
+    cols_.base.resize(s.taps());
+    cols_.stride = s.len_;
+  }
+
+  const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
+    const int64_t first = s_.Locate(unit, b, runs);
+    if (sample_ != *b) {
+      sample_ = *b;
+      s_.Fill(*b, planes_.get());
+    }
+    for (int64_t t = 0; t < s_.taps(); ++t) {
+      cols_.base[t] = planes_.get() + first + s_.tap_offset_[t];
+    }
+    return cols_;
+  }
+
+ private:
+  const Source& s_;
+  Columns<A> cols_;
+  Scratch<A> planes_;
+  int64_t sample_ = -1;
+};
+
+// Plane mode (stride 1 on both axes, rows too narrow for row mode, and a
+// source plane that fits in L2): the whole zero-padded source plane of a
+// sample is transposed once into [channel][padded position], and result
+// positions are numbered in the padded width Wp (q = rh * Wp + rw). Then the
+// column of tap (i, j) for the positions q0 .. q0 + kTile is the contiguous
+// run at q0 + (constant offset of the tap): no gather. The positions with
+// rw >= res_w are computed and dropped (a Wp / res_w overhead).
+template <typename T, typename A>
+class PlaneSource : public SourceBase {
+ public:
+  using Shard = PlanesShard<PlaneSource, A>;
+
+  PlaneSource(const T* src, const Correlation& c, int64_t batch) : SourceBase(c, batch), src_(src) {
+    const TapSpan h(c.off_h, c.di_h, c.k_h), w(c.off_w, c.di_w, c.k_w);
+    wp_ = c.res_w + w.hi - w.lo;
+    lo_h_ = h.lo;
+    lo_w_ = w.lo;
+    rows_ = c.res_h + h.hi - h.lo;
+    const int64_t max_tap = (h.hi - h.lo) * wp_ + (w.hi - w.lo);
+    tiles_ = (c.res_h * wp_ + kTile - 1) / kTile;
+    len_ = (std::max(tiles_ * kTile + max_tap, rows_ * wp_) + 15) / 16 * 16;
+    span_ = kTile + max_tap;
+    for (int64_t i = 0; i < c.k_h; ++i) {
+      for (int64_t j = 0; j < c.k_w; ++j) {
+        tap_offset_.push_back((c.off_h + i * c.di_h - lo_h_) * wp_ + c.off_w + j * c.di_w - lo_w_);
+      }
+    }
+  }
+  // Whether the plane fits in L2 (1 MiB) and the padding adds at most half.
+  bool Fits() const {
+    return len_ * c_.channels * static_cast<int64_t>(sizeof(A)) <= (1 << 20) &&
+           wp_ * 2 <= c_.res_w * 3;
+  }
+  int64_t units() const { return batch_ * tiles_; }
+  int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * span_; }
+
+ private:
+  friend Shard;
+  int64_t buffer_size() const { return len_ * c_.channels; }
+
+  // Sets the sample and the runs (one per result row) of `unit`; returns its
+  // first padded position q0.
+  int64_t Locate(int64_t unit, int64_t* b, std::vector<Run>* runs) const {
+    *b = unit / tiles_;
+    const int64_t q0 = unit % tiles_ * kTile;
+    runs->clear();
+    for (int64_t rh = q0 / wp_; rh * wp_ < q0 + kTile && rh < c_.res_h; ++rh) {
+      const int64_t q_lo = std::max(q0, rh * wp_);
+      const int64_t q_hi = std::min(q0 + kTile, rh * wp_ + c_.res_w);
+      if (q_hi > q_lo) {
+        runs->push_back({q_lo - q0, rh * c_.res_w + (q_lo - rh * wp_), q_hi - q_lo});
+      }
+    }
+    return q0;
+  }
+
+  // dst = the zero-padded source plane of sample b as [channel][len_].
+  void Fill(int64_t b, A* dst) const {
+    std::fill(dst, dst + len_ * c_.channels, A(0));
+    const int64_t w0 = std::max<int64_t>(0, lo_w_);
+    const int64_t w1 = std::min(c_.src_w, lo_w_ + wp_);
+    if (w1 <= w0) return;
+    TransposeRows(src_, c_, b, lo_h_, rows_, w0, w1 - w0, dst + (w0 - lo_w_), wp_, len_);
+  }
+
+  const T* src_;
+  int64_t wp_, rows_, lo_h_, lo_w_, tiles_, len_, span_;
+  std::vector<int64_t> tap_offset_;
+};
+
+// Shifted-planes mode (stride 1 on both axes, rows too narrow for row mode;
+// preferred over plane mode when its k_w planes fit in L2): one plane per
+// kernel column j, P_j[channel][rh' * res_w + rw] = source(rh' + lo_h, rw +
+// off_w + j * di_w) (zeros outside), rows exactly res_w wide. The column of
+// tap (i, j) for result positions p0 .. p0 + kTile (flat) is then the
+// contiguous run of P_j at p0 + (off_h + i * di_h - lo_h) * res_w: no dropped
+// positions, and loads that are vector-aligned whenever res_w is a multiple of
+// the vector width.
+template <typename T, typename A>
+class ShiftedSource : public SourceBase {
+ public:
+  using Shard = PlanesShard<ShiftedSource, A>;
+
+  ShiftedSource(const T* src, const Correlation& c, int64_t batch)
+      : SourceBase(c, batch), src_(src) {
+    const TapSpan h(c.off_h, c.di_h, c.k_h);
+    lo_h_ = h.lo;
+    rows_ = c.res_h + h.hi - h.lo;
+    const int64_t reach = (h.hi - h.lo) * c.res_w;  // offset of the last kernel row
+    len_ = (std::max(FlatTiles(positions()) * kTile + reach, rows_ * c.res_w) + 15) / 16 * 16;
+    span_ = c.k_w * (kTile + reach);
+    for (int64_t i = 0; i < c.k_h; ++i) {
+      for (int64_t j = 0; j < c.k_w; ++j) {
+        tap_offset_.push_back(j * c.channels * len_ + (c.off_h + i * c.di_h - lo_h_) * c.res_w);
+      }
+    }
+  }
+  // Whether the k_w planes fit in L2 (1.5 MiB).
+  bool Fits() const {
+    return buffer_size() * static_cast<int64_t>(sizeof(A)) <= (3 << 19) && c_.res_w > 0;
+  }
+  int64_t units() const { return batch_ * FlatTiles(positions()); }
+  int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * span_; }
+
+ private:
+  friend Shard;
+  int64_t buffer_size() const { return c_.k_w * len_ * c_.channels; }
+  int64_t Locate(int64_t unit, int64_t* b, std::vector<Run>* runs) const {
+    return FlatUnit(unit, positions(), b, runs);
+  }
+
+  // dst = the k_w shifted planes of sample b as [j][channel][len_].
+  void Fill(int64_t b, A* dst) const {
+    std::fill(dst, dst + buffer_size(), A(0));
+    for (int64_t j = 0; j < c_.k_w; ++j) {
+      // Result column rw reads source column rw + shift.
+      const int64_t shift = c_.off_w + j * c_.di_w;
+      const int64_t w0 = std::max<int64_t>(0, -shift);
+      const int64_t w1 = std::min(c_.res_w, c_.src_w - shift);
+      if (w1 <= w0) continue;
+      TransposeRows(src_, c_, b, lo_h_, rows_, w0 + shift, w1 - w0,
+                    dst + j * c_.channels * len_ + w0, c_.res_w, len_);
+    }
+  }
+
+  const T* src_;
+  int64_t rows_, lo_h_, len_, span_;
+  std::vector<int64_t> tap_offset_;
+};
+
+// Gather mode (any strides; where no other mode applies): the columns are
+// gathered per tap and position into a [tap][channel][kTile] buffer (an
+// im2col).
+template <typename T, typename A>
+class GatherSource : public SourceBase {
+ public:
+  GatherSource(const T* src, const Correlation& c, int64_t batch)
+      : SourceBase(c, batch), src_(src) {}
+  int64_t units() const { return batch_ * FlatTiles(positions()); }
+  int64_t bytes_per_channel() const { return static_cast<int64_t>(sizeof(A)) * taps() * kTile; }
+
+  class Shard {
+   public:
+    explicit Shard(const GatherSource& s) : s_(s), gathered_(s.taps() * s.c_.channels * kTile) {
+      cols_.base.resize(s.taps());
+      for (int64_t t = 0; t < s.taps(); ++t) {
+        cols_.base[t] = gathered_.get() + t * s.c_.channels * kTile;
+      }
+      cols_.stride = kTile;
+    }
+
+    const Columns<A>& Prepare(int64_t unit, int64_t* b, std::vector<Run>* runs) {
+      const int64_t p0 = FlatUnit(unit, s_.positions(), b, runs);
       const Correlation& c = s_.c_;
       const int64_t ch = c.channels;
-      A* col = gathered_->get();
       const T* rows[kTile];
-      for (int64_t t = 0; t < s_.taps_; ++t) {
+      for (int64_t t = 0; t < s_.taps(); ++t) {
         const int64_t i = t / c.k_w, j = t % c.k_w;
         for (int64_t p = 0; p < kTile; ++p) {
           const int64_t pos = p0 + p;
@@ -436,9 +530,9 @@ class ColumnSource {
                                                   : -1;
           const int64_t sw = Correlation::Source(rw, c.a_w, c.off_w, c.di_w, c.div_w, j, c.src_w);
           rows[p] =
-              sh >= 0 && sw >= 0 ? s_.src_ + ((b * c.src_h + sh) * c.src_w + sw) * ch : nullptr;
+              sh >= 0 && sw >= 0 ? s_.src_ + ((*b * c.src_h + sh) * c.src_w + sw) * ch : nullptr;
         }
-        A* dst_t = col + t * ch * kTile;
+        A* dst_t = gathered_.get() + t * ch * kTile;
         constexpr int64_t kBlock = 8;
         for (int64_t c0 = 0; c0 < ch; c0 += kBlock) {
           const int64_t cw = std::min(kBlock, ch - c0);
@@ -452,34 +546,43 @@ class ColumnSource {
             }
           }
         }
-        cols_.base[t] = dst_t;
       }
-      cols_.stride = kTile;
+      return cols_;
     }
 
-    const ColumnSource& s_;
+   private:
+    const GatherSource& s_;
     Columns<A> cols_;
-    std::vector<Scratch<A>> rows_;
-    std::vector<std::pair<int64_t, int64_t>> tags_;
-    std::vector<int64_t> stamp_;
-    int64_t clock_ = 0;
-    std::unique_ptr<Scratch<A>> gathered_;
-    std::unique_ptr<Scratch<A>> plane_;
-    std::vector<int64_t> tap_offset_;
-    int64_t plane_sample_ = -1;
+    Scratch<A> gathered_;
   };
 
  private:
   const T* src_;
-  Correlation c_;
-  int64_t batch_, taps_;
-  bool row_mode_ = false, plane_mode_ = false;
-  int64_t tiles_per_row_ = 0, shift_ = 0, row_len_ = 0;
-  int64_t plane_w_ = 0, plane_rows_ = 0, plane_lo_h_ = 0, plane_lo_w_ = 0;
-  int64_t plane_tiles_ = 0, plane_len_ = 0, plane_span_ = 0;
-  bool shifted_mode_ = false;
-  int64_t shifted_len_ = 0, shifted_span_ = 0;
 };
+
+// Calls f(source) with the source of the mode that applies: row mode, else
+// (stride 1 on both axes) shifted planes or else a plane when they fit in L2,
+// else the gather.
+template <typename T, typename A, typename F>
+void WithColumnSource(const T* src, const Correlation& c, int64_t batch, F&& f) {
+  if (RowSource<T, A>::Applies(c)) {
+    f(RowSource<T, A>(src, c, batch));
+    return;
+  }
+  if (c.a_h == 1 && c.div_h == 1 && c.a_w == 1 && c.div_w == 1) {
+    const ShiftedSource<T, A> shifted(src, c, batch);
+    if (shifted.Fits()) {
+      f(shifted);
+      return;
+    }
+    const PlaneSource<T, A> plane(src, c, batch);
+    if (plane.Fits()) {
+      f(plane);
+      return;
+    }
+  }
+  f(GatherSource<T, A>(src, c, batch));
+}
 
 }  // namespace channel_sparse_cpu
 }  // namespace tf_sparseconv

@@ -7,7 +7,9 @@
 // positions for the input gradient) of one sample. For a tile, the operand
 // is presented as "columns": for each (channel, tap), one contiguous run of
 // 64 positions (row mode: pointers into source rows transposed to
-// [channel][column], cached across tiles; otherwise an im2col gather).
+// [channel][column], cached across tiles; plane modes: runs of a sample's
+// transposed source plane; otherwise an im2col gather), from the column source
+// of the op call's mode: the engine is instantiated once per mode.
 // Every result channel r is then
 //     out[r][:] = sum over its entries e and taps t of w[e][t] * col[src(e)][t][:]
 // with 64-wide vector accumulators in registers: one broadcast and 64/L
@@ -88,6 +90,20 @@ void GroupTile(const A* const* base, int64_t stride, int64_t taps, const int32_t
   }
 }
 
+// GroupTile<A, size> for a group of 2 .. GroupLimit<A>() rows (GroupRows
+// makes no larger ones): G counts up to size, one instantiation per size.
+template <typename A, int G = std::min(2, GroupLimit<A>())>
+void SizedGroupTile(int size, const A* const* base, int64_t stride, int64_t taps,
+                    const int32_t* src, int64_t n, const A* const* w, A* const* out) {
+  if constexpr (G < GroupLimit<A>()) {
+    if (size > G) {
+      SizedGroupTile<A, G + 1>(size, base, stride, taps, src, n, w, out);
+      return;
+    }
+  }
+  GroupTile<A, G>(base, stride, taps, src, n, w, out);
+}
+
 // One row (G = 1). With a tile only 4 vectors wide (AVX-512), odd taps go to
 // a second accumulator set: 8 independent FMA chains hide the FMA latency.
 template <typename A>
@@ -151,25 +167,10 @@ void SparseRowsTile(const Columns<A>& cols, const int64_t* ptr, const int32_t* s
         wk[k] = w + p[m[k]] * taps;
         ok[k] = out + m[k] * kTile;
       }
-      switch (size) {
-        case 1:
-          RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]);
-          break;
-        case 2:
-          GroupTile<A, std::min(2, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 3:
-          GroupTile<A, std::min(3, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 4:
-          GroupTile<A, std::min(4, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        case 5:
-          GroupTile<A, std::min(5, kMax)>(base, stride, taps, src + first, n, wk, ok);
-          break;
-        default:
-          GroupTile<A, kMax>(base, stride, taps, src + first, n, wk, ok);
-          break;
+      if (size == 1) {
+        RowTile<A>(base, stride, taps, src + first, n, wk[0], ok[0]);
+      } else {
+        SizedGroupTile<A>(size, base, stride, taps, src + first, n, wk, ok);
       }
     }
   }
@@ -328,11 +329,12 @@ void ApplyEpilogue(const std::vector<A>& bias, bool relu, int64_t rows, A* out) 
 }
 
 // result[b, position, r] for every result channel r of `rows`, from the
-// columns of `source`: the forward op (source x, rows = the connection
-// lists) and the input gradient (source dy, rows = the transposed lists).
-template <typename T, typename A>
-void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
-                       const Rows<T, A>& rows, int64_t result_channels, int64_t cost, T* result,
+// columns of `source` (one of the column sources of channel_sparse_columns.h):
+// the forward op (source x, rows = the connection lists) and the input
+// gradient (source dy, rows = the transposed lists).
+template <typename T, typename A, typename Source>
+void SparseRowsConvCpu(OpKernelContext* ctx, const Source& source, const Rows<T, A>& rows,
+                       int64_t result_channels, int64_t cost, T* result,
                        const Epilogue<T>& epilogue = {}) {
   std::vector<A> bias;
   if (epilogue.bias != nullptr) bias.assign(epilogue.bias, epilogue.bias + result_channels);
@@ -354,7 +356,7 @@ void SparseRowsConvCpu(OpKernelContext* ctx, const ColumnSource<T, A>& source,
   const Rows<T, A> blocked = BlockRows(rows, result_channels, source.taps(), block, blocks);
   const RowGroups groups = GroupRows(blocked, result_channels, blocks, GroupLimit<A>());
   auto work = [&](int64_t begin, int64_t end) {
-    typename ColumnSource<T, A>::Shard shard(source);
+    typename Source::Shard shard(source);
     Scratch<A> out(result_channels * kTile);
     std::vector<Run> runs;
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -373,30 +375,34 @@ template <typename T>
 void ForwardCpu(OpKernelContext* ctx, const T* x, const T* kernel, const int32_t* conn, T* y,
                 const ChannelSparseGeometry& g, const Epilogue<T>& epilogue) {
   using A = typename Acc<T>::type;
-  SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(x, Correlation::Forward(g), g.batch),
-                          ForwardRows<T, A>(kernel, conn, g), g.out_c,
-                          kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c), y, epilogue);
+  const Rows<T, A> rows = ForwardRows<T, A>(kernel, conn, g);
+  WithColumnSource<T, A>(x, Correlation::Forward(g), g.batch, [&](const auto& source) {
+    SparseRowsConvCpu(ctx, source, rows, g.out_c, kTile * g.k_h * g.k_w * (g.m * g.out_c + g.in_c),
+                      y, epilogue);
+  });
 }
 
 template <typename T>
 void BackpropInputCpu(OpKernelContext* ctx, const T* dy, const T* kernel, const int32_t* conn,
                       T* dx, const ChannelSparseGeometry& g) {
   using A = typename Acc<T>::type;
-  SparseRowsConvCpu<T, A>(ctx, ColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch),
-                          TransposedRows<T, A>(kernel, conn, g), g.in_c,
-                          kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c), dx);
+  const Rows<T, A> rows = TransposedRows<T, A>(kernel, conn, g);
+  WithColumnSource<T, A>(dy, Correlation::Transposed(g), g.batch, [&](const auto& source) {
+    SparseRowsConvCpu(ctx, source, rows, g.in_c, kTile * g.k_h * g.k_w * (g.m * g.out_c + g.out_c),
+                      dx);
+  });
 }
 
-template <typename T>
-void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy, const int32_t* conn,
-                       T* dkernel, const ChannelSparseGeometry& g) {
+// The kernel gradient from the forward columns of x (`source`).
+template <typename T, typename Source>
+void KernelGradCpu(OpKernelContext* ctx, const Source& source, const T* dy, const int32_t* conn,
+                   T* dkernel, const ChannelSparseGeometry& g) {
   using A = typename Acc<T>::type;
   using V = typename Vec<A>::type;
   using VU = typename Vec<A>::unaligned;
   constexpr int kVecs = kTile / Vec<A>::kLanes;
   const int64_t taps = g.k_h * g.k_w;
   const int64_t m = g.m, cout = g.out_c;
-  const ColumnSource<T, A> source(x, Correlation::Forward(g), g.batch);
   const int64_t positions = source.positions();
   const int64_t units = source.units();
   const int64_t weights = cout * m * taps;
@@ -407,7 +413,7 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy, const int3
   const int64_t blocks = std::min<int64_t>(units, 8);
   std::vector<V> partial(blocks * weights, V{});
   auto work = [&](int64_t begin, int64_t end) {
-    typename ColumnSource<T, A>::Shard shard(source);
+    typename Source::Shard shard(source);
     Scratch<A> dyt(cout * kTile);
     std::vector<Run> runs;
     for (int64_t block = begin; block < end; ++block) {
@@ -455,6 +461,15 @@ void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy, const int3
       }
     }
   }
+}
+
+template <typename T>
+void BackpropKernelCpu(OpKernelContext* ctx, const T* x, const T* dy, const int32_t* conn,
+                       T* dkernel, const ChannelSparseGeometry& g) {
+  using A = typename Acc<T>::type;
+  WithColumnSource<T, A>(x, Correlation::Forward(g), g.batch, [&](const auto& source) {
+    KernelGradCpu(ctx, source, dy, conn, dkernel, g);
+  });
 }
 
 }  // namespace

@@ -30,9 +30,11 @@ namespace tf_sparseconv {
 
 namespace {
 
-// Sizes of one conversion: taps * m * Cout kernel elements, taps * Cin * Cout dense ones.
+// Sizes of one conversion: taps * m * Cout kernel elements, taps * Cin * Cout dense ones
+// (taps: the elements of the leading, window axes `lead`).
 struct DenseGeometry {
   int64_t taps = 1, m = 0, cout = 0, cin = 0;
+  TensorShape lead;
 };
 
 // Checks `connections` against [cout, m] and, on the CPU, its values (in
@@ -63,11 +65,31 @@ void CheckConnections(OpKernelContext* ctx, const Tensor& connections, const Den
   }
 }
 
-// Leading (window) axes of a [..., a, Cout] tensor flattened to taps.
-TensorShape LeadingShape(const Tensor& t) {
-  TensorShape lead;
-  for (int d = 0; d + 2 < t.dims(); ++d) lead.AddDim(t.dim_size(d));
-  return lead;
+// Splits a [..., a, Cout] operand (`name`; `axes` names its last two axes)
+// into g->lead (and g->taps), *a and g->cout.
+Status SplitOperand(const Tensor& t, const char* name, const char* axes, int64_t* a,
+                    DenseGeometry* g) {
+  if (t.dims() < 2) {
+    return errors::InvalidArgument(name, " must be [..., ", axes, "], got shape ",
+                                   t.shape().DebugString());
+  }
+  for (int d = 0; d + 2 < t.dims(); ++d) g->lead.AddDim(t.dim_size(d));
+  g->taps = g->lead.num_elements();
+  *a = t.dim_size(t.dims() - 2);
+  g->cout = t.dim_size(t.dims() - 1);
+  return ::tensorflow::OkStatus();
+}
+
+// The two ops' common end of checks: the connections (CheckConnections), then
+// output 0 = g.lead + [rows, g.cout]; *out stays null when a check fails.
+void CheckAndAllocate(OpKernelContext* ctx, const Tensor& connections, const DenseGeometry& g,
+                      bool check_values, int64_t rows, Tensor** out) {
+  CheckConnections(ctx, connections, g, check_values);
+  if (!ctx->status().ok()) return;
+  TensorShape lead = g.lead;
+  lead.AddDim(rows);
+  lead.AddDim(g.cout);
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, lead, out));
 }
 
 template <typename Device, typename T>
@@ -167,14 +189,8 @@ class ChannelSparseDenseKernelOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& kernel = ctx->input(0);
     const Tensor& connections = ctx->input(1);
-    OP_REQUIRES(ctx, kernel.dims() >= 2,
-                errors::InvalidArgument("kernel must be [..., m, Cout], got shape ",
-                                        kernel.shape().DebugString()));
-    TensorShape shape = LeadingShape(kernel);
     DenseGeometry g;
-    g.taps = shape.num_elements();
-    g.m = kernel.dim_size(kernel.dims() - 2);
-    g.cout = kernel.dim_size(kernel.dims() - 1);
+    OP_REQUIRES_OK(ctx, SplitOperand(kernel, "kernel", "m, Cout", &g.m, &g));
     g.cin = in_channels_;
     OP_REQUIRES(
         ctx, g.m <= g.cin,
@@ -187,13 +203,9 @@ class ChannelSparseDenseKernelOp : public OpKernel {
         return;
       }
     }
-    CheckConnections(ctx, connections, g, kOnCpu<Device>);
-    if (!ctx->status().ok()) return;
-    shape.AddDim(g.cin);
-    shape.AddDim(g.cout);
     Tensor* dense = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dense));
-    if (dense->NumElements() == 0) return;
+    CheckAndAllocate(ctx, connections, g, kOnCpu<Device>, g.cin, &dense);
+    if (dense == nullptr || dense->NumElements() == 0) return;
     DenseFunctor<Device, T>::ToDense(ctx, kernel.flat<T>().data(),
                                      connections.flat<int32_t>().data(), dense->flat<T>().data(),
                                      g);
@@ -232,25 +244,15 @@ class ChannelSparseGatherKernelOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dense = ctx->input(0);
     const Tensor& connections = ctx->input(1);
-    OP_REQUIRES(ctx, dense.dims() >= 2,
-                errors::InvalidArgument("dense must be [..., Cin, Cout], got shape ",
-                                        dense.shape().DebugString()));
+    DenseGeometry g;
+    OP_REQUIRES_OK(ctx, SplitOperand(dense, "dense", "Cin, Cout", &g.cin, &g));
     OP_REQUIRES(ctx, connections.dims() == 2,
                 errors::InvalidArgument("connections must be [Cout, m], got shape ",
                                         connections.shape().DebugString()));
-    TensorShape shape = LeadingShape(dense);
-    DenseGeometry g;
-    g.taps = shape.num_elements();
-    g.cin = dense.dim_size(dense.dims() - 2);
-    g.cout = dense.dim_size(dense.dims() - 1);
     g.m = connections.dim_size(1);
-    CheckConnections(ctx, connections, g, kOnCpu<Device>);
-    if (!ctx->status().ok()) return;
-    shape.AddDim(g.m);
-    shape.AddDim(g.cout);
     Tensor* kernel = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &kernel));
-    if (kernel->NumElements() == 0) return;
+    CheckAndAllocate(ctx, connections, g, kOnCpu<Device>, g.m, &kernel);
+    if (kernel == nullptr || kernel->NumElements() == 0) return;
     DenseFunctor<Device, T>::Gather(ctx, dense.flat<T>().data(), connections.flat<int32_t>().data(),
                                     kernel->flat<T>().data(), g);
   }
@@ -258,16 +260,14 @@ class ChannelSparseGatherKernelOp : public OpKernel {
 
 }  // namespace
 
-#define TSC_REGISTER(DEV, T)                                             \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseDenseKernel")  \
-                              .Device(TSC_DEVICE(DEV))                   \
-                              .TypeConstraint<T>("T"),                   \
-                          ChannelSparseDenseKernelOp<DEV##Device, T>);   \
-  REGISTER_KERNEL_BUILDER(Name("TfSparseConv>ChannelSparseGatherKernel") \
-                              .Device(TSC_DEVICE(DEV))                   \
-                              .TypeConstraint<T>("T"),                   \
-                          ChannelSparseGatherKernelOp<DEV##Device, T>);
+#define TSC_REGISTER_OP(DEV, T, NAME, OP)                                            \
+  REGISTER_KERNEL_BUILDER(Name(NAME).Device(TSC_DEVICE(DEV)).TypeConstraint<T>("T"), \
+                          OP<DEV##Device, T>);
+#define TSC_REGISTER(DEV, T)                                                                   \
+  TSC_REGISTER_OP(DEV, T, "TfSparseConv>ChannelSparseDenseKernel", ChannelSparseDenseKernelOp) \
+  TSC_REGISTER_OP(DEV, T, "TfSparseConv>ChannelSparseGatherKernel", ChannelSparseGatherKernelOp)
 TSC_REGISTER_FLOAT_KERNELS(TSC_REGISTER)
 #undef TSC_REGISTER
+#undef TSC_REGISTER_OP
 
 }  // namespace tf_sparseconv

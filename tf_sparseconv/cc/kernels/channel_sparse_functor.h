@@ -6,6 +6,7 @@
 #define TF_SPARSECONV_CC_KERNELS_CHANNEL_SPARSE_FUNCTOR_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
 #include "tf_sparseconv/cc/kernels/kernel_util.h"
@@ -22,6 +23,11 @@ struct Epilogue {
 
 template <typename Device, typename T>
 struct ChannelSparseFunctor;
+
+// The connections live in host memory (and are validated) on the CPU only;
+// the GPU functor reads them on the device and skips out-of-range entries.
+template <typename Device>
+constexpr bool kCheckConnections = std::is_same<Device, CPUDevice>::value;
 
 // Defined (and instantiated for the four float types) in channel_sparse_cpu.cc.
 template <typename T>

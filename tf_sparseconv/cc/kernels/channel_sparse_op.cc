@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "tf_sparseconv/cc/kernels/channel_sparse_common.h"
@@ -186,14 +185,14 @@ struct ChannelSparseFunctor<GPUDevice, T> {
 };
 #endif  // TF_SPARSECONV_CUDA
 
-// Connections live in host memory (and are validated) on the CPU only.
-template <typename Device>
-constexpr bool kCheckConnections = std::is_same<Device, CPUDevice>::value;
-
-template <typename Device, typename T>
+// ChannelSparseConv2D, and with kBiasActivation ChannelSparseConv2DBiasActivation
+// (input 3: the bias; attr "activation"), which fuses both into the output stage.
+template <typename Device, typename T, bool kBiasActivation = false>
 class ChannelSparseConv2DOp : public ChannelSparseBase {
  public:
-  using ChannelSparseBase::ChannelSparseBase;
+  explicit ChannelSparseConv2DOp(OpKernelConstruction* ctx) : ChannelSparseBase(ctx) {
+    if (kBiasActivation) OP_REQUIRES_OK(ctx, ReadActivation(ctx, &relu_));
+  }
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& kernel = ctx->input(1);
@@ -201,6 +200,14 @@ class ChannelSparseConv2DOp : public ChannelSparseBase {
     ChannelSparseGeometry g;
     OP_REQUIRES_OK(ctx,
                    Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
+    Epilogue<T> epilogue;
+    if (kBiasActivation) {
+      const Tensor& bias = ctx->input(3);
+      OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == g.out_c,
+                  errors::InvalidArgument("bias must be [Cout] = [", g.out_c, "], got shape ",
+                                          bias.shape().DebugString()));
+      epilogue = {bias.flat<T>().data(), relu_};
+    }
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
@@ -209,44 +216,27 @@ class ChannelSparseConv2DOp : public ChannelSparseBase {
     if (y->NumElements() == 0) return;
     ChannelSparseFunctor<Device, T>::Forward(ctx, x.flat<T>().data(), kernel.flat<T>().data(),
                                              connections.flat<int32_t>().data(),
-                                             y->flat<T>().data(), g, Epilogue<T>{});
-  }
-};
-
-template <typename Device, typename T>
-class ChannelSparseConv2DBiasActivationOp : public ChannelSparseBase {
- public:
-  explicit ChannelSparseConv2DBiasActivationOp(OpKernelConstruction* ctx) : ChannelSparseBase(ctx) {
-    std::string activation;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
-    OP_REQUIRES(
-        ctx, activation == "linear" || activation == "relu",
-        errors::InvalidArgument("activation must be 'linear' or 'relu', got '", activation, "'"));
-    relu_ = activation == "relu";
-  }
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& kernel = ctx->input(1);
-    const Tensor& connections = ctx->input(2);
-    const Tensor& bias = ctx->input(3);
-    ChannelSparseGeometry g;
-    OP_REQUIRES_OK(ctx,
-                   Geometry(x.shape(), kernel.shape(), connections, kCheckConnections<Device>, &g));
-    OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == g.out_c,
-                errors::InvalidArgument("bias must be [Cout] = [", g.out_c, "], got shape ",
-                                        bias.shape().DebugString()));
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_c}), &y));
-    if (y->NumElements() == 0) return;
-    ChannelSparseFunctor<Device, T>::Forward(
-        ctx, x.flat<T>().data(), kernel.flat<T>().data(), connections.flat<int32_t>().data(),
-        y->flat<T>().data(), g, Epilogue<T>{bias.flat<T>().data(), relu_});
+                                             y->flat<T>().data(), g, epilogue);
   }
 
  private:
+  // The "activation" attr: 'relu' (*relu = true) or 'linear'.
+  static Status ReadActivation(OpKernelConstruction* ctx, bool* relu) {
+    std::string activation;
+    TF_RETURN_IF_ERROR(ctx->GetAttr("activation", &activation));
+    if (activation != "linear" && activation != "relu") {
+      return errors::InvalidArgument("activation must be 'linear' or 'relu', got '", activation,
+                                     "'");
+    }
+    *relu = activation == "relu";
+    return ::tensorflow::OkStatus();
+  }
+
   bool relu_ = false;
 };
+
+template <typename Device, typename T>
+using ChannelSparseConv2DBiasActivationOp = ChannelSparseConv2DOp<Device, T, true>;
 
 template <typename Device, typename T>
 class ChannelSparseConv2DBackpropInputOp : public ChannelSparseBase {

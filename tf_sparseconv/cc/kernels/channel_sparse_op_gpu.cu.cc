@@ -453,18 +453,17 @@ const char* CheckGeometry(const ChannelSparseGeometry& g, Sizes* s) {
   // Every input coordinate oh * stride_h - pad_top + i * dil_h, and every
   // ih + pad_top - i * dil_h of the backprop-input gather (and the same for
   // w) must fit comfortably in int64.
-  const int64_t ins[2] = {g.in_h, g.in_w};
-  const int64_t pads[2] = {g.pad_top, g.pad_left};
-  const int64_t outs[2] = {g.out_h, g.out_w};
-  const int64_t strides[2] = {g.stride_h, g.stride_w};
-  const int64_t ks[2] = {g.k_h, g.k_w};
-  const int64_t dils[2] = {g.dil_h, g.dil_w};
-  for (int a = 0; a < 2; ++a) {
+  struct Axis {
+    int64_t in, pad, out, stride, k, dil;
+  };
+  const Axis axes[2] = {{g.in_h, g.pad_top, g.out_h, g.stride_h, g.k_h, g.dil_h},
+                        {g.in_w, g.pad_left, g.out_w, g.stride_w, g.k_w, g.dil_w}};
+  for (const Axis& a : axes) {
     int64_t reach_o = 0;
     int64_t reach_k = 0;
-    if (pads[a] <= -kCoordLimit || pads[a] >= kCoordLimit || ins[a] >= kCoordLimit ||
-        !MulNonNeg(outs[a] > 0 ? outs[a] - 1 : 0, strides[a], &reach_o) ||
-        !MulNonNeg(ks[a] > 0 ? ks[a] - 1 : 0, dils[a], &reach_k) || reach_o >= kCoordLimit ||
+    if (a.pad <= -kCoordLimit || a.pad >= kCoordLimit || a.in >= kCoordLimit ||
+        !MulNonNeg(a.out > 0 ? a.out - 1 : 0, a.stride, &reach_o) ||
+        !MulNonNeg(a.k > 0 ? a.k - 1 : 0, a.dil, &reach_k) || reach_o >= kCoordLimit ||
         reach_k >= kCoordLimit) {
       return "tsc_channel_sparse: coordinates too large";
     }
