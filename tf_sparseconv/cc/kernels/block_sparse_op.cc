@@ -106,90 +106,67 @@ inline void AdviseHugePages(void* data, int64_t bytes) {
 #endif
 }
 
+// add = false: no element may be written by two blocks.
+Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
+  const auto idx = indices.matrix<int32_t>();
+  const int64_t n = indices.dim_size(0);
+  // Two blocks overlap iff they are in the same image and differ by fewer
+  // than ceil(size / stride) block steps along both axes.
+  const int64_t reach_h = (g.size_h + g.stride_h - 1) / g.stride_h - 1;
+  const int64_t reach_w = (g.size_w + g.stride_w - 1) / g.stride_w - 1;
+  std::unordered_set<int64_t> seen;
+  seen.reserve(2 * n);
+  auto key = [&](int64_t b, int64_t bh, int64_t bw) { return (b * g.grid_h + bh) * g.grid_w + bw; };
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
+    const int64_t h0 = std::max<int64_t>(0, bh - reach_h),
+                  h1 = std::min(g.grid_h - 1, bh + reach_h);
+    const int64_t w0 = std::max<int64_t>(0, bw - reach_w),
+                  w1 = std::min(g.grid_w - 1, bw + reach_w);
+    for (int64_t h = h0; h <= h1; ++h) {
+      for (int64_t w = w0; w <= w1; ++w) {
+        if (seen.count(key(b, h, w))) {
+          return errors::InvalidArgument(
+              "indices[", k, "] = (", b, ", ", bh, ", ", bw,
+              ") overlaps an earlier block: with add=False blocks must not overlap "
+              "(block_stride ",
+              g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x", g.size_w,
+              ", or a repeated index); use add=True to sum them");
+        }
+      }
+    }
+    seen.insert(key(b, bh, bw));
+  }
+  return ::tensorflow::OkStatus();
+}
+
 }  // namespace
 
-// --- ReduceMask -----------------------------------------------------------------
-
-class BlockOpBase : public OpKernel {
- public:
-  explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
- protected:
-  // The geometry for an image [batch, h, w, c] and blocks of size_h x size_w
-  // (the block size is a per-call value for scatter, so it is passed in:
-  // Compute may run concurrently on one kernel and must not write members).
-  void Fill(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h, int64_t size_w,
-            BlockGeometry* g) const {
-    g->batch = batch;
-    g->h = h;
-    g->w = w;
-    g->c = c;
-    g->size_h = size_h;
-    g->size_w = size_w;
-    g->stride_h = stride_h_;
-    g->stride_w = stride_w_;
-    g->offset_h = offset_h_;
-    g->offset_w = offset_w_;
-    g->grid_h = BlockGridSize(h, size_h, stride_h_, offset_h_);
-    g->grid_w = BlockGridSize(w, size_w, stride_w_, offset_w_);
-  }
-  // For gather/scatter: grid_* become the index limits (BlockIndexLimit), so
-  // that halo blocks past the formula's grid are addressable.
-  void FillForIndices(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h,
-                      int64_t size_w, BlockGeometry* g) const {
-    Fill(batch, h, w, c, size_h, size_w, g);
-    g->grid_h = BlockIndexLimit(h, size_h, stride_h_, offset_h_);
-    g->grid_w = BlockIndexLimit(w, size_w, stride_w_, offset_w_);
-  }
-  // Block grids whose indices fit in int32 (the index tensors' type).
-  static Status CheckGridSize(const BlockGeometry& g) {
-    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-    if (g.grid_h > kMax || g.grid_w > kMax || g.batch > kMax ||
-        (g.grid_h * g.grid_w > (int64_t{1} << 40) / std::max<int64_t>(1, g.batch))) {
-      return errors::InvalidArgument("the block grid (", g.batch, " x ", g.grid_h, " x ", g.grid_w,
-                                     ") is too large: check block_size, block_stride and "
-                                     "block_offset against the image size ",
-                                     g.h, " x ", g.w);
-    }
-    return ::tensorflow::OkStatus();
-  }
-  int64_t size_h_ = 0, size_w_ = 0, stride_h_ = 1, stride_w_ = 1, offset_h_ = 0, offset_w_ = 0;
-};
+// --- Device functors ------------------------------------------------------------
+//
+// The kernel classes below validate the inputs and allocate the outputs, then
+// call these: the CPU specialisations are the engines described at the top,
+// the GPU ones call the launchers of block_sparse_op_gpu.cu.cc. Index values
+// are checked (CheckIndices) only on the CPU, where the indices are in host
+// memory; the GPU kernels skip out-of-range blocks instead.
 
 template <typename Device, typename T>
-class ReduceMaskOp : public BlockOpBase {
- public:
-  explicit ReduceMaskOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("threshold", &threshold_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("avgpool", &avgpool_));
-  }
+struct ReduceMaskFunctor;
+template <typename Device, typename T>
+struct SparseGatherFunctor;
+template <typename Device, typename T>
+struct SparseScatterFunctor;
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& mask = ctx->input(0);
-    OP_REQUIRES(
-        ctx, mask.dims() == 3,
-        errors::InvalidArgument("mask must be [B, H, W], got shape ", mask.shape().DebugString()));
-    BlockGeometry g;
-    Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
-    OP_REQUIRES_OK(ctx, CheckGridSize(g));
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      ComputeCpu(ctx, mask.flat<T>().data(), g);
-    } else {
-#if TF_SPARSECONV_CUDA
-      ComputeGpu(ctx, mask.flat<T>().data(), g);
-#endif
-    }
-  }
-
- private:
-  void ComputeCpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
+// Allocates the [count, 3] indices output itself: count is known only once
+// the blocks are reduced.
+template <typename T>
+struct ReduceMaskFunctor<CPUDevice, T> {
+  void operator()(OpKernelContext* ctx, const T* mask, float threshold_value, bool avgpool,
+                  const BlockGeometry& g) {
     using A = typename Acc<T>::type;
     const int64_t blocks = g.batch * g.grid_h * g.grid_w;
     std::vector<uint8_t> active(blocks, 0);
-    const A threshold = static_cast<A>(threshold_);
+    const A threshold = static_cast<A>(threshold_value);
     const A area = static_cast<A>(g.size_h * g.size_w);
     auto work = [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
@@ -206,7 +183,7 @@ class ReduceMaskOp : public BlockOpBase {
             sum += v;
           }
         }
-        active[k] = (avgpool_ ? sum / area : max) > threshold;
+        active[k] = (avgpool ? sum / area : max) > threshold;
       }
     };
     ParallelFor(ctx, blocks, 4 * g.size_h * g.size_w + 16, work);
@@ -222,231 +199,69 @@ class ReduceMaskOp : public BlockOpBase {
       *idx++ = static_cast<int32_t>(k % g.grid_w);
     }
   }
-
-#if TF_SPARSECONV_CUDA
-  void ComputeGpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
-    Tensor workspace;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(::tensorflow::DT_INT8,
-                                      TensorShape({ReduceMaskGpuWorkspaceBytes(g)}), &workspace));
-    void* ws = workspace.flat<int8_t>().data();
-    int64_t count = 0;
-    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold_, avgpool_,
-                                               g, ws, &count, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
-    err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-  }
-#endif
-
-  float threshold_ = 0;
-  bool avgpool_ = false;
 };
 
-// --- SparseGather ---------------------------------------------------------------
-
-template <typename Device, typename T>
-class SparseGatherOp : public BlockOpBase {
- public:
-  explicit SparseGatherOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+template <typename T>
+struct SparseGatherFunctor<CPUDevice, T> {
+  static Status CheckIndices(const Tensor& indices, const BlockGeometry& g) {
+    return CheckIndexValues(indices, g);
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& indices = ctx->input(1);
-    OP_REQUIRES(
-        ctx, x.dims() == 4,
-        errors::InvalidArgument("x must be [B, H, W, C], got shape ", x.shape().DebugString()));
-    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
-    BlockGeometry g;
-    FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
-                   &g);
-    const int64_t n = indices.dim_size(0);
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
-    }
-    TensorShape blocks_shape;
-    OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({n, g.size_h, g.size_w, g.c}, &blocks_shape));
-    Tensor* blocks = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, blocks_shape, &blocks));
-    if (blocks->NumElements() == 0) return;
-    const T* src = x.flat<T>().data();
-    const int32_t* idx = indices.flat<int32_t>().data();
-    T* dst = blocks->flat<T>().data();
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      const int64_t row_len = g.size_w * g.c;
-      auto work = [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t k = r / g.size_h, i = r % g.size_h;
-          T* out = dst + r * row_len;
-          const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
-          if (y < 0 || y >= g.h) {
-            std::fill(out, out + row_len, T(0));
-            continue;
-          }
-          const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-          std::fill(out, out + cols.first * g.c, T(0));
-          const int64_t copied = (cols.hi - cols.lo) * g.c;
-          if (copied > 0)
-            std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                        copied * sizeof(T));
-          std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
+  // Parallel over block rows: zeros outside the image, a memcpy of the rest.
+  void operator()(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                  const BlockGeometry& g) {
+    const int64_t row_len = g.size_w * g.c;
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t k = r / g.size_h, i = r % g.size_h;
+        T* out = dst + r * row_len;
+        const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
+        if (y < 0 || y >= g.h) {
+          std::fill(out, out + row_len, T(0));
+          continue;
         }
-      };
-      ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
-    } else {
-#if TF_SPARSECONV_CUDA
-      const char* err =
-          LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-#endif
-    }
+        const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+        std::fill(out, out + cols.first * g.c, T(0));
+        const int64_t copied = (cols.hi - cols.lo) * g.c;
+        if (copied > 0)
+          std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                      copied * sizeof(T));
+        std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
+      }
+    };
+    ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
   }
 };
 
-// --- SparseScatter --------------------------------------------------------------
+template <typename T>
+struct SparseScatterFunctor<CPUDevice, T> {
+  // The output may take over base's buffer: the blocks are then scattered in
+  // place.
+  static constexpr bool kForwardBase = true;
 
-// SparseScatter (kZeroBase = false: base is input 2) and the internal
-// SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
-// base, which is never materialised: the output is zero-filled in place, so
-// scattering computed blocks into an otherwise empty tensor writes it once).
-template <typename Device, typename T, bool kZeroBase>
-class SparseScatterOp : public BlockOpBase {
- public:
-  explicit SparseScatterOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("add", &add_));
+  static Status CheckIndices(const Tensor& indices, const BlockGeometry& g, bool add) {
+    TF_RETURN_IF_ERROR(CheckIndexValues(indices, g));
+    if (!add) return CheckNoOverlap(indices, g);
+    return ::tensorflow::OkStatus();
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& blocks = ctx->input(0);
-    const Tensor& indices = ctx->input(1);
-    TensorShape base_shape;
-    if constexpr (kZeroBase) {
-      const Tensor& shape = ctx->input(2);
-      OP_REQUIRES(
-          ctx, shape.dims() == 1 && shape.NumElements() == 4,
-          errors::InvalidArgument("shape must be a vector of 4 ints [B, H, W, C], got shape ",
-                                  shape.shape().DebugString()));
-      const auto v = shape.vec<int32_t>();
-      for (int i = 0; i < 4; ++i) {
-        OP_REQUIRES(ctx, v(i) >= 0,
-                    errors::InvalidArgument("shape must be non-negative, got ", v(i)));
-      }
-      OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({v(0), v(1), v(2), v(3)}, &base_shape));
-    } else {
-      base_shape = ctx->input(2).shape();
+  // out [size] = base (nullptr: all zeros) with the n blocks written or added.
+  void operator()(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, const T* base,
+                  T* dst, int64_t size, bool add, const BlockGeometry& g) {
+    if (base == nullptr) {
+      Zero(ctx, dst, size);
+    } else if (dst != base) {
+      Copy(ctx, base, dst, size);
     }
-    OP_REQUIRES(ctx, blocks.dims() == 4,
-                errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
-                                        blocks.shape().DebugString()));
-    OP_REQUIRES(
-        ctx, base_shape.dims() == 4,
-        errors::InvalidArgument("base must be [B, H, W, C], got shape ", base_shape.DebugString()));
-    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
-    const int64_t n = indices.dim_size(0);
-    OP_REQUIRES(ctx, blocks.dim_size(0) == n,
-                errors::InvalidArgument("blocks has ", blocks.dim_size(0),
-                                        " blocks but indices has ", n, " rows"));
-    OP_REQUIRES(ctx, blocks.dim_size(3) == base_shape.dim_size(3),
-                errors::InvalidArgument("blocks has ", blocks.dim_size(3),
-                                        " channels but base has ", base_shape.dim_size(3)));
-    OP_REQUIRES(ctx, n == 0 || (blocks.dim_size(1) > 0 && blocks.dim_size(2) > 0),
-                errors::InvalidArgument("blocks must have a positive block size, got shape ",
-                                        blocks.shape().DebugString()));
-    BlockGeometry g;
-    FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
-                   base_shape.dim_size(3), std::max<int64_t>(1, blocks.dim_size(1)),
-                   std::max<int64_t>(1, blocks.dim_size(2)), &g);
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
-      if (!add_) OP_REQUIRES_OK(ctx, CheckNoOverlap(indices, g));
-    }
-    Tensor* out = nullptr;
-    if (!kZeroBase && std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, base_shape, &out));
+    if (n == 0) return;
+    if (add) {
+      AddCpu(ctx, blk, idx, n, dst, g);
     } else {
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, base_shape, &out));
-    }
-    if (out->NumElements() == 0) return;
-    const T* blk = blocks.flat<T>().data();
-    const int32_t* idx = indices.flat<int32_t>().data();
-    T* dst = out->flat<T>().data();
-    const T* src = dst;
-    if constexpr (!kZeroBase) src = ctx->input(2).flat<T>().data();
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      if (kZeroBase) {
-        Zero(ctx, dst, out->NumElements());
-      } else if (dst != src) {
-        Copy(ctx, src, dst, out->NumElements());
-      }
-      if (n == 0) return;
-      if (add_) {
-        AddCpu(ctx, blk, idx, n, dst, g);
-      } else {
-        WriteCpu(ctx, blk, idx, n, dst, g);
-      }
-    } else {
-#if TF_SPARSECONV_CUDA
-      if constexpr (kZeroBase) {
-        ::stream_executor::DeviceMemoryBase memory(dst, out->TotalBytes());
-        OP_REQUIRES_OK(ctx,
-                       ctx->op_device_context()->stream()->MemZero(&memory, out->TotalBytes()));
-      }
-      Tensor workspace;
-      OP_REQUIRES_OK(
-          ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
-                                  TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}), &workspace));
-      const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, src, dst, add_,
-                                               g, workspace.flat<int8_t>().data(), GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-#endif
+      WriteCpu(ctx, blk, idx, n, dst, g);
     }
   }
 
  private:
-  // add = false: no element may be written by two blocks.
-  static Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
-    const auto idx = indices.matrix<int32_t>();
-    const int64_t n = indices.dim_size(0);
-    // Two blocks overlap iff they are in the same image and differ by fewer
-    // than ceil(size / stride) block steps along both axes.
-    const int64_t reach_h = (g.size_h + g.stride_h - 1) / g.stride_h - 1;
-    const int64_t reach_w = (g.size_w + g.stride_w - 1) / g.stride_w - 1;
-    std::unordered_set<int64_t> seen;
-    seen.reserve(2 * n);
-    auto key = [&](int64_t b, int64_t bh, int64_t bw) {
-      return (b * g.grid_h + bh) * g.grid_w + bw;
-    };
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
-      const int64_t h0 = std::max<int64_t>(0, bh - reach_h),
-                    h1 = std::min(g.grid_h - 1, bh + reach_h);
-      const int64_t w0 = std::max<int64_t>(0, bw - reach_w),
-                    w1 = std::min(g.grid_w - 1, bw + reach_w);
-      for (int64_t h = h0; h <= h1; ++h) {
-        for (int64_t w = w0; w <= w1; ++w) {
-          if (seen.count(key(b, h, w))) {
-            return errors::InvalidArgument(
-                "indices[", k, "] = (", b, ", ", bh, ", ", bw,
-                ") overlaps an earlier block: with add=False blocks must not overlap "
-                "(block_stride ",
-                g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x", g.size_w,
-                ", or a repeated index); use add=True to sum them");
-          }
-        }
-      }
-      seen.insert(key(b, bh, bw));
-    }
-    return ::tensorflow::OkStatus();
-  }
-
   static void Zero(OpKernelContext* ctx, T* dst, int64_t size) {
     AdviseHugePages(dst, size * sizeof(T));
     constexpr int64_t kChunk = 1 << 16;
@@ -541,7 +356,246 @@ class SparseScatterOp : public BlockOpBase {
     const int64_t per_row = std::max<int64_t>(1, n * g.size_h / std::max<int64_t>(1, buckets));
     ParallelFor(ctx, g.batch * g.h, per_row * row_len * 2 + g.w * g.c + 32, work);
   }
+};
 
+#if TF_SPARSECONV_CUDA
+
+template <typename T>
+struct ReduceMaskFunctor<GPUDevice, T> {
+  void operator()(OpKernelContext* ctx, const T* mask, float threshold, bool avgpool,
+                  const BlockGeometry& g) {
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8,
+                                      TensorShape({ReduceMaskGpuWorkspaceBytes(g)}), &workspace));
+    void* ws = workspace.flat<int8_t>().data();
+    int64_t count = 0;
+    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold, avgpool, g,
+                                               ws, &count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
+    err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+
+template <typename T>
+struct SparseGatherFunctor<GPUDevice, T> {
+  static Status CheckIndices(const Tensor&, const BlockGeometry&) {
+    return ::tensorflow::OkStatus();
+  }
+
+  void operator()(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                  const BlockGeometry& g) {
+    const char* err =
+        LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+
+template <typename T>
+struct SparseScatterFunctor<GPUDevice, T> {
+  static constexpr bool kForwardBase = false;
+
+  static Status CheckIndices(const Tensor&, const BlockGeometry&, bool) {
+    return ::tensorflow::OkStatus();
+  }
+
+  void operator()(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, const T* base,
+                  T* dst, int64_t size, bool add, const BlockGeometry& g) {
+    if (base == nullptr) {
+      ::stream_executor::DeviceMemoryBase memory(dst, size * sizeof(T));
+      OP_REQUIRES_OK(ctx, ctx->op_device_context()->stream()->MemZero(&memory, size * sizeof(T)));
+      base = dst;
+    }
+    Tensor workspace;
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}), &workspace));
+    const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, base, dst, add,
+                                             g, workspace.flat<int8_t>().data(), GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+
+#endif  // TF_SPARSECONV_CUDA
+
+// --- Kernels ---------------------------------------------------------------------
+
+class BlockOpBase : public OpKernel {
+ public:
+  explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+ protected:
+  // The geometry for an image [batch, h, w, c] and blocks of size_h x size_w
+  // (the block size is a per-call value for scatter, so it is passed in:
+  // Compute may run concurrently on one kernel and must not write members).
+  void Fill(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h, int64_t size_w,
+            BlockGeometry* g) const {
+    g->batch = batch;
+    g->h = h;
+    g->w = w;
+    g->c = c;
+    g->size_h = size_h;
+    g->size_w = size_w;
+    g->stride_h = stride_h_;
+    g->stride_w = stride_w_;
+    g->offset_h = offset_h_;
+    g->offset_w = offset_w_;
+    g->grid_h = BlockGridSize(h, size_h, stride_h_, offset_h_);
+    g->grid_w = BlockGridSize(w, size_w, stride_w_, offset_w_);
+  }
+  // For gather/scatter: grid_* become the index limits (BlockIndexLimit), so
+  // that halo blocks past the formula's grid are addressable.
+  void FillForIndices(int64_t batch, int64_t h, int64_t w, int64_t c, int64_t size_h,
+                      int64_t size_w, BlockGeometry* g) const {
+    Fill(batch, h, w, c, size_h, size_w, g);
+    g->grid_h = BlockIndexLimit(h, size_h, stride_h_, offset_h_);
+    g->grid_w = BlockIndexLimit(w, size_w, stride_w_, offset_w_);
+  }
+  // Block grids whose indices fit in int32 (the index tensors' type).
+  static Status CheckGridSize(const BlockGeometry& g) {
+    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+    if (g.grid_h > kMax || g.grid_w > kMax || g.batch > kMax ||
+        (g.grid_h * g.grid_w > (int64_t{1} << 40) / std::max<int64_t>(1, g.batch))) {
+      return errors::InvalidArgument("the block grid (", g.batch, " x ", g.grid_h, " x ", g.grid_w,
+                                     ") is too large: check block_size, block_stride and "
+                                     "block_offset against the image size ",
+                                     g.h, " x ", g.w);
+    }
+    return ::tensorflow::OkStatus();
+  }
+  int64_t size_h_ = 0, size_w_ = 0, stride_h_ = 1, stride_w_ = 1, offset_h_ = 0, offset_w_ = 0;
+};
+
+template <typename Device, typename T>
+class ReduceMaskOp : public BlockOpBase {
+ public:
+  explicit ReduceMaskOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("threshold", &threshold_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("avgpool", &avgpool_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& mask = ctx->input(0);
+    OP_REQUIRES(
+        ctx, mask.dims() == 3,
+        errors::InvalidArgument("mask must be [B, H, W], got shape ", mask.shape().DebugString()));
+    BlockGeometry g;
+    Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
+    OP_REQUIRES_OK(ctx, CheckGridSize(g));
+    ReduceMaskFunctor<Device, T>()(ctx, mask.flat<T>().data(), threshold_, avgpool_, g);
+  }
+
+ private:
+  float threshold_ = 0;
+  bool avgpool_ = false;
+};
+
+template <typename Device, typename T>
+class SparseGatherOp : public BlockOpBase {
+ public:
+  explicit SparseGatherOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    using Functor = SparseGatherFunctor<Device, T>;
+    const Tensor& x = ctx->input(0);
+    const Tensor& indices = ctx->input(1);
+    OP_REQUIRES(
+        ctx, x.dims() == 4,
+        errors::InvalidArgument("x must be [B, H, W, C], got shape ", x.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
+    BlockGeometry g;
+    FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
+                   &g);
+    const int64_t n = indices.dim_size(0);
+    OP_REQUIRES_OK(ctx, Functor::CheckIndices(indices, g));
+    TensorShape blocks_shape;
+    OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({n, g.size_h, g.size_w, g.c}, &blocks_shape));
+    Tensor* blocks = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, blocks_shape, &blocks));
+    if (blocks->NumElements() == 0) return;
+    Functor()(ctx, x.flat<T>().data(), indices.flat<int32_t>().data(), n, blocks->flat<T>().data(),
+              g);
+  }
+};
+
+// SparseScatter (kZeroBase = false: base is input 2) and the internal
+// SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
+// base, which is never materialised: the output is zero-filled in place, so
+// scattering computed blocks into an otherwise empty tensor writes it once).
+template <typename Device, typename T, bool kZeroBase>
+class SparseScatterOp : public BlockOpBase {
+ public:
+  explicit SparseScatterOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("add", &add_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    using Functor = SparseScatterFunctor<Device, T>;
+    const Tensor& blocks = ctx->input(0);
+    const Tensor& indices = ctx->input(1);
+    TensorShape base_shape;
+    if constexpr (kZeroBase) {
+      const Tensor& shape = ctx->input(2);
+      OP_REQUIRES(
+          ctx, shape.dims() == 1 && shape.NumElements() == 4,
+          errors::InvalidArgument("shape must be a vector of 4 ints [B, H, W, C], got shape ",
+                                  shape.shape().DebugString()));
+      const auto v = shape.vec<int32_t>();
+      for (int i = 0; i < 4; ++i) {
+        OP_REQUIRES(ctx, v(i) >= 0,
+                    errors::InvalidArgument("shape must be non-negative, got ", v(i)));
+      }
+      OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({v(0), v(1), v(2), v(3)}, &base_shape));
+    } else {
+      base_shape = ctx->input(2).shape();
+    }
+    OP_REQUIRES(ctx, blocks.dims() == 4,
+                errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
+                                        blocks.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, base_shape.dims() == 4,
+        errors::InvalidArgument("base must be [B, H, W, C], got shape ", base_shape.DebugString()));
+    OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
+    const int64_t n = indices.dim_size(0);
+    OP_REQUIRES(ctx, blocks.dim_size(0) == n,
+                errors::InvalidArgument("blocks has ", blocks.dim_size(0),
+                                        " blocks but indices has ", n, " rows"));
+    OP_REQUIRES(ctx, blocks.dim_size(3) == base_shape.dim_size(3),
+                errors::InvalidArgument("blocks has ", blocks.dim_size(3),
+                                        " channels but base has ", base_shape.dim_size(3)));
+    OP_REQUIRES(ctx, n == 0 || (blocks.dim_size(1) > 0 && blocks.dim_size(2) > 0),
+                errors::InvalidArgument("blocks must have a positive block size, got shape ",
+                                        blocks.shape().DebugString()));
+    BlockGeometry g;
+    FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
+                   base_shape.dim_size(3), std::max<int64_t>(1, blocks.dim_size(1)),
+                   std::max<int64_t>(1, blocks.dim_size(2)), &g);
+    OP_REQUIRES_OK(ctx, Functor::CheckIndices(indices, g, add_));
+    Tensor* out = nullptr;
+    if (!kZeroBase && Functor::kForwardBase) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, base_shape, &out));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, base_shape, &out));
+    }
+    if (out->NumElements() == 0) return;
+    const T* base = kZeroBase ? nullptr : ctx->input(2).flat<T>().data();
+    Functor()(ctx, blocks.flat<T>().data(), indices.flat<int32_t>().data(), n, base,
+              out->flat<T>().data(), out->NumElements(), add_, g);
+  }
+
+ private:
   bool add_ = false;
 };
 
