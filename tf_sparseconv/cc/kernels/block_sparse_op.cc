@@ -147,22 +147,18 @@ Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
 // The kernel classes below validate the inputs and allocate the outputs, then
 // call these: the CPU specialisations are the engines described at the top,
 // the GPU ones call the launchers of block_sparse_op_gpu.cu.cc. Index values
-// are checked (CheckIndices) only on the CPU, where the indices are in host
+// are checked (Check*Indices) only on the CPU, where the indices are in host
 // memory; the GPU kernels skip out-of-range blocks instead.
 
 template <typename Device, typename T>
-struct ReduceMaskFunctor;
-template <typename Device, typename T>
-struct SparseGatherFunctor;
-template <typename Device, typename T>
-struct SparseScatterFunctor;
+struct BlockSparseFunctor;
 
-// Allocates the [count, 3] indices output itself: count is known only once
-// the blocks are reduced.
 template <typename T>
-struct ReduceMaskFunctor<CPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const T* mask, float threshold_value, bool avgpool,
-                  const BlockGeometry& g) {
+struct BlockSparseFunctor<CPUDevice, T> {
+  // Allocates the [count, 3] indices output itself: count is known only once
+  // the blocks are reduced.
+  static void ReduceMask(OpKernelContext* ctx, const T* mask, float threshold_value, bool avgpool,
+                         const BlockGeometry& g) {
     using A = typename Acc<T>::type;
     const int64_t blocks = g.batch * g.grid_h * g.grid_w;
     std::vector<uint8_t> active(blocks, 0);
@@ -199,17 +195,14 @@ struct ReduceMaskFunctor<CPUDevice, T> {
       *idx++ = static_cast<int32_t>(k % g.grid_w);
     }
   }
-};
 
-template <typename T>
-struct SparseGatherFunctor<CPUDevice, T> {
-  static Status CheckIndices(const Tensor& indices, const BlockGeometry& g) {
+  static Status CheckGatherIndices(const Tensor& indices, const BlockGeometry& g) {
     return CheckIndexValues(indices, g);
   }
 
   // Parallel over block rows: zeros outside the image, a memcpy of the rest.
-  void operator()(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
-                  const BlockGeometry& g) {
+  static void Gather(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
     const int64_t row_len = g.size_w * g.c;
     auto work = [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -231,23 +224,20 @@ struct SparseGatherFunctor<CPUDevice, T> {
     };
     ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
   }
-};
 
-template <typename T>
-struct SparseScatterFunctor<CPUDevice, T> {
   // The output may take over base's buffer: the blocks are then scattered in
   // place.
-  static constexpr bool kForwardBase = true;
+  static constexpr bool kForwardScatterBase = true;
 
-  static Status CheckIndices(const Tensor& indices, const BlockGeometry& g, bool add) {
+  static Status CheckScatterIndices(const Tensor& indices, const BlockGeometry& g, bool add) {
     TF_RETURN_IF_ERROR(CheckIndexValues(indices, g));
     if (!add) return CheckNoOverlap(indices, g);
     return ::tensorflow::OkStatus();
   }
 
   // out [size] = base (nullptr: all zeros) with the n blocks written or added.
-  void operator()(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, const T* base,
-                  T* dst, int64_t size, bool add, const BlockGeometry& g) {
+  static void Scatter(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
+                      const T* base, T* dst, int64_t size, bool add, const BlockGeometry& g) {
     if (base == nullptr) {
       Zero(ctx, dst, size);
     } else if (dst != base) {
@@ -361,9 +351,9 @@ struct SparseScatterFunctor<CPUDevice, T> {
 #if TF_SPARSECONV_CUDA
 
 template <typename T>
-struct ReduceMaskFunctor<GPUDevice, T> {
-  void operator()(OpKernelContext* ctx, const T* mask, float threshold, bool avgpool,
-                  const BlockGeometry& g) {
+struct BlockSparseFunctor<GPUDevice, T> {
+  static void ReduceMask(OpKernelContext* ctx, const T* mask, float threshold, bool avgpool,
+                         const BlockGeometry& g) {
     Tensor workspace;
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_temp(::tensorflow::DT_INT8,
@@ -378,32 +368,26 @@ struct ReduceMaskFunctor<GPUDevice, T> {
     err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
-};
 
-template <typename T>
-struct SparseGatherFunctor<GPUDevice, T> {
-  static Status CheckIndices(const Tensor&, const BlockGeometry&) {
+  static Status CheckGatherIndices(const Tensor&, const BlockGeometry&) {
     return ::tensorflow::OkStatus();
   }
 
-  void operator()(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
-                  const BlockGeometry& g) {
+  static void Gather(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
     const char* err =
         LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
   }
-};
 
-template <typename T>
-struct SparseScatterFunctor<GPUDevice, T> {
-  static constexpr bool kForwardBase = false;
+  static constexpr bool kForwardScatterBase = false;
 
-  static Status CheckIndices(const Tensor&, const BlockGeometry&, bool) {
+  static Status CheckScatterIndices(const Tensor&, const BlockGeometry&, bool) {
     return ::tensorflow::OkStatus();
   }
 
-  void operator()(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, const T* base,
-                  T* dst, int64_t size, bool add, const BlockGeometry& g) {
+  static void Scatter(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
+                      const T* base, T* dst, int64_t size, bool add, const BlockGeometry& g) {
     if (base == nullptr) {
       ::stream_executor::DeviceMemoryBase memory(dst, size * sizeof(T));
       OP_REQUIRES_OK(ctx, ctx->op_device_context()->stream()->MemZero(&memory, size * sizeof(T)));
@@ -488,7 +472,7 @@ class ReduceMaskOp : public BlockOpBase {
     BlockGeometry g;
     Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
     OP_REQUIRES_OK(ctx, CheckGridSize(g));
-    ReduceMaskFunctor<Device, T>()(ctx, mask.flat<T>().data(), threshold_, avgpool_, g);
+    BlockSparseFunctor<Device, T>::ReduceMask(ctx, mask.flat<T>().data(), threshold_, avgpool_, g);
   }
 
  private:
@@ -506,7 +490,7 @@ class SparseGatherOp : public BlockOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    using Functor = SparseGatherFunctor<Device, T>;
+    using Functor = BlockSparseFunctor<Device, T>;
     const Tensor& x = ctx->input(0);
     const Tensor& indices = ctx->input(1);
     OP_REQUIRES(
@@ -517,14 +501,14 @@ class SparseGatherOp : public BlockOpBase {
     FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
                    &g);
     const int64_t n = indices.dim_size(0);
-    OP_REQUIRES_OK(ctx, Functor::CheckIndices(indices, g));
+    OP_REQUIRES_OK(ctx, Functor::CheckGatherIndices(indices, g));
     TensorShape blocks_shape;
     OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({n, g.size_h, g.size_w, g.c}, &blocks_shape));
     Tensor* blocks = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, blocks_shape, &blocks));
     if (blocks->NumElements() == 0) return;
-    Functor()(ctx, x.flat<T>().data(), indices.flat<int32_t>().data(), n, blocks->flat<T>().data(),
-              g);
+    Functor::Gather(ctx, x.flat<T>().data(), indices.flat<int32_t>().data(), n,
+                    blocks->flat<T>().data(), g);
   }
 };
 
@@ -542,7 +526,7 @@ class SparseScatterOp : public BlockOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    using Functor = SparseScatterFunctor<Device, T>;
+    using Functor = BlockSparseFunctor<Device, T>;
     const Tensor& blocks = ctx->input(0);
     const Tensor& indices = ctx->input(1);
     TensorShape base_shape;
@@ -582,17 +566,17 @@ class SparseScatterOp : public BlockOpBase {
     FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
                    base_shape.dim_size(3), std::max<int64_t>(1, blocks.dim_size(1)),
                    std::max<int64_t>(1, blocks.dim_size(2)), &g);
-    OP_REQUIRES_OK(ctx, Functor::CheckIndices(indices, g, add_));
+    OP_REQUIRES_OK(ctx, Functor::CheckScatterIndices(indices, g, add_));
     Tensor* out = nullptr;
-    if (!kZeroBase && Functor::kForwardBase) {
+    if (!kZeroBase && Functor::kForwardScatterBase) {
       OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, base_shape, &out));
     } else {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, base_shape, &out));
     }
     if (out->NumElements() == 0) return;
     const T* base = kZeroBase ? nullptr : ctx->input(2).flat<T>().data();
-    Functor()(ctx, blocks.flat<T>().data(), indices.flat<int32_t>().data(), n, base,
-              out->flat<T>().data(), out->NumElements(), add_, g);
+    Functor::Scatter(ctx, blocks.flat<T>().data(), indices.flat<int32_t>().data(), n, base,
+                     out->flat<T>().data(), out->NumElements(), add_, g);
   }
 
  private:

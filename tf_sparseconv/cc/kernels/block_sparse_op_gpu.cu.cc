@@ -143,6 +143,24 @@ __device__ __forceinline__ int64_t CellOf(const int32_t* __restrict__ row, const
   return (b * g.grid_h + bh) * g.grid_w + bw;
 }
 
+// The second pass of a tiled scan: loads this thread's kScanItems entries of
+// tile t (from `first`; 0 past `items`) into v and returns the scan position of
+// the first one (the tile's offset plus the entries of the tile's earlier
+// threads). Every thread of the block must call it.
+template <typename C>
+__device__ __forceinline__ long long LoadScanItems(const C* __restrict__ in, int64_t items,
+                                                   const int64_t* __restrict__ tile_offsets,
+                                                   int64_t t, int64_t first, C (&v)[kScanItems]) {
+  long long n = 0;
+#pragma unroll
+  for (int r = 0; r < kScanItems; ++r) {
+    v[r] = first + r < items ? in[first + r] : 0;
+    n += v[r];
+  }
+  long long total;
+  return tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+}
+
 // --- Prefix sums by tiles ---------------------------------------------------
 
 // sums[t] = sum of in[t * kTile, (t + 1) * kTile) (clipped to items).
@@ -247,14 +265,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
     uint8_t f[kScanItems];
-    long long n = 0;
-#pragma unroll
-    for (int r = 0; r < kScanItems; ++r) {
-      f[r] = first + r < blocks ? flags[first + r] : 0;
-      n += f[r];
-    }
-    long long total;
-    long long pos = tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+    long long pos = LoadScanItems(flags, blocks, tile_offsets, t, first, f);
 #pragma unroll
     for (int r = 0; r < kScanItems; ++r) {
       if (f[r]) {
@@ -292,14 +303,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
     int32_t c[kScanItems];
-    long long n = 0;
-#pragma unroll
-    for (int r = 0; r < kScanItems; ++r) {
-      c[r] = first + r < cells ? counts[first + r] : 0;
-      n += c[r];
-    }
-    long long total;
-    long long run = tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+    long long run = LoadScanItems(counts, cells, tile_offsets, t, first, c);
 #pragma unroll
     for (int r = 0; r < kScanItems; ++r) {
       if (first + r < cells) starts[first + r] = static_cast<int32_t>(run);
