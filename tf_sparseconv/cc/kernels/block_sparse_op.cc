@@ -89,6 +89,23 @@ inline Span ClipSpan(int64_t start, int64_t size, int64_t length) {
   return {lo, hi, lo - start};
 }
 
+// fn(r, b, y, cols) for every row r = k * size_h + i of the n blocks [n,
+// size_h, size_w, c], in parallel (gather, scatter-write): b is block k's
+// image, y the image row of its row i (possibly outside the image) and cols
+// its columns inside the image. cost_per_row: ParallelFor's cost per row.
+template <typename Fn>
+void ForEachBlockRow(OpKernelContext* ctx, const int32_t* idx, int64_t n, const BlockGeometry& g,
+                     int64_t cost_per_row, const Fn& fn) {
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k = r / g.size_h, i = r % g.size_h;
+      const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
+      fn(r, b, y, ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w));
+    }
+  };
+  ParallelFor(ctx, n * g.size_h, cost_per_row, work);
+}
+
 // A freshly allocated large output is first touched by our zero-fill; on
 // Linux with transparent huge pages in "madvise" mode, asking for huge pages
 // turns ~500 page faults per 2 MiB into one (the faults, not the writes,
@@ -204,25 +221,20 @@ struct BlockSparseFunctor<CPUDevice, T> {
   static void Gather(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
                      const BlockGeometry& g) {
     const int64_t row_len = g.size_w * g.c;
-    auto work = [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t k = r / g.size_h, i = r % g.size_h;
-        T* out = dst + r * row_len;
-        const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
-        if (y < 0 || y >= g.h) {
-          std::fill(out, out + row_len, T(0));
-          continue;
-        }
-        const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-        std::fill(out, out + cols.first * g.c, T(0));
-        const int64_t copied = (cols.hi - cols.lo) * g.c;
-        if (copied > 0)
-          std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                      copied * sizeof(T));
-        std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
+    auto row = [&](int64_t r, int64_t b, int64_t y, const Span& cols) {
+      T* out = dst + r * row_len;
+      if (y < 0 || y >= g.h) {
+        std::fill(out, out + row_len, T(0));
+        return;
       }
+      std::fill(out, out + cols.first * g.c, T(0));
+      const int64_t copied = (cols.hi - cols.lo) * g.c;
+      if (copied > 0)
+        std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                    copied * sizeof(T));
+      std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
     };
-    ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
+    ForEachBlockRow(ctx, idx, n, g, row_len * sizeof(T) + 32, row);
   }
 
   // The output may take over base's buffer: the blocks are then scattered in
@@ -276,18 +288,12 @@ struct BlockSparseFunctor<CPUDevice, T> {
   static void WriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
                        const BlockGeometry& g) {
     const int64_t row_len = g.size_w * g.c;
-    auto work = [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t k = r / g.size_h, i = r % g.size_h;
-        const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
-        if (y < 0 || y >= g.h) continue;
-        const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-        if (cols.hi > cols.lo)
-          std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                      blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
-      }
+    auto row = [&](int64_t r, int64_t b, int64_t y, const Span& cols) {
+      if (y < 0 || y >= g.h || cols.hi <= cols.lo) return;
+      std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c, blk + r * row_len + cols.first * g.c,
+                  (cols.hi - cols.lo) * g.c * sizeof(T));
     };
-    ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
+    ForEachBlockRow(ctx, idx, n, g, row_len * sizeof(T) + 32, row);
   }
 
   // Parallel over image rows; each adds the blocks covering it in a fixed
@@ -412,6 +418,13 @@ class BlockOpBase : public OpKernel {
   explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
  protected:
+  // The block attributes: block_stride, block_offset and (with_size)
+  // block_size; scatter takes its block size from the blocks instead.
+  Status ReadBlockAttrs(OpKernelConstruction* ctx, bool with_size) {
+    if (with_size) TF_RETURN_IF_ERROR(ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    TF_RETURN_IF_ERROR(ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    return ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_);
+  }
   // The geometry for an image [batch, h, w, c] and blocks of size_h x size_w
   // (the block size is a per-call value for scatter, so it is passed in:
   // Compute may run concurrently on one kernel and must not write members).
@@ -457,18 +470,14 @@ template <typename Device, typename T>
 class ReduceMaskOp : public BlockOpBase {
  public:
   explicit ReduceMaskOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/true));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("threshold", &threshold_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("avgpool", &avgpool_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& mask = ctx->input(0);
-    OP_REQUIRES(
-        ctx, mask.dims() == 3,
-        errors::InvalidArgument("mask must be [B, H, W], got shape ", mask.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(mask, 3, "mask must be [B, H, W]"));
     BlockGeometry g;
     Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
     OP_REQUIRES_OK(ctx, CheckGridSize(g));
@@ -484,18 +493,14 @@ template <typename Device, typename T>
 class SparseGatherOp : public BlockOpBase {
  public:
   explicit SparseGatherOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/true));
   }
 
   void Compute(OpKernelContext* ctx) override {
     using Functor = BlockSparseFunctor<Device, T>;
     const Tensor& x = ctx->input(0);
     const Tensor& indices = ctx->input(1);
-    OP_REQUIRES(
-        ctx, x.dims() == 4,
-        errors::InvalidArgument("x must be [B, H, W, C], got shape ", x.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(x, 4, "x must be [B, H, W, C]"));
     OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
     BlockGeometry g;
     FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
@@ -520,8 +525,7 @@ template <typename Device, typename T, bool kZeroBase>
 class SparseScatterOp : public BlockOpBase {
  public:
   explicit SparseScatterOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/false));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("add", &add_));
   }
 
@@ -545,9 +549,7 @@ class SparseScatterOp : public BlockOpBase {
     } else {
       base_shape = ctx->input(2).shape();
     }
-    OP_REQUIRES(ctx, blocks.dims() == 4,
-                errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
-                                        blocks.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(blocks, 4, "blocks must be [n, size_h, size_w, C]"));
     OP_REQUIRES(
         ctx, base_shape.dims() == 4,
         errors::InvalidArgument("base must be [B, H, W, C], got shape ", base_shape.DebugString()));

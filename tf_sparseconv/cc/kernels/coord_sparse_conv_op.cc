@@ -42,7 +42,6 @@ namespace tf_sparseconv {
 
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Output rows per tile of SparseConvFeatures: a tile's accumulator and
 // buffers (tile x max(Cin, Cout) values each) stay in L2 for C <= 256.
 constexpr int64_t kTileRows = 256;
@@ -427,9 +426,7 @@ class SparseConvFeaturesOp : public OpKernel {
     const Tensor& kernel_t = ctx->input(1);
     const Tensor& pair_ptr_t = ctx->input(2);
     const Tensor& pairs_t = ctx->input(3);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, Cin], got shape ",
-                                        features_t.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, Cin]"));
     OP_REQUIRES(ctx, kernel_t.dims() == 3,
                 errors::InvalidArgument("kernel must be [K, Cin, Cout] (the spatial kernel "
                                         "dims flattened), got shape ",
@@ -470,12 +467,8 @@ class SparseConvKernelGradOp : public OpKernel {
     const Tensor& grad_t = ctx->input(1);
     const Tensor& pair_ptr_t = ctx->input(2);
     const Tensor& pairs_t = ctx->input(3);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, Cin], got shape ",
-                                        features_t.shape().DebugString()));
-    OP_REQUIRES(ctx, grad_t.dims() == 2,
-                errors::InvalidArgument("grad must be [M, Cout], got shape ",
-                                        grad_t.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, Cin]"));
+    OP_REQUIRES_OK(ctx, CheckRank(grad_t, 2, "grad must be [M, Cout]"));
     OP_REQUIRES(ctx, pair_ptr_t.dims() == 1 && pair_ptr_t.dim_size(0) >= 1,
                 errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
                                         pair_ptr_t.shape().DebugString()));

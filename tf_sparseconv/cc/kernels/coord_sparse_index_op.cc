@@ -46,7 +46,6 @@ namespace tf_sparseconv {
 
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Packed keys stay below this bound (kEmptyKey and sums stay representable).
 constexpr int64_t kKeyLimit = int64_t{1} << 62;
 // Sites per work block: fixed, so the output never depends on the thread count.
@@ -666,9 +665,7 @@ class TopKSitesOp : public OpKernel {
     const Tensor& features_t = ctx->input(0);
     const Tensor& coords_t = ctx->input(1);
     const Tensor& k_t = ctx->input(2);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, C], got shape ",
-                                        features_t.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, C]"));
     OP_REQUIRES(ctx,
                 coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
                     coords_t.dim_size(1) <= 1 + kMaxCoordDims,
@@ -677,9 +674,7 @@ class TopKSitesOp : public OpKernel {
     OP_REQUIRES(ctx, coords_t.dim_size(0) == features_t.dim_size(0),
                 errors::InvalidArgument("features has ", features_t.dim_size(0),
                                         " rows but coords has ", coords_t.dim_size(0)));
-    OP_REQUIRES(ctx, k_t.dims() == 0,
-                errors::InvalidArgument("k must be an int32 scalar, got shape ",
-                                        k_t.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(k_t, 0, "k must be an int32 scalar"));
     const int64_t k = k_t.scalar<int32_t>()();
     OP_REQUIRES(ctx, k >= 1, errors::InvalidArgument("k must be >= 1, got ", k));
     const int64_t n = features_t.dim_size(0), c = features_t.dim_size(1);

@@ -62,6 +62,13 @@ using GPUDevice = Eigen::GpuDevice;
 #define TSC_REGISTER_FLOAT_KERNELS(REGISTER) TSC_FOR_FLOAT_TYPES(REGISTER, CPU)
 #endif
 
+// An input's rank check with the kernels' message: `what` (e.g. "x must be
+// [B, H, W, C]") followed by ", got shape " and the tensor's shape.
+inline Status CheckRank(const Tensor& t, int rank, const char* what) {
+  if (t.dims() == rank) return ::tensorflow::OkStatus();
+  return errors::InvalidArgument(what, ", got shape ", t.shape().DebugString());
+}
+
 // fn(begin, end) over [0, total) on the op's CPU worker threads; `cost_per_unit`
 // (in cycles, roughly) lets TensorFlow choose the shard size.
 inline void ParallelFor(::tensorflow::OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
