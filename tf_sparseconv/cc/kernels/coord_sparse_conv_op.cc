@@ -217,6 +217,17 @@ Status CheckRulebook(OpKernelContext* ctx, const Tensor& pair_ptr_t, const Tenso
                                  "transpose)");
 }
 
+// K, the kernel offsets of a rulebook, from pair_ptr [K + 1] (the ops that
+// take K from the rulebook rather than from a kernel).
+Status NumOffsets(const Tensor& pair_ptr, int64_t* num_offsets) {
+  if (pair_ptr.dims() != 1 || pair_ptr.dim_size(0) < 1) {
+    return errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
+                                   pair_ptr.shape().DebugString());
+  }
+  *num_offsets = pair_ptr.dim_size(0) - 1;
+  return ::tensorflow::OkStatus();
+}
+
 Status ScalarCount(const Tensor& t, const char* name, int64_t* value) {
   if (t.dims() != 0) {
     return errors::InvalidArgument(name, " must be an int32 scalar, got shape ",
@@ -469,10 +480,8 @@ class SparseConvKernelGradOp : public OpKernel {
     const Tensor& pairs_t = ctx->input(3);
     OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, Cin]"));
     OP_REQUIRES_OK(ctx, CheckRank(grad_t, 2, "grad must be [M, Cout]"));
-    OP_REQUIRES(ctx, pair_ptr_t.dims() == 1 && pair_ptr_t.dim_size(0) >= 1,
-                errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
-                                        pair_ptr_t.shape().DebugString()));
-    const int64_t num_offsets = pair_ptr_t.dim_size(0) - 1;
+    int64_t num_offsets = 0;
+    OP_REQUIRES_OK(ctx, NumOffsets(pair_ptr_t, &num_offsets));
     const int64_t cin = features_t.dim_size(1), cout = grad_t.dim_size(1);
     Tensor* out_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_offsets, cin, cout}), &out_t));
@@ -498,10 +507,8 @@ class SparseConvRulebookTransposeOp : public OpKernel {
     const Tensor& pairs_t = ctx->input(1);
     int64_t num_src = 0;
     OP_REQUIRES_OK(ctx, ScalarCount(ctx->input(2), "num_src", &num_src));
-    OP_REQUIRES(ctx, pair_ptr_t.dims() == 1 && pair_ptr_t.dim_size(0) >= 1,
-                errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
-                                        pair_ptr_t.shape().DebugString()));
-    const int64_t num_offsets = pair_ptr_t.dim_size(0) - 1;
+    int64_t num_offsets = 0;
+    OP_REQUIRES_OK(ctx, NumOffsets(pair_ptr_t, &num_offsets));
     OP_REQUIRES_OK(ctx, CheckRulebook(ctx, pair_ptr_t, pairs_t, num_offsets, num_src, kInt32Max,
                                       false, "num_src", "int32"));
     Tensor* out_t = nullptr;

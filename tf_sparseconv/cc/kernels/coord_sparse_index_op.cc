@@ -655,9 +655,7 @@ template <typename Device, typename T>
 class TopKSitesOp : public OpKernel {
  public:
   explicit TopKSitesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string score;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("score", &score));
-    l2_ = score == "l2";
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "score", "l2", &l2_));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -459,11 +459,10 @@ template <typename Device, typename T>
 class TopKAttentionOp : public OpKernel {
  public:
   explicit TopKAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string mode, per;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("mode", &mode));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("per", &per));
-    mode_ = mode == "relu" ? ScoreMode::kRelu : ScoreMode::kAbs;
-    per_sample_ = per == "sample";
+    bool relu = false;
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "mode", "relu", &relu));
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "per", "sample", &per_sample_));
+    mode_ = relu ? ScoreMode::kRelu : ScoreMode::kAbs;
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -493,9 +492,7 @@ template <typename Device, typename T>
 class TopKAttentionGradOp : public OpKernel {
  public:
   explicit TopKAttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string per;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("per", &per));
-    per_sample_ = per == "sample";
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "per", "sample", &per_sample_));
   }
 
   void Compute(OpKernelContext* ctx) override {
