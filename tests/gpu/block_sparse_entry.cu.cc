@@ -4,25 +4,17 @@
 // TensorFlow op library.
 // `geometry` points to 12 int64 in the field order of BlockGeometry.
 #include <cstdint>
+#include <cstring>
 
 #include "tf_sparseconv/cc/kernels/block_sparse_launcher.h"
 
 namespace {
 
+// BlockGeometry is its 12 int64 fields, in order: a byte copy.
+static_assert(sizeof(tf_sparseconv::BlockGeometry) == 12 * sizeof(int64_t), "BlockGeometry");
 tf_sparseconv::BlockGeometry UnpackGeometry(const int64_t* v) {
   tf_sparseconv::BlockGeometry g;
-  g.batch = v[0];
-  g.h = v[1];
-  g.w = v[2];
-  g.c = v[3];
-  g.size_h = v[4];
-  g.size_w = v[5];
-  g.stride_h = v[6];
-  g.stride_w = v[7];
-  g.offset_h = v[8];
-  g.offset_w = v[9];
-  g.grid_h = v[10];
-  g.grid_w = v[11];
+  std::memcpy(&g, v, sizeof(g));
   return g;
 }
 

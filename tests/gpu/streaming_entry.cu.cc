@@ -5,6 +5,7 @@
 // `geometry` points to 7 int64 in the field order of StreamingGeometry;
 // activation 0 = linear, 1 = relu.
 #include <cstdint>
+#include <cstring>
 
 #include "tf_sparseconv/cc/kernels/streaming_launcher.h"
 
@@ -19,14 +20,11 @@ const char* tsc_streaming_conv_step_gpu(int format, const void* history, const v
     return "tsc_streaming: activation must be 0 (linear) or 1 (relu)";
   }
   if (format < 0 || format > 3) return "tsc_streaming: unknown float format";
+  // StreamingGeometry is its 7 int64 fields, in order: a byte copy.
+  static_assert(sizeof(tf_sparseconv::StreamingGeometry) == 7 * sizeof(int64_t),
+                "StreamingGeometry");
   tf_sparseconv::StreamingGeometry g;
-  g.batch = geometry[0];
-  g.steps = geometry[1];
-  g.hist = geometry[2];
-  g.channels = geometry[3];
-  g.filters = geometry[4];
-  g.taps = geometry[5];
-  g.dilation = geometry[6];
+  std::memcpy(&g, geometry, sizeof(g));
   return tf_sparseconv::LaunchStreamingConvStepGpu(static_cast<tf_sparseconv::FloatFormat>(format),
                                                    history, frames, kernel, bias, activation == 1,
                                                    y, new_history, g, stream);

@@ -89,6 +89,23 @@ inline Span ClipSpan(int64_t start, int64_t size, int64_t length) {
   return {lo, hi, lo - start};
 }
 
+// fn(r, b, y, cols) for every row r = k * size_h + i of the n blocks [n,
+// size_h, size_w, c], in parallel (gather, scatter-write): b is block k's
+// image, y the image row of its row i (possibly outside the image) and cols
+// its columns inside the image. cost_per_row: ParallelFor's cost per row.
+template <typename Fn>
+void ForEachBlockRow(OpKernelContext* ctx, const int32_t* idx, int64_t n, const BlockGeometry& g,
+                     int64_t cost_per_row, const Fn& fn) {
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k = r / g.size_h, i = r % g.size_h;
+      const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
+      fn(r, b, y, ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w));
+    }
+  };
+  ParallelFor(ctx, n * g.size_h, cost_per_row, work);
+}
+
 // A freshly allocated large output is first touched by our zero-fill; on
 // Linux with transparent huge pages in "madvise" mode, asking for huge pages
 // turns ~500 page faults per 2 MiB into one (the faults, not the writes,
@@ -106,15 +123,377 @@ inline void AdviseHugePages(void* data, int64_t bytes) {
 #endif
 }
 
+// add = false: no element may be written by two blocks.
+Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
+  const auto idx = indices.matrix<int32_t>();
+  const int64_t n = indices.dim_size(0);
+  // Two blocks overlap iff they are in the same image and differ by fewer
+  // than ceil(size / stride) block steps along both axes.
+  const int64_t reach_h = (g.size_h + g.stride_h - 1) / g.stride_h - 1;
+  const int64_t reach_w = (g.size_w + g.stride_w - 1) / g.stride_w - 1;
+  std::unordered_set<int64_t> seen;
+  seen.reserve(2 * n);
+  auto key = [&](int64_t b, int64_t bh, int64_t bw) { return (b * g.grid_h + bh) * g.grid_w + bw; };
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
+    const int64_t h0 = std::max<int64_t>(0, bh - reach_h),
+                  h1 = std::min(g.grid_h - 1, bh + reach_h);
+    const int64_t w0 = std::max<int64_t>(0, bw - reach_w),
+                  w1 = std::min(g.grid_w - 1, bw + reach_w);
+    for (int64_t h = h0; h <= h1; ++h) {
+      for (int64_t w = w0; w <= w1; ++w) {
+        if (seen.count(key(b, h, w))) {
+          return errors::InvalidArgument(
+              "indices[", k, "] = (", b, ", ", bh, ", ", bw,
+              ") overlaps an earlier block: with add=False blocks must not overlap "
+              "(block_stride ",
+              g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x", g.size_w,
+              ", or a repeated index); use add=True to sum them");
+        }
+      }
+    }
+    seen.insert(key(b, bh, bw));
+  }
+  return ::tensorflow::OkStatus();
+}
+
 }  // namespace
 
-// --- ReduceMask -----------------------------------------------------------------
+// --- Device functors ------------------------------------------------------------
+//
+// The kernel classes below validate the inputs and allocate the outputs, then
+// call these: the CPU specialisations are the engines described at the top,
+// the GPU ones call the launchers of block_sparse_op_gpu.cu.cc. Index values
+// are checked (Check*Indices) only on the CPU, where the indices are in host
+// memory; the GPU kernels skip out-of-range blocks instead.
+
+template <typename Device, typename T>
+struct BlockSparseFunctor;
+
+// The blocks of a scatter bucketed by (image, block row), each bucket in index
+// order, for the CPU scatters that walk the output row by row.
+class BlocksByRow {
+ public:
+  BlocksByRow(const int32_t* idx, int64_t n, const BlockGeometry& g)
+      : g_(g), start_(g.batch * g.grid_h + 1, 0), order_(n) {
+    for (int64_t k = 0; k < n; ++k) ++start_[Bucket(idx[3 * k], idx[3 * k + 1]) + 1];
+    for (size_t q = 0; q + 1 < start_.size(); ++q) start_[q + 1] += start_[q];
+    std::vector<int64_t> fill(start_.begin(), start_.end() - 1);
+    for (int64_t k = 0; k < n; ++k) order_[fill[Bucket(idx[3 * k], idx[3 * k + 1])]++] = k;
+  }
+
+  // Whether any block covers row y of image b.
+  bool Covers(int64_t b, int64_t y) const {
+    bool any = false;
+    ForEach(b, y, [&](int64_t, int64_t) { any = true; });
+    return any;
+  }
+
+  // f(k, i) for each block k covering row y of image b (i: the row inside the
+  // block), by increasing block row, then index order.
+  template <typename F>
+  void ForEach(int64_t b, int64_t y, F&& f) const {
+    // Block rows bh with offset + bh * stride <= y < offset + bh * stride + size.
+    const int64_t rel = y - g_.offset_h;
+    const int64_t lo = std::max<int64_t>(0, FloorDiv(rel - g_.size_h, g_.stride_h) + 1);
+    const int64_t hi = std::min<int64_t>(g_.grid_h - 1, FloorDiv(rel, g_.stride_h));
+    for (int64_t bh = lo; bh <= hi; ++bh) {
+      const int64_t bucket = Bucket(b, bh);
+      for (int64_t q = start_[bucket]; q < start_[bucket + 1]; ++q)
+        f(order_[q], rel - bh * g_.stride_h);
+    }
+  }
+
+ private:
+  int64_t Bucket(int64_t b, int64_t bh) const { return b * g_.grid_h + bh; }
+  static int64_t FloorDiv(int64_t a, int64_t d) { return a >= 0 ? a / d : -((-a + d - 1) / d); }
+
+  const BlockGeometry& g_;
+  std::vector<int64_t> start_, order_;
+};
+
+template <typename T>
+struct BlockSparseFunctor<CPUDevice, T> {
+  // Allocates the [count, 3] indices output itself: count is known only once
+  // the blocks are reduced.
+  static void ReduceMask(OpKernelContext* ctx, const T* mask, float threshold_value, bool avgpool,
+                         const BlockGeometry& g) {
+    using A = typename Acc<T>::type;
+    const int64_t blocks = g.batch * g.grid_h * g.grid_w;
+    std::vector<uint8_t> active(blocks, 0);
+    const A threshold = static_cast<A>(threshold_value);
+    const A area = static_cast<A>(g.size_h * g.size_w);
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / (g.grid_h * g.grid_w);
+        const int64_t bh = k / g.grid_w % g.grid_h, bw = k % g.grid_w;
+        const Span rows = ClipSpan(g.offset_h + bh * g.stride_h, g.size_h, g.h);
+        const Span cols = ClipSpan(g.offset_w + bw * g.stride_w, g.size_w, g.w);
+        A max = -std::numeric_limits<A>::infinity(), sum = 0;
+        for (int64_t y = rows.lo; y < rows.hi; ++y) {
+          const T* row = mask + (b * g.h + y) * g.w;
+          for (int64_t x = cols.lo; x < cols.hi; ++x) {
+            const A v = static_cast<A>(row[x]);
+            max = std::max(max, v);
+            sum += v;
+          }
+        }
+        active[k] = (avgpool ? sum / area : max) > threshold;
+      }
+    };
+    ParallelFor(ctx, blocks, 4 * g.size_h * g.size_w + 16, work);
+    int64_t count = 0;
+    for (uint8_t a : active) count += a;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
+    int32_t* idx = out->flat<int32_t>().data();
+    for (int64_t k = 0; k < blocks; ++k) {
+      if (!active[k]) continue;
+      *idx++ = static_cast<int32_t>(k / (g.grid_h * g.grid_w));
+      *idx++ = static_cast<int32_t>(k / g.grid_w % g.grid_h);
+      *idx++ = static_cast<int32_t>(k % g.grid_w);
+    }
+  }
+
+  static Status CheckGatherIndices(const Tensor& indices, const BlockGeometry& g) {
+    return CheckIndexValues(indices, g);
+  }
+
+  // Parallel over block rows: zeros outside the image, a memcpy of the rest.
+  static void Gather(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
+    const int64_t row_len = g.size_w * g.c;
+    auto row = [&](int64_t r, int64_t b, int64_t y, const Span& cols) {
+      T* out = dst + r * row_len;
+      if (y < 0 || y >= g.h) {
+        std::fill(out, out + row_len, T(0));
+        return;
+      }
+      std::fill(out, out + cols.first * g.c, T(0));
+      const int64_t copied = (cols.hi - cols.lo) * g.c;
+      if (copied > 0)
+        std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
+                    copied * sizeof(T));
+      std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
+    };
+    ForEachBlockRow(ctx, idx, n, g, row_len * sizeof(T) + 32, row);
+  }
+
+  // The output may take over base's buffer: the blocks are then scattered in
+  // place.
+  static constexpr bool kForwardScatterBase = true;
+
+  static Status CheckScatterIndices(const Tensor& indices, const BlockGeometry& g, bool add) {
+    TF_RETURN_IF_ERROR(CheckIndexValues(indices, g));
+    if (!add) return CheckNoOverlap(indices, g);
+    return ::tensorflow::OkStatus();
+  }
+
+  // out [size] = base (nullptr: all zeros) with the n blocks written or added.
+  static void Scatter(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
+                      const T* base, T* dst, int64_t size, bool add, const BlockGeometry& g) {
+    if (base == nullptr && !add) {
+      ZeroAndWriteCpu(ctx, blk, idx, n, dst, g);
+      return;
+    }
+    if (base == nullptr) {
+      Zero(ctx, dst, size);
+    } else if (dst != base) {
+      Copy(ctx, base, dst, size);
+    }
+    if (n == 0) return;
+    if (add) {
+      AddCpu(ctx, blk, idx, n, dst, g);
+    } else {
+      WriteCpu(ctx, blk, idx, n, dst, g);
+    }
+  }
+
+ private:
+  static void Zero(OpKernelContext* ctx, T* dst, int64_t size) {
+    AdviseHugePages(dst, size * sizeof(T));
+    constexpr int64_t kChunk = 1 << 16;
+    auto work = [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
+      std::memset(static_cast<void*>(dst + lo), 0, (hi - lo) * sizeof(T));
+    };
+    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T) / 2, work);
+  }
+
+  static void Copy(OpKernelContext* ctx, const T* src, T* dst, int64_t size) {
+    AdviseHugePages(dst, size * sizeof(T));
+    constexpr int64_t kChunk = 1 << 16;
+    auto work = [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
+      std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(T));
+    };
+    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T), work);
+  }
+
+  // Blocks do not overlap: parallel over block rows, memcpy of the in-image part.
+  static void WriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
+                       const BlockGeometry& g) {
+    const int64_t row_len = g.size_w * g.c;
+    auto row = [&](int64_t r, int64_t b, int64_t y, const Span& cols) {
+      if (y < 0 || y >= g.h || cols.hi <= cols.lo) return;
+      std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c, blk + r * row_len + cols.first * g.c,
+                  (cols.hi - cols.lo) * g.c * sizeof(T));
+    };
+    ForEachBlockRow(ctx, idx, n, g, row_len * sizeof(T) + 32, row);
+  }
+
+  // Parallel over image rows; each adds the blocks covering it in a fixed
+  // order (increasing bh, then index order), in float for 16-bit types.
+  static void AddCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
+    using A = typename Acc<T>::type;
+    const BlocksByRow blocks(idx, n, g);
+    const int64_t row_len = g.size_w * g.c;
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(std::is_same<T, A>::value ? 0 : g.w * g.c);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.h, y = r % g.h;
+        if (!blocks.Covers(b, y)) continue;
+        T* out_row = dst + r * g.w * g.c;
+        A* row;
+        if constexpr (std::is_same<T, A>::value) {
+          row = out_row;
+        } else {
+          row = acc.data();
+          for (int64_t e = 0; e < g.w * g.c; ++e) row[e] = static_cast<A>(out_row[e]);
+        }
+        blocks.ForEach(b, y, [&](int64_t k, int64_t i) {
+          const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+          const T* s = blk + (k * g.size_h + i) * row_len + cols.first * g.c;
+          A* d = row + cols.lo * g.c;
+          const int64_t len = (cols.hi - cols.lo) * g.c;
+          for (int64_t e = 0; e < len; ++e) d[e] += static_cast<A>(s[e]);
+        });
+        if constexpr (!std::is_same<T, A>::value) {
+          for (int64_t e = 0; e < g.w * g.c; ++e) out_row[e] = static_cast<T>(row[e]);
+        }
+      }
+    };
+    const int64_t buckets = std::max<int64_t>(1, g.batch * g.grid_h);
+    const int64_t per_row = std::max<int64_t>(1, n * g.size_h / buckets);
+    ParallelFor(ctx, g.batch * g.h, per_row * row_len * 2 + g.w * g.c + 32, work);
+  }
+
+  // Blocks written into zeros (add = false: no two blocks share an element) in
+  // one pass over the output rows: a row's stretches outside every block are
+  // zeroed and its blocks' rows copied in, so each element is written once,
+  // while its page is hot. (Filling a fresh output costs mostly its page
+  // faults, paid alike by a zero-fill followed by a block write; this saves
+  // the second write of the covered part and the blocks' second pass.)
+  static void ZeroAndWriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
+                              T* dst, const BlockGeometry& g) {
+    AdviseHugePages(dst, g.batch * g.h * g.w * g.c * static_cast<int64_t>(sizeof(T)));
+    const BlocksByRow blocks(idx, n, g);
+    const int64_t row_elems = g.w * g.c, block_row = g.size_w * g.c;
+    struct Piece {
+      int64_t lo, hi;  // image columns
+      const T* src;
+    };
+    auto zero = [&](T* p, int64_t count) {
+      if (count > 0) std::memset(static_cast<void*>(p), 0, count * sizeof(T));
+    };
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<Piece> pieces;
+      for (int64_t r = begin; r < end; ++r) {
+        pieces.clear();
+        blocks.ForEach(r / g.h, r % g.h, [&](int64_t k, int64_t i) {
+          const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
+          if (cols.hi > cols.lo)
+            pieces.push_back(
+                {cols.lo, cols.hi, blk + (k * g.size_h + i) * block_row + cols.first * g.c});
+        });
+        std::sort(pieces.begin(), pieces.end(),
+                  [](const Piece& a, const Piece& b) { return a.lo < b.lo; });
+        T* out = dst + r * row_elems;
+        int64_t x = 0;
+        for (const Piece& p : pieces) {
+          zero(out + x * g.c, (p.lo - x) * g.c);
+          std::memcpy(out + p.lo * g.c, p.src, (p.hi - p.lo) * g.c * sizeof(T));
+          x = p.hi;
+        }
+        zero(out + x * g.c, (g.w - x) * g.c);
+      }
+    };
+    ParallelFor(ctx, g.batch * g.h, row_elems * static_cast<int64_t>(sizeof(T)), work);
+  }
+};
+
+#if TF_SPARSECONV_CUDA
+
+template <typename T>
+struct BlockSparseFunctor<GPUDevice, T> {
+  static void ReduceMask(OpKernelContext* ctx, const T* mask, float threshold, bool avgpool,
+                         const BlockGeometry& g) {
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(::tensorflow::DT_INT8,
+                                      TensorShape({ReduceMaskGpuWorkspaceBytes(g)}), &workspace));
+    void* ws = workspace.flat<int8_t>().data();
+    int64_t count = 0;
+    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold, avgpool, g,
+                                               ws, &count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
+    err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+
+  static Status CheckGatherIndices(const Tensor&, const BlockGeometry&) {
+    return ::tensorflow::OkStatus();
+  }
+
+  static void Gather(OpKernelContext* ctx, const T* src, const int32_t* idx, int64_t n, T* dst,
+                     const BlockGeometry& g) {
+    const char* err =
+        LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+
+  static constexpr bool kForwardScatterBase = false;
+
+  static Status CheckScatterIndices(const Tensor&, const BlockGeometry&, bool) {
+    return ::tensorflow::OkStatus();
+  }
+
+  static void Scatter(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
+                      const T* base, T* dst, int64_t size, bool add, const BlockGeometry& g) {
+    if (base == nullptr) {
+      ::stream_executor::DeviceMemoryBase memory(dst, size * sizeof(T));
+      OP_REQUIRES_OK(ctx, ctx->op_device_context()->stream()->MemZero(&memory, size * sizeof(T)));
+      base = dst;
+    }
+    Tensor workspace;
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
+                                TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}), &workspace));
+    const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, base, dst, add,
+                                             g, workspace.flat<int8_t>().data(), GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
+  }
+};
+
+#endif  // TF_SPARSECONV_CUDA
+
+// --- Kernels ---------------------------------------------------------------------
 
 class BlockOpBase : public OpKernel {
  public:
   explicit BlockOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
  protected:
+  // The block attributes: block_stride, block_offset and (with_size)
+  // block_size; scatter takes its block size from the blocks instead.
+  Status ReadBlockAttrs(OpKernelConstruction* ctx, bool with_size) {
+    if (with_size) TF_RETURN_IF_ERROR(ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
+    TF_RETURN_IF_ERROR(ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
+    return ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_);
+  }
   // The geometry for an image [batch, h, w, c] and blocks of size_h x size_w
   // (the block size is a per-call value for scatter, so it is passed in:
   // Compute may run concurrently on one kernel and must not write members).
@@ -160,156 +539,52 @@ template <typename Device, typename T>
 class ReduceMaskOp : public BlockOpBase {
  public:
   explicit ReduceMaskOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/true));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("threshold", &threshold_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("avgpool", &avgpool_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& mask = ctx->input(0);
-    OP_REQUIRES(
-        ctx, mask.dims() == 3,
-        errors::InvalidArgument("mask must be [B, H, W], got shape ", mask.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(mask, 3, "mask must be [B, H, W]"));
     BlockGeometry g;
     Fill(mask.dim_size(0), mask.dim_size(1), mask.dim_size(2), 1, size_h_, size_w_, &g);
     OP_REQUIRES_OK(ctx, CheckGridSize(g));
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      ComputeCpu(ctx, mask.flat<T>().data(), g);
-    } else {
-#if TF_SPARSECONV_CUDA
-      ComputeGpu(ctx, mask.flat<T>().data(), g);
-#endif
-    }
+    BlockSparseFunctor<Device, T>::ReduceMask(ctx, mask.flat<T>().data(), threshold_, avgpool_, g);
   }
 
  private:
-  void ComputeCpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
-    using A = typename Acc<T>::type;
-    const int64_t blocks = g.batch * g.grid_h * g.grid_w;
-    std::vector<uint8_t> active(blocks, 0);
-    const A threshold = static_cast<A>(threshold_);
-    const A area = static_cast<A>(g.size_h * g.size_w);
-    auto work = [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t b = k / (g.grid_h * g.grid_w);
-        const int64_t bh = k / g.grid_w % g.grid_h, bw = k % g.grid_w;
-        const Span rows = ClipSpan(g.offset_h + bh * g.stride_h, g.size_h, g.h);
-        const Span cols = ClipSpan(g.offset_w + bw * g.stride_w, g.size_w, g.w);
-        A max = -std::numeric_limits<A>::infinity(), sum = 0;
-        for (int64_t y = rows.lo; y < rows.hi; ++y) {
-          const T* row = mask + (b * g.h + y) * g.w;
-          for (int64_t x = cols.lo; x < cols.hi; ++x) {
-            const A v = static_cast<A>(row[x]);
-            max = std::max(max, v);
-            sum += v;
-          }
-        }
-        active[k] = (avgpool_ ? sum / area : max) > threshold;
-      }
-    };
-    ParallelFor(ctx, blocks, 4 * g.size_h * g.size_w + 16, work);
-    int64_t count = 0;
-    for (uint8_t a : active) count += a;
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
-    int32_t* idx = out->flat<int32_t>().data();
-    for (int64_t k = 0; k < blocks; ++k) {
-      if (!active[k]) continue;
-      *idx++ = static_cast<int32_t>(k / (g.grid_h * g.grid_w));
-      *idx++ = static_cast<int32_t>(k / g.grid_w % g.grid_h);
-      *idx++ = static_cast<int32_t>(k % g.grid_w);
-    }
-  }
-
-#if TF_SPARSECONV_CUDA
-  void ComputeGpu(OpKernelContext* ctx, const T* mask, const BlockGeometry& g) {
-    Tensor workspace;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(::tensorflow::DT_INT8,
-                                      TensorShape({ReduceMaskGpuWorkspaceBytes(g)}), &workspace));
-    void* ws = workspace.flat<int8_t>().data();
-    int64_t count = 0;
-    const char* err = LaunchReduceMaskCountGpu(DTypeTraits<T>::kFormat, mask, threshold_, avgpool_,
-                                               g, ws, &count, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({count, 3}), &out));
-    err = LaunchReduceMaskIndicesGpu(g, ws, out->flat<int32_t>().data(), count, GpuStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-  }
-#endif
-
   float threshold_ = 0;
   bool avgpool_ = false;
 };
-
-// --- SparseGather ---------------------------------------------------------------
 
 template <typename Device, typename T>
 class SparseGatherOp : public BlockOpBase {
  public:
   explicit SparseGatherOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_size", true, &size_h_, &size_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/true));
   }
 
   void Compute(OpKernelContext* ctx) override {
+    using Functor = BlockSparseFunctor<Device, T>;
     const Tensor& x = ctx->input(0);
     const Tensor& indices = ctx->input(1);
-    OP_REQUIRES(
-        ctx, x.dims() == 4,
-        errors::InvalidArgument("x must be [B, H, W, C], got shape ", x.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(x, 4, "x must be [B, H, W, C]"));
     OP_REQUIRES_OK(ctx, CheckIndicesShape(indices));
     BlockGeometry g;
     FillForIndices(x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), size_h_, size_w_,
                    &g);
     const int64_t n = indices.dim_size(0);
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
-    }
+    OP_REQUIRES_OK(ctx, Functor::CheckGatherIndices(indices, g));
     TensorShape blocks_shape;
     OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape({n, g.size_h, g.size_w, g.c}, &blocks_shape));
     Tensor* blocks = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, blocks_shape, &blocks));
     if (blocks->NumElements() == 0) return;
-    const T* src = x.flat<T>().data();
-    const int32_t* idx = indices.flat<int32_t>().data();
-    T* dst = blocks->flat<T>().data();
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      const int64_t row_len = g.size_w * g.c;
-      auto work = [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t k = r / g.size_h, i = r % g.size_h;
-          T* out = dst + r * row_len;
-          const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
-          if (y < 0 || y >= g.h) {
-            std::fill(out, out + row_len, T(0));
-            continue;
-          }
-          const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-          std::fill(out, out + cols.first * g.c, T(0));
-          const int64_t copied = (cols.hi - cols.lo) * g.c;
-          if (copied > 0)
-            std::memcpy(out + cols.first * g.c, src + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                        copied * sizeof(T));
-          std::fill(out + cols.first * g.c + copied, out + row_len, T(0));
-        }
-      };
-      ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
-    } else {
-#if TF_SPARSECONV_CUDA
-      const char* err =
-          LaunchSparseGatherGpu(DTypeTraits<T>::kFormat, src, idx, n, dst, g, GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-#endif
-    }
+    Functor::Gather(ctx, x.flat<T>().data(), indices.flat<int32_t>().data(), n,
+                    blocks->flat<T>().data(), g);
   }
 };
-
-// --- SparseScatter --------------------------------------------------------------
 
 // SparseScatter (kZeroBase = false: base is input 2) and the internal
 // SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
@@ -319,12 +594,12 @@ template <typename Device, typename T, bool kZeroBase>
 class SparseScatterOp : public BlockOpBase {
  public:
   explicit SparseScatterOp(OpKernelConstruction* ctx) : BlockOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_stride", true, &stride_h_, &stride_w_));
-    OP_REQUIRES_OK(ctx, ReadPair(ctx, "block_offset", false, &offset_h_, &offset_w_));
+    OP_REQUIRES_OK(ctx, ReadBlockAttrs(ctx, /*with_size=*/false));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("add", &add_));
   }
 
   void Compute(OpKernelContext* ctx) override {
+    using Functor = BlockSparseFunctor<Device, T>;
     const Tensor& blocks = ctx->input(0);
     const Tensor& indices = ctx->input(1);
     TensorShape base_shape;
@@ -343,9 +618,7 @@ class SparseScatterOp : public BlockOpBase {
     } else {
       base_shape = ctx->input(2).shape();
     }
-    OP_REQUIRES(ctx, blocks.dims() == 4,
-                errors::InvalidArgument("blocks must be [n, size_h, size_w, C], got shape ",
-                                        blocks.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(blocks, 4, "blocks must be [n, size_h, size_w, C]"));
     OP_REQUIRES(
         ctx, base_shape.dims() == 4,
         errors::InvalidArgument("base must be [B, H, W, C], got shape ", base_shape.DebugString()));
@@ -364,248 +637,20 @@ class SparseScatterOp : public BlockOpBase {
     FillForIndices(base_shape.dim_size(0), base_shape.dim_size(1), base_shape.dim_size(2),
                    base_shape.dim_size(3), std::max<int64_t>(1, blocks.dim_size(1)),
                    std::max<int64_t>(1, blocks.dim_size(2)), &g);
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckIndexValues(indices, g));
-      if (!add_) OP_REQUIRES_OK(ctx, CheckNoOverlap(indices, g));
-    }
+    OP_REQUIRES_OK(ctx, Functor::CheckScatterIndices(indices, g, add_));
     Tensor* out = nullptr;
-    if (!kZeroBase && std::is_same<Device, CPUDevice>::value) {
+    if (!kZeroBase && Functor::kForwardScatterBase) {
       OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, base_shape, &out));
     } else {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, base_shape, &out));
     }
     if (out->NumElements() == 0) return;
-    const T* blk = blocks.flat<T>().data();
-    const int32_t* idx = indices.flat<int32_t>().data();
-    T* dst = out->flat<T>().data();
-    const T* src = dst;
-    if constexpr (!kZeroBase) src = ctx->input(2).flat<T>().data();
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      if (kZeroBase && !add_) {
-        ZeroAndWriteCpu(ctx, blk, idx, n, dst, g);
-        return;
-      }
-      if (kZeroBase) {
-        Zero(ctx, dst, out->NumElements());
-      } else if (dst != src) {
-        Copy(ctx, src, dst, out->NumElements());
-      }
-      if (n == 0) return;
-      if (add_) {
-        AddCpu(ctx, blk, idx, n, dst, g);
-      } else {
-        WriteCpu(ctx, blk, idx, n, dst, g);
-      }
-    } else {
-#if TF_SPARSECONV_CUDA
-      if constexpr (kZeroBase) {
-        ::stream_executor::DeviceMemoryBase memory(dst, out->TotalBytes());
-        OP_REQUIRES_OK(ctx,
-                       ctx->op_device_context()->stream()->MemZero(&memory, out->TotalBytes()));
-      }
-      Tensor workspace;
-      OP_REQUIRES_OK(
-          ctx, ctx->allocate_temp(::tensorflow::DT_INT8,
-                                  TensorShape({SparseScatterGpuWorkspaceBytes(g, n)}), &workspace));
-      const char* err = LaunchSparseScatterGpu(DTypeTraits<T>::kFormat, blk, idx, n, src, dst, add_,
-                                               g, workspace.flat<int8_t>().data(), GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("GPU kernel failed: ", err));
-#endif
-    }
+    const T* base = kZeroBase ? nullptr : ctx->input(2).flat<T>().data();
+    Functor::Scatter(ctx, blocks.flat<T>().data(), indices.flat<int32_t>().data(), n, base,
+                     out->flat<T>().data(), out->NumElements(), add_, g);
   }
 
  private:
-  // add = false: no element may be written by two blocks.
-  static Status CheckNoOverlap(const Tensor& indices, const BlockGeometry& g) {
-    const auto idx = indices.matrix<int32_t>();
-    const int64_t n = indices.dim_size(0);
-    // Two blocks overlap iff they are in the same image and differ by fewer
-    // than ceil(size / stride) block steps along both axes.
-    const int64_t reach_h = (g.size_h + g.stride_h - 1) / g.stride_h - 1;
-    const int64_t reach_w = (g.size_w + g.stride_w - 1) / g.stride_w - 1;
-    std::unordered_set<int64_t> seen;
-    seen.reserve(2 * n);
-    auto key = [&](int64_t b, int64_t bh, int64_t bw) {
-      return (b * g.grid_h + bh) * g.grid_w + bw;
-    };
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t b = idx(k, 0), bh = idx(k, 1), bw = idx(k, 2);
-      const int64_t h0 = std::max<int64_t>(0, bh - reach_h),
-                    h1 = std::min(g.grid_h - 1, bh + reach_h);
-      const int64_t w0 = std::max<int64_t>(0, bw - reach_w),
-                    w1 = std::min(g.grid_w - 1, bw + reach_w);
-      for (int64_t h = h0; h <= h1; ++h) {
-        for (int64_t w = w0; w <= w1; ++w) {
-          if (seen.count(key(b, h, w))) {
-            return errors::InvalidArgument(
-                "indices[", k, "] = (", b, ", ", bh, ", ", bw,
-                ") overlaps an earlier block: with add=False blocks must not overlap "
-                "(block_stride ",
-                g.stride_h, "x", g.stride_w, " < block size ", g.size_h, "x", g.size_w,
-                ", or a repeated index); use add=True to sum them");
-          }
-        }
-      }
-      seen.insert(key(b, bh, bw));
-    }
-    return ::tensorflow::OkStatus();
-  }
-
-  static void Zero(OpKernelContext* ctx, T* dst, int64_t size) {
-    AdviseHugePages(dst, size * sizeof(T));
-    constexpr int64_t kChunk = 1 << 16;
-    auto work = [&](int64_t begin, int64_t end) {
-      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
-      std::memset(static_cast<void*>(dst + lo), 0, (hi - lo) * sizeof(T));
-    };
-    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T) / 2, work);
-  }
-
-  static void Copy(OpKernelContext* ctx, const T* src, T* dst, int64_t size) {
-    AdviseHugePages(dst, size * sizeof(T));
-    constexpr int64_t kChunk = 1 << 16;
-    auto work = [&](int64_t begin, int64_t end) {
-      const int64_t lo = begin * kChunk, hi = std::min(size, end * kChunk);
-      std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(T));
-    };
-    ParallelFor(ctx, (size + kChunk - 1) / kChunk, kChunk * sizeof(T), work);
-  }
-
-  // Writing blocks into zeros (add = false, so no two blocks share an element) in
-  // one pass over the output rows: each row's stretches outside every block are
-  // zeroed and its blocks' rows copied in, so every element is written once,
-  // while its page is hot. (Filling a fresh output is dominated by its page
-  // faults, which a zero-fill followed by a block write pays the same; what
-  // this saves is the second write of the covered part and the blocks' second
-  // pass over the output.)
-  static void ZeroAndWriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n,
-                              T* dst, const BlockGeometry& g) {
-    AdviseHugePages(dst, g.batch * g.h * g.w * g.c * static_cast<int64_t>(sizeof(T)));
-    // The blocks bucketed by (image, block row), in index order.
-    const int64_t buckets = g.batch * g.grid_h;
-    std::vector<int64_t> start(buckets + 1, 0);
-    for (int64_t k = 0; k < n; ++k) ++start[idx[3 * k] * g.grid_h + idx[3 * k + 1] + 1];
-    for (int64_t q = 0; q < buckets; ++q) start[q + 1] += start[q];
-    std::vector<int64_t> order(n), fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < n; ++k) order[fill[idx[3 * k] * g.grid_h + idx[3 * k + 1]]++] = k;
-    const int64_t row_elems = g.w * g.c, block_row = g.size_w * g.c;
-    auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
-    auto zero = [&](T* p, int64_t count) {
-      if (count > 0) std::memset(static_cast<void*>(p), 0, count * sizeof(T));
-    };
-    struct Piece {
-      int64_t lo, hi;  // image columns
-      const T* src;
-    };
-    auto work = [&](int64_t begin, int64_t end) {
-      std::vector<Piece> pieces;
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / g.h, y = r % g.h;
-        // Block rows bh with offset_h + bh * stride_h <= y < that + size_h.
-        const int64_t rel = y - g.offset_h;
-        const int64_t bh_lo = std::max<int64_t>(0, floor_div(rel - g.size_h, g.stride_h) + 1);
-        const int64_t bh_hi = std::min<int64_t>(g.grid_h - 1, floor_div(rel, g.stride_h));
-        pieces.clear();
-        for (int64_t bh = bh_lo; bh <= bh_hi; ++bh) {
-          const int64_t bucket = b * g.grid_h + bh;
-          for (int64_t q = start[bucket]; q < start[bucket + 1]; ++q) {
-            const int64_t k = order[q], i = rel - bh * g.stride_h;
-            const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-            if (cols.hi > cols.lo)
-              pieces.push_back(
-                  {cols.lo, cols.hi, blk + (k * g.size_h + i) * block_row + cols.first * g.c});
-          }
-        }
-        std::sort(pieces.begin(), pieces.end(),
-                  [](const Piece& a, const Piece& b) { return a.lo < b.lo; });
-        T* out = dst + r * row_elems;
-        int64_t x = 0;
-        for (const Piece& p : pieces) {
-          zero(out + x * g.c, (p.lo - x) * g.c);
-          std::memcpy(out + p.lo * g.c, p.src, (p.hi - p.lo) * g.c * sizeof(T));
-          x = p.hi;
-        }
-        zero(out + x * g.c, (g.w - x) * g.c);
-      }
-    };
-    ParallelFor(ctx, g.batch * g.h, row_elems * static_cast<int64_t>(sizeof(T)), work);
-  }
-
-  // Blocks do not overlap: parallel over block rows, memcpy of the in-image part.
-  static void WriteCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
-                       const BlockGeometry& g) {
-    const int64_t row_len = g.size_w * g.c;
-    auto work = [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t k = r / g.size_h, i = r % g.size_h;
-        const int64_t b = idx[3 * k], y = g.offset_h + idx[3 * k + 1] * g.stride_h + i;
-        if (y < 0 || y >= g.h) continue;
-        const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-        if (cols.hi > cols.lo)
-          std::memcpy(dst + ((b * g.h + y) * g.w + cols.lo) * g.c,
-                      blk + r * row_len + cols.first * g.c, (cols.hi - cols.lo) * g.c * sizeof(T));
-      }
-    };
-    ParallelFor(ctx, n * g.size_h, row_len * sizeof(T) + 32, work);
-  }
-
-  // Parallel over image rows; each adds the blocks covering it in a fixed
-  // order (increasing bh, then index order), in float for 16-bit types.
-  static void AddCpu(OpKernelContext* ctx, const T* blk, const int32_t* idx, int64_t n, T* dst,
-                     const BlockGeometry& g) {
-    using A = typename Acc<T>::type;
-    // Bucket the blocks by (b, bh), stably.
-    const int64_t buckets = g.batch * g.grid_h;
-    std::vector<int64_t> start(buckets + 1, 0);
-    for (int64_t k = 0; k < n; ++k) ++start[idx[3 * k] * g.grid_h + idx[3 * k + 1] + 1];
-    for (int64_t q = 0; q < buckets; ++q) start[q + 1] += start[q];
-    std::vector<int64_t> order(n), fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < n; ++k) order[fill[idx[3 * k] * g.grid_h + idx[3 * k + 1]]++] = k;
-    const int64_t row_len = g.size_w * g.c;
-    auto work = [&](int64_t begin, int64_t end) {
-      std::vector<A> acc(std::is_same<T, A>::value ? 0 : g.w * g.c);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / g.h, y = r % g.h;
-        // Block rows bh with offset + bh * stride <= y < offset + bh * stride + size.
-        const int64_t rel = y - g.offset_h;
-        int64_t bh_hi = rel >= 0 ? rel / g.stride_h : -((-rel + g.stride_h - 1) / g.stride_h);
-        const int64_t low = rel - g.size_h + 1;
-        int64_t bh_lo = low >= 0 ? (low + g.stride_h - 1) / g.stride_h : -((-low) / g.stride_h);
-        bh_lo = std::max<int64_t>(bh_lo, 0);
-        bh_hi = std::min<int64_t>(bh_hi, g.grid_h - 1);
-        bool any = false;
-        for (int64_t bh = bh_lo; bh <= bh_hi && !any; ++bh) {
-          any = start[b * g.grid_h + bh] != start[b * g.grid_h + bh + 1];
-        }
-        if (!any) continue;
-        T* out_row = dst + r * g.w * g.c;
-        A* row;
-        if constexpr (std::is_same<T, A>::value) {
-          row = out_row;
-        } else {
-          row = acc.data();
-          for (int64_t e = 0; e < g.w * g.c; ++e) row[e] = static_cast<A>(out_row[e]);
-        }
-        for (int64_t bh = bh_lo; bh <= bh_hi; ++bh) {
-          const int64_t i = rel - bh * g.stride_h;
-          for (int64_t q = start[b * g.grid_h + bh]; q < start[b * g.grid_h + bh + 1]; ++q) {
-            const int64_t k = order[q];
-            const Span cols = ClipSpan(g.offset_w + idx[3 * k + 2] * g.stride_w, g.size_w, g.w);
-            const T* s = blk + (k * g.size_h + i) * row_len + cols.first * g.c;
-            A* d = row + cols.lo * g.c;
-            const int64_t len = (cols.hi - cols.lo) * g.c;
-            for (int64_t e = 0; e < len; ++e) d[e] += static_cast<A>(s[e]);
-          }
-        }
-        if constexpr (!std::is_same<T, A>::value) {
-          for (int64_t e = 0; e < g.w * g.c; ++e) out_row[e] = static_cast<T>(row[e]);
-        }
-      }
-    };
-    const int64_t per_row = std::max<int64_t>(1, n * g.size_h / std::max<int64_t>(1, buckets));
-    ParallelFor(ctx, g.batch * g.h, per_row * row_len * 2 + g.w * g.c + 32, work);
-  }
-
   bool add_ = false;
 };
 

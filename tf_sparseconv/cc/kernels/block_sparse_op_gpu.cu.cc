@@ -143,6 +143,24 @@ __device__ __forceinline__ int64_t CellOf(const int32_t* __restrict__ row, const
   return (b * g.grid_h + bh) * g.grid_w + bw;
 }
 
+// The second pass of a tiled scan: loads this thread's kScanItems entries of
+// tile t (from `first`; 0 past `items`) into v and returns the scan position of
+// the first one (the tile's offset plus the entries of the tile's earlier
+// threads). Every thread of the block must call it.
+template <typename C>
+__device__ __forceinline__ long long LoadScanItems(const C* __restrict__ in, int64_t items,
+                                                   const int64_t* __restrict__ tile_offsets,
+                                                   int64_t t, int64_t first, C (&v)[kScanItems]) {
+  long long n = 0;
+#pragma unroll
+  for (int r = 0; r < kScanItems; ++r) {
+    v[r] = first + r < items ? in[first + r] : 0;
+    n += v[r];
+  }
+  long long total;
+  return tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+}
+
 // --- Prefix sums by tiles ---------------------------------------------------
 
 // sums[t] = sum of in[t * kTile, (t + 1) * kTile) (clipped to items).
@@ -247,14 +265,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
     uint8_t f[kScanItems];
-    long long n = 0;
-#pragma unroll
-    for (int r = 0; r < kScanItems; ++r) {
-      f[r] = first + r < blocks ? flags[first + r] : 0;
-      n += f[r];
-    }
-    long long total;
-    long long pos = tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+    long long pos = LoadScanItems(flags, blocks, tile_offsets, t, first, f);
 #pragma unroll
     for (int r = 0; r < kScanItems; ++r) {
       if (f[r]) {
@@ -292,14 +303,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t first = t * kTile + threadIdx.x * int64_t{kScanItems};
     int32_t c[kScanItems];
-    long long n = 0;
-#pragma unroll
-    for (int r = 0; r < kScanItems; ++r) {
-      c[r] = first + r < cells ? counts[first + r] : 0;
-      n += c[r];
-    }
-    long long total;
-    long long run = tile_offsets[t] + BlockExclusiveSum<kScanThreads>(n, &total);
+    long long run = LoadScanItems(counts, cells, tile_offsets, t, first, c);
 #pragma unroll
     for (int r = 0; r < kScanItems; ++r) {
       if (first + r < cells) starts[first + r] = static_cast<int32_t>(run);
@@ -346,24 +350,39 @@ __global__ void __launch_bounds__(kThreads)
 
 // --- SparseGather / SparseScatter -------------------------------------------
 
+// (block k, row i, column j, channel unit u) of element idx of blocks
+// [n, size_h, size_w, units], in Index arithmetic.
+template <typename Index>
+struct BlockElement {
+  Index k, i, j, u;
+};
+template <typename Index>
+struct BlockElementSplit {
+  Index cu, sw, sh;
+  __device__ BlockElementSplit(const BlockGeometry& g, int64_t units)
+      : cu(static_cast<Index>(units)),
+        sw(static_cast<Index>(g.size_w)),
+        sh(static_cast<Index>(g.size_h)) {}
+  __device__ __forceinline__ BlockElement<Index> operator()(Index idx) const {
+    Index p = idx / cu;
+    const Index u = idx - p * cu;
+    const Index j = p % sw;
+    p /= sw;
+    return {p / sh, p % sh, j, u};
+  }
+};
+
 // blocks[k, i, j, u] (u: channel unit) from x; one thread per element.
 template <typename U, typename Index>
 __global__ void __launch_bounds__(kThreads)
     GatherKernel(const U* __restrict__ x, const int32_t* __restrict__ indices,
                  U* __restrict__ blocks, BlockGeometry g, int64_t units, int64_t total) {
-  const Index cu = static_cast<Index>(units);
-  const Index sw = static_cast<Index>(g.size_w);
-  const Index sh = static_cast<Index>(g.size_h);
+  const BlockElementSplit<Index> split(g, units);
   const Index end = static_cast<Index>(total);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < end;
        idx += stride) {
-    Index p = idx / cu;
-    const Index u = idx - p * cu;
-    const Index j = p % sw;
-    p /= sw;
-    const Index i = p % sh;
-    const Index k = p / sh;
+    const auto [k, i, j, u] = split(idx);
     const int32_t* row = indices + 3 * static_cast<int64_t>(k);
     const int64_t b = row[0];
     const int64_t bh = row[1];
@@ -388,21 +407,14 @@ __global__ void __launch_bounds__(kThreads)
     ScatterKernel(const V* blocks, const int32_t* __restrict__ indices, const V* base, V* out,
                   const int32_t* __restrict__ starts, const int32_t* __restrict__ sorted,
                   BlockGeometry g, int64_t units, int64_t total) {
-  const Index cu = static_cast<Index>(units);
-  const Index sw = static_cast<Index>(g.size_w);
-  const Index sh = static_cast<Index>(g.size_h);
+  const BlockElementSplit<Index> split(g, units);
   const Index st_h = static_cast<Index>(g.stride_h);
   const Index st_w = static_cast<Index>(g.stride_w);
   const Index end = static_cast<Index>(total);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < end;
        idx += stride) {
-    Index p = idx / cu;
-    const Index u = idx - p * cu;
-    const Index j = p % sw;
-    p /= sw;
-    const Index i = p % sh;
-    const Index k = p / sh;
+    const auto [k, i, j, u] = split(idx);
     const int64_t cell = CellOf(indices + 3 * static_cast<int64_t>(k), g);
     if (cell < 0) continue;  // out-of-range index row: skipped
     const int64_t b = indices[3 * static_cast<int64_t>(k)];
@@ -412,9 +424,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t xx = g.offset_w + bw * g.stride_w + static_cast<int64_t>(j);
     if (y < 0 || y >= g.h || xx < 0 || xx >= g.w) continue;
     // Block rows / columns covering (y, xx), clipped to the grid.
-    int64_t h0 = bh + 1 - static_cast<int64_t>((sh - i + st_h - 1) / st_h);
+    int64_t h0 = bh + 1 - static_cast<int64_t>((split.sh - i + st_h - 1) / st_h);
     int64_t h1 = bh + static_cast<int64_t>(i / st_h);
-    int64_t w0 = bw + 1 - static_cast<int64_t>((sw - j + st_w - 1) / st_w);
+    int64_t w0 = bw + 1 - static_cast<int64_t>((split.sw - j + st_w - 1) / st_w);
     int64_t w1 = bw + static_cast<int64_t>(j / st_w);
     h0 = h0 > 0 ? h0 : 0;
     w0 = w0 > 0 ? w0 : 0;

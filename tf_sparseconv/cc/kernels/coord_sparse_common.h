@@ -22,6 +22,7 @@
 #define TF_SPARSECONV_CC_KERNELS_COORD_SPARSE_COMMON_H_
 
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define TSC_COORD_HD __host__ __device__ inline
@@ -33,6 +34,8 @@ namespace tf_sparseconv {
 
 constexpr int kMaxCoordDims = 3;
 constexpr int64_t kEmptyKey = -1;
+// Row counts and indices are int32 in the rulebooks and site lists.
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
 struct ConvGeometry {
   int dims;  // D

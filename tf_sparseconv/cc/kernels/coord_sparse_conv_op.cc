@@ -42,7 +42,6 @@ namespace tf_sparseconv {
 
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Output rows per tile of SparseConvFeatures: a tile's accumulator and
 // buffers (tile x max(Cin, Cout) values each) stay in L2 for C <= 256.
 constexpr int64_t kTileRows = 256;
@@ -218,6 +217,17 @@ Status CheckRulebook(OpKernelContext* ctx, const Tensor& pair_ptr_t, const Tenso
                                  "transpose)");
 }
 
+// K, the kernel offsets of a rulebook, from pair_ptr [K + 1] (the ops that
+// take K from the rulebook rather than from a kernel).
+Status NumOffsets(const Tensor& pair_ptr, int64_t* num_offsets) {
+  if (pair_ptr.dims() != 1 || pair_ptr.dim_size(0) < 1) {
+    return errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
+                                   pair_ptr.shape().DebugString());
+  }
+  *num_offsets = pair_ptr.dim_size(0) - 1;
+  return ::tensorflow::OkStatus();
+}
+
 Status ScalarCount(const Tensor& t, const char* name, int64_t* value) {
   if (t.dims() != 0) {
     return errors::InvalidArgument(name, " must be an int32 scalar, got shape ",
@@ -228,70 +238,44 @@ Status ScalarCount(const Tensor& t, const char* name, int64_t* value) {
   return ::tensorflow::OkStatus();
 }
 
+#if TF_SPARSECONV_CUDA
+// The rulebook check of the GPU kernels: only the shape of pairs (its values
+// stay in device memory).
+Status CheckPairsShape(const Tensor& pairs) {
+  if (pairs.dims() != 2 || pairs.dim_size(1) != 2) {
+    return errors::InvalidArgument("pairs must be int32 [P, 2], got shape ",
+                                   pairs.shape().DebugString());
+  }
+  return ::tensorflow::OkStatus();
+}
+#endif
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
-// SparseConvFeatures
+// Device functors
+//
+// The kernel classes below validate the shapes and allocate the outputs, then
+// call these: the CPU specialisations are the engines described at the top,
+// the GPU ones call the launchers of coord_sparse_conv_op_gpu.cu.cc. The
+// rulebook's contents are checked (Check*Rulebook) only on the CPU, where it is
+// in host memory; on the GPU only its shapes are.
 
 template <typename Device, typename T>
-class SparseConvFeaturesOp : public OpKernel {
- public:
-  explicit SparseConvFeaturesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+struct SparseConvFunctor;
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& features_t = ctx->input(0);
-    const Tensor& kernel_t = ctx->input(1);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, Cin], got shape ",
-                                        features_t.shape().DebugString()));
-    OP_REQUIRES(ctx, kernel_t.dims() == 3,
-                errors::InvalidArgument("kernel must be [K, Cin, Cout] (the spatial kernel "
-                                        "dims flattened), got shape ",
-                                        kernel_t.shape().DebugString()));
-    OP_REQUIRES(ctx, kernel_t.dim_size(1) == features_t.dim_size(1),
-                errors::InvalidArgument(
-                    "kernel has ", kernel_t.dim_size(1), " input channels but features has ",
-                    features_t.dim_size(1), " (kernel shape ", kernel_t.shape().DebugString(),
-                    ", features shape ", features_t.shape().DebugString(), ")"));
-    int64_t num_out = 0;
-    OP_REQUIRES_OK(ctx, ScalarCount(ctx->input(4), "num_out", &num_out));
-    const int64_t n = features_t.dim_size(0);
-    const int64_t num_offsets = kernel_t.dim_size(0);
-    const int64_t cin = kernel_t.dim_size(1), cout = kernel_t.dim_size(2);
-    OP_REQUIRES(ctx, n <= kInt32Max,
-                errors::InvalidArgument("features has more than 2^31 - 1 rows"));
-    Tensor* out_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_out, cout}), &out_t));
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(ctx, CheckRulebook(ctx, ctx->input(2), ctx->input(3), num_offsets, n, num_out,
-                                        true, "a row of features", "an output row: num_out"));
-      ComputeCpu(ctx, features_t.flat<T>().data(), kernel_t.flat<T>().data(),
-                 ctx->input(2).vec<int32_t>().data(), ctx->input(3).flat<int32_t>().data(),
-                 num_offsets, cin, cout, num_out, out_t->flat<T>().data());
-    }
-#if TF_SPARSECONV_CUDA
-    if constexpr (!std::is_same<Device, CPUDevice>::value) {
-      const Tensor& pairs_t = ctx->input(3);
-      OP_REQUIRES(ctx, ctx->input(2).dims() == 1 && ctx->input(2).dim_size(0) == num_offsets + 1,
-                  errors::InvalidArgument("pair_ptr must be int32 [K + 1] = [", num_offsets + 1,
-                                          "], got shape ", ctx->input(2).shape().DebugString()));
-      OP_REQUIRES(ctx, pairs_t.dims() == 2 && pairs_t.dim_size(1) == 2,
-                  errors::InvalidArgument("pairs must be int32 [P, 2], got shape ",
-                                          pairs_t.shape().DebugString()));
-      const char* err = LaunchSparseConvFeaturesGpu(
-          DTypeTraits<T>::kFormat, features_t.flat<T>().data(), n, kernel_t.flat<T>().data(),
-          num_offsets, cin, cout, ctx->input(2).vec<int32_t>().data(),
-          pairs_t.flat<int32_t>().data(), pairs_t.dim_size(0), num_out, out_t->flat<T>().data(),
-          GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvFeatures GPU: ", err));
-    }
-#endif
+template <typename T>
+struct SparseConvFunctor<CPUDevice, T> {
+  static Status CheckFeaturesRulebook(OpKernelContext* ctx, const Tensor& pair_ptr,
+                                      const Tensor& pairs, int64_t num_offsets, int64_t n,
+                                      int64_t num_out) {
+    return CheckRulebook(ctx, pair_ptr, pairs, num_offsets, n, num_out, true, "a row of features",
+                         "an output row: num_out");
   }
 
- private:
-  static void ComputeCpu(OpKernelContext* ctx, const T* features, const T* kernel,
-                         const int32_t* ptr, const int32_t* pairs, int64_t num_offsets, int64_t cin,
-                         int64_t cout, int64_t num_out, T* out) {
+  static void Features(OpKernelContext* ctx, const T* features, int64_t /*n*/, const T* kernel,
+                       int64_t num_offsets, int64_t cin, int64_t cout, const int32_t* ptr,
+                       const int32_t* pairs, int64_t /*num_pairs*/, int64_t num_out, T* out) {
     using A = typename Acc<T>::type;
     if (num_out == 0 || cout == 0) return;
     std::vector<A> kernel_copy;
@@ -335,61 +319,17 @@ class SparseConvFeaturesOp : public OpKernel {
       }
     });
   }
-};
 
-// ---------------------------------------------------------------------------
-// SparseConvKernelGrad
-
-template <typename Device, typename T>
-class SparseConvKernelGradOp : public OpKernel {
- public:
-  explicit SparseConvKernelGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& features_t = ctx->input(0);
-    const Tensor& grad_t = ctx->input(1);
-    const Tensor& pair_ptr_t = ctx->input(2);
-    const Tensor& pairs_t = ctx->input(3);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, Cin], got shape ",
-                                        features_t.shape().DebugString()));
-    OP_REQUIRES(ctx, grad_t.dims() == 2,
-                errors::InvalidArgument("grad must be [M, Cout], got shape ",
-                                        grad_t.shape().DebugString()));
-    OP_REQUIRES(ctx, pair_ptr_t.dims() == 1 && pair_ptr_t.dim_size(0) >= 1,
-                errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
-                                        pair_ptr_t.shape().DebugString()));
-    const int64_t num_offsets = pair_ptr_t.dim_size(0) - 1;
-    const int64_t cin = features_t.dim_size(1), cout = grad_t.dim_size(1);
-    Tensor* out_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_offsets, cin, cout}), &out_t));
-    if constexpr (std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES_OK(
-          ctx, CheckRulebook(ctx, pair_ptr_t, pairs_t, num_offsets, features_t.dim_size(0),
-                             grad_t.dim_size(0), false, "a row of features", "a row of grad"));
-      ComputeCpu(ctx, features_t.flat<T>().data(), grad_t.flat<T>().data(),
-                 pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(), num_offsets, cin,
-                 cout, out_t->flat<T>().data());
-    }
-#if TF_SPARSECONV_CUDA
-    if constexpr (!std::is_same<Device, CPUDevice>::value) {
-      OP_REQUIRES(ctx, pairs_t.dims() == 2 && pairs_t.dim_size(1) == 2,
-                  errors::InvalidArgument("pairs must be int32 [P, 2], got shape ",
-                                          pairs_t.shape().DebugString()));
-      const char* err = LaunchSparseConvKernelGradGpu(
-          DTypeTraits<T>::kFormat, features_t.flat<T>().data(), features_t.dim_size(0),
-          grad_t.flat<T>().data(), grad_t.dim_size(0), num_offsets, cin, cout,
-          pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(), pairs_t.dim_size(0),
-          out_t->flat<T>().data(), GpuStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvKernelGrad GPU: ", err));
-    }
-#endif
+  static Status CheckKernelGradRulebook(OpKernelContext* ctx, const Tensor& pair_ptr,
+                                        const Tensor& pairs, int64_t num_offsets, int64_t n,
+                                        int64_t m) {
+    return CheckRulebook(ctx, pair_ptr, pairs, num_offsets, n, m, false, "a row of features",
+                         "a row of grad");
   }
 
- private:
-  static void ComputeCpu(OpKernelContext* ctx, const T* features, const T* grad, const int32_t* ptr,
-                         const int32_t* pairs, int64_t num_offsets, int64_t cin, int64_t cout,
-                         T* out) {
+  static void KernelGrad(OpKernelContext* ctx, const T* features, int64_t /*n*/, const T* grad,
+                         int64_t /*m*/, int64_t num_offsets, int64_t cin, int64_t cout,
+                         const int32_t* ptr, const int32_t* pairs, int64_t /*num_pairs*/, T* out) {
     using A = typename Acc<T>::type;
     const int64_t total = num_offsets * cin * cout;
     if (total == 0) return;
@@ -444,6 +384,117 @@ class SparseConvKernelGradOp : public OpKernel {
   }
 };
 
+#if TF_SPARSECONV_CUDA
+
+template <typename T>
+struct SparseConvFunctor<GPUDevice, T> {
+  static Status CheckFeaturesRulebook(OpKernelContext*, const Tensor& pair_ptr, const Tensor& pairs,
+                                      int64_t num_offsets, int64_t, int64_t) {
+    if (pair_ptr.dims() != 1 || pair_ptr.dim_size(0) != num_offsets + 1) {
+      return errors::InvalidArgument("pair_ptr must be int32 [K + 1] = [", num_offsets + 1,
+                                     "], got shape ", pair_ptr.shape().DebugString());
+    }
+    return CheckPairsShape(pairs);
+  }
+
+  static void Features(OpKernelContext* ctx, const T* features, int64_t n, const T* kernel,
+                       int64_t num_offsets, int64_t cin, int64_t cout, const int32_t* ptr,
+                       const int32_t* pairs, int64_t num_pairs, int64_t num_out, T* out) {
+    const char* err =
+        LaunchSparseConvFeaturesGpu(DTypeTraits<T>::kFormat, features, n, kernel, num_offsets, cin,
+                                    cout, ptr, pairs, num_pairs, num_out, out, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvFeatures GPU: ", err));
+  }
+
+  static Status CheckKernelGradRulebook(OpKernelContext*, const Tensor&, const Tensor& pairs,
+                                        int64_t, int64_t, int64_t) {
+    return CheckPairsShape(pairs);
+  }
+
+  static void KernelGrad(OpKernelContext* ctx, const T* features, int64_t n, const T* grad,
+                         int64_t m, int64_t num_offsets, int64_t cin, int64_t cout,
+                         const int32_t* ptr, const int32_t* pairs, int64_t num_pairs, T* out) {
+    const char* err =
+        LaunchSparseConvKernelGradGpu(DTypeTraits<T>::kFormat, features, n, grad, m, num_offsets,
+                                      cin, cout, ptr, pairs, num_pairs, out, GpuStream(ctx));
+    OP_REQUIRES(ctx, err == nullptr, errors::Internal("SparseConvKernelGrad GPU: ", err));
+  }
+};
+
+#endif  // TF_SPARSECONV_CUDA
+
+// ---------------------------------------------------------------------------
+// SparseConvFeatures
+
+template <typename Device, typename T>
+class SparseConvFeaturesOp : public OpKernel {
+ public:
+  explicit SparseConvFeaturesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    using Functor = SparseConvFunctor<Device, T>;
+    const Tensor& features_t = ctx->input(0);
+    const Tensor& kernel_t = ctx->input(1);
+    const Tensor& pair_ptr_t = ctx->input(2);
+    const Tensor& pairs_t = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, Cin]"));
+    OP_REQUIRES(ctx, kernel_t.dims() == 3,
+                errors::InvalidArgument("kernel must be [K, Cin, Cout] (the spatial kernel "
+                                        "dims flattened), got shape ",
+                                        kernel_t.shape().DebugString()));
+    OP_REQUIRES(ctx, kernel_t.dim_size(1) == features_t.dim_size(1),
+                errors::InvalidArgument(
+                    "kernel has ", kernel_t.dim_size(1), " input channels but features has ",
+                    features_t.dim_size(1), " (kernel shape ", kernel_t.shape().DebugString(),
+                    ", features shape ", features_t.shape().DebugString(), ")"));
+    int64_t num_out = 0;
+    OP_REQUIRES_OK(ctx, ScalarCount(ctx->input(4), "num_out", &num_out));
+    const int64_t n = features_t.dim_size(0);
+    const int64_t num_offsets = kernel_t.dim_size(0);
+    const int64_t cin = kernel_t.dim_size(1), cout = kernel_t.dim_size(2);
+    OP_REQUIRES(ctx, n <= kInt32Max,
+                errors::InvalidArgument("features has more than 2^31 - 1 rows"));
+    Tensor* out_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_out, cout}), &out_t));
+    OP_REQUIRES_OK(
+        ctx, Functor::CheckFeaturesRulebook(ctx, pair_ptr_t, pairs_t, num_offsets, n, num_out));
+    Functor::Features(ctx, features_t.flat<T>().data(), n, kernel_t.flat<T>().data(), num_offsets,
+                      cin, cout, pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(),
+                      pairs_t.dim_size(0), num_out, out_t->flat<T>().data());
+  }
+};
+
+// ---------------------------------------------------------------------------
+// SparseConvKernelGrad
+
+template <typename Device, typename T>
+class SparseConvKernelGradOp : public OpKernel {
+ public:
+  explicit SparseConvKernelGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    using Functor = SparseConvFunctor<Device, T>;
+    const Tensor& features_t = ctx->input(0);
+    const Tensor& grad_t = ctx->input(1);
+    const Tensor& pair_ptr_t = ctx->input(2);
+    const Tensor& pairs_t = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, Cin]"));
+    OP_REQUIRES_OK(ctx, CheckRank(grad_t, 2, "grad must be [M, Cout]"));
+    int64_t num_offsets = 0;
+    OP_REQUIRES_OK(ctx, NumOffsets(pair_ptr_t, &num_offsets));
+    const int64_t cin = features_t.dim_size(1), cout = grad_t.dim_size(1);
+    Tensor* out_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({num_offsets, cin, cout}), &out_t));
+    OP_REQUIRES_OK(ctx,
+                   Functor::CheckKernelGradRulebook(ctx, pair_ptr_t, pairs_t, num_offsets,
+                                                    features_t.dim_size(0), grad_t.dim_size(0)));
+    Functor::KernelGrad(ctx, features_t.flat<T>().data(), features_t.dim_size(0),
+                        grad_t.flat<T>().data(), grad_t.dim_size(0), num_offsets, cin, cout,
+                        pair_ptr_t.vec<int32_t>().data(), pairs_t.flat<int32_t>().data(),
+                        pairs_t.dim_size(0), out_t->flat<T>().data());
+  }
+};
+
 // ---------------------------------------------------------------------------
 // SparseConvRulebookTranspose
 
@@ -456,10 +507,8 @@ class SparseConvRulebookTransposeOp : public OpKernel {
     const Tensor& pairs_t = ctx->input(1);
     int64_t num_src = 0;
     OP_REQUIRES_OK(ctx, ScalarCount(ctx->input(2), "num_src", &num_src));
-    OP_REQUIRES(ctx, pair_ptr_t.dims() == 1 && pair_ptr_t.dim_size(0) >= 1,
-                errors::InvalidArgument("pair_ptr must be int32 [K + 1], got shape ",
-                                        pair_ptr_t.shape().DebugString()));
-    const int64_t num_offsets = pair_ptr_t.dim_size(0) - 1;
+    int64_t num_offsets = 0;
+    OP_REQUIRES_OK(ctx, NumOffsets(pair_ptr_t, &num_offsets));
     OP_REQUIRES_OK(ctx, CheckRulebook(ctx, pair_ptr_t, pairs_t, num_offsets, num_src, kInt32Max,
                                       false, "num_src", "int32"));
     Tensor* out_t = nullptr;

@@ -64,6 +64,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "tf_sparseconv/cc/kernels/coord_sparse_launcher.h"
 #include "tf_sparseconv/cc/kernels/float_format.h"
@@ -633,6 +634,30 @@ const char* GradTyped(const GradArgs& a, cudaStream_t stream) {
   }
 }
 
+// The launchers' first checks: *bytes = the element size of `format`, and
+// no negative dimension.
+const char* FormatAndDims(FloatFormat format, std::initializer_list<int64_t> dims, int* bytes) {
+  *bytes = FormatBytes(format);
+  if (*bytes == 0) return kUnknownFormat;
+  for (int64_t d : dims) {
+    if (d < 0) return "tsc_coord_sparse: negative dimension";
+  }
+  return nullptr;
+}
+
+// The launchers' last steps, once out's size (out_bytes) is known: nothing to
+// write for an empty output, an error for a null one, zeros when `zeros`, an
+// error when an input is null, else typed(TypeTag<T>) for the format's type.
+template <typename Typed>
+const char* WriteOutput(FloatFormat format, void* out, int64_t out_bytes, const char* out_is_null,
+                        bool zeros, bool null_input, cudaStream_t st, const Typed& typed) {
+  if (out_bytes == 0) return nullptr;  // nothing to write
+  if (out == nullptr) return out_is_null;
+  if (zeros) return MemsetZero(out, out_bytes, st);
+  if (null_input) return "tsc_coord_sparse: null input";
+  return gpu::DispatchFormat(format, kUnknownFormat, typed);
+}
+
 }  // namespace
 
 const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features, int64_t n,
@@ -640,10 +665,10 @@ const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features
                                         int64_t cout, const int32_t* pair_ptr, const int32_t* pairs,
                                         int64_t num_pairs, int64_t num_out, void* out,
                                         void* stream) {
-  const int bytes = FormatBytes(format);
-  if (bytes == 0) return kUnknownFormat;
-  if (n < 0 || num_offsets < 0 || cin < 0 || cout < 0 || num_pairs < 0 || num_out < 0) {
-    return "tsc_coord_sparse: negative dimension";
+  int bytes = 0;
+  if (const char* err =
+          FormatAndDims(format, {n, num_offsets, cin, cout, num_pairs, num_out}, &bytes)) {
+    return err;
   }
   int64_t out_size, in_size, kernel_size;
   if (!MulNonNeg(num_out, cout, &out_size) || !MulNonNeg(n, cin, &in_size) ||
@@ -651,22 +676,15 @@ const char* LaunchSparseConvFeaturesGpu(FloatFormat format, const void* features
       !MulNonNeg(out_size, bytes, &out_size)) {
     return kTooLarge;
   }
-  if (out_size == 0) return nullptr;  // nothing to write
-  if (out == nullptr) return "tsc_coord_sparse: out is null";
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (num_offsets == 0 || cin == 0 || num_pairs == 0 || n == 0) {
-    // No offsets, channels, pairs or input rows: out is all zeros.
-    return MemsetZero(out, out_size, st);
-  }
-  if (features == nullptr || kernel == nullptr || pair_ptr == nullptr || pairs == nullptr) {
-    return "tsc_coord_sparse: null input";
-  }
   const FeaturesArgs a{features, n,     kernel,    num_offsets, cin, cout,
                        pair_ptr, pairs, num_pairs, num_out,     out};
-  return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return FeaturesTyped<T>(a, st);
-  });
+  // No offsets, channels, pairs or input rows: out is all zeros.
+  const bool zeros = num_offsets == 0 || cin == 0 || num_pairs == 0 || n == 0;
+  const bool null_input =
+      features == nullptr || kernel == nullptr || pair_ptr == nullptr || pairs == nullptr;
+  return WriteOutput(format, out, out_size, "tsc_coord_sparse: out is null", zeros, null_input, st,
+                     [&](auto tag) { return FeaturesTyped<typename decltype(tag)::type>(a, st); });
 }
 
 const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* features, int64_t n,
@@ -674,10 +692,9 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
                                           int64_t cin, int64_t cout, const int32_t* pair_ptr,
                                           const int32_t* pairs, int64_t num_pairs,
                                           void* kernel_grad, void* stream) {
-  const int bytes = FormatBytes(format);
-  if (bytes == 0) return kUnknownFormat;
-  if (n < 0 || m < 0 || num_offsets < 0 || cin < 0 || cout < 0 || num_pairs < 0) {
-    return "tsc_coord_sparse: negative dimension";
+  int bytes = 0;
+  if (const char* err = FormatAndDims(format, {n, m, num_offsets, cin, cout, num_pairs}, &bytes)) {
+    return err;
   }
   int64_t size, in_size, grad_size;
   if (!MulNonNeg(num_offsets, cin, &size) || !MulNonNeg(size, cout, &size) ||
@@ -685,22 +702,16 @@ const char* LaunchSparseConvKernelGradGpu(FloatFormat format, const void* featur
       !MulNonNeg(m, cout, &grad_size)) {
     return kTooLarge;
   }
-  if (size == 0) return nullptr;  // nothing to write
-  if (kernel_grad == nullptr) return "tsc_coord_sparse: kernel_grad is null";
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (num_pairs == 0 || n == 0 || m == 0) {
-    // No pairs, or none can be in range: kernel_grad is all zeros.
-    return MemsetZero(kernel_grad, size, st);
-  }
-  if (features == nullptr || grad == nullptr || pair_ptr == nullptr || pairs == nullptr) {
-    return "tsc_coord_sparse: null input";
-  }
   const GradArgs a{features, n,        grad,  m,         num_offsets, cin,
                    cout,     pair_ptr, pairs, num_pairs, kernel_grad};
-  return gpu::DispatchFormat(format, kUnknownFormat, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return GradTyped<T>(a, st);
-  });
+  // No pairs, or none can be in range: kernel_grad is all zeros.
+  const bool zeros = num_pairs == 0 || n == 0 || m == 0;
+  const bool null_input =
+      features == nullptr || grad == nullptr || pair_ptr == nullptr || pairs == nullptr;
+  return WriteOutput(format, kernel_grad, size, "tsc_coord_sparse: kernel_grad is null", zeros,
+                     null_input, st,
+                     [&](auto tag) { return GradTyped<typename decltype(tag)::type>(a, st); });
 }
 
 }  // namespace tf_sparseconv

@@ -46,7 +46,6 @@ namespace tf_sparseconv {
 
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Packed keys stay below this bound (kEmptyKey and sums stay representable).
 constexpr int64_t kKeyLimit = int64_t{1} << 62;
 // Sites per work block: fixed, so the output never depends on the thread count.
@@ -652,48 +651,17 @@ struct RanksAbove {
 
 }  // namespace
 
+// The device halves of TopKSites: the kept rows of features [n, c] (coords
+// [n, width]), written as output 0 (allocated here: their number is known
+// only once they are selected).
 template <typename Device, typename T>
-class TopKSitesOp : public OpKernel {
- public:
-  explicit TopKSitesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string score;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("score", &score));
-    l2_ = score == "l2";
-  }
+struct TopKSitesFunctor;
 
-  void Compute(OpKernelContext* ctx) override {
+template <typename T>
+struct TopKSitesFunctor<CPUDevice, T> {
+  void operator()(OpKernelContext* ctx, const T* features, int64_t n, int64_t c,
+                  const int32_t* coords, int64_t width, int64_t k, bool l2) {
     using A = typename Acc<T>::type;
-    const Tensor& features_t = ctx->input(0);
-    const Tensor& coords_t = ctx->input(1);
-    const Tensor& k_t = ctx->input(2);
-    OP_REQUIRES(ctx, features_t.dims() == 2,
-                errors::InvalidArgument("features must be [N, C], got shape ",
-                                        features_t.shape().DebugString()));
-    OP_REQUIRES(ctx,
-                coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
-                    coords_t.dim_size(1) <= 1 + kMaxCoordDims,
-                errors::InvalidArgument("coords must be int32 [N, 1 + D] (D = 1, 2, 3), got shape ",
-                                        coords_t.shape().DebugString()));
-    OP_REQUIRES(ctx, coords_t.dim_size(0) == features_t.dim_size(0),
-                errors::InvalidArgument("features has ", features_t.dim_size(0),
-                                        " rows but coords has ", coords_t.dim_size(0)));
-    OP_REQUIRES(ctx, k_t.dims() == 0,
-                errors::InvalidArgument("k must be an int32 scalar, got shape ",
-                                        k_t.shape().DebugString()));
-    const int64_t k = k_t.scalar<int32_t>()();
-    OP_REQUIRES(ctx, k >= 1, errors::InvalidArgument("k must be >= 1, got ", k));
-    const int64_t n = features_t.dim_size(0), c = features_t.dim_size(1);
-    const int64_t width = coords_t.dim_size(1);
-    OP_REQUIRES(ctx, n <= kInt32Max,
-                errors::InvalidArgument("features has more than 2^31 - 1 rows"));
-#if TF_SPARSECONV_CUDA
-    if constexpr (!std::is_same<Device, CPUDevice>::value) {
-      ComputeGpu(ctx, n, c, width, k);
-      return;
-    }
-#endif
-    const int32_t* coords = coords_t.flat<int32_t>().data();
-    const T* features = features_t.flat<T>().data();
     int64_t batch = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t b = coords[i * width];
@@ -729,7 +697,7 @@ class TopKSitesOp : public OpKernel {
     std::vector<A> score(n);
     std::vector<uint8_t> keep(n, 0);
     ParallelFor(ctx, n, c * 3 + 5, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) score[i] = RowScore<T, A>(features + i * c, c, l2_);
+      for (int64_t i = i0; i < i1; ++i) score[i] = RowScore<T, A>(features + i * c, c, l2);
     });
     ParallelFor(ctx, groups, std::max<int64_t>(n / std::max<int64_t>(groups, 1), 1) * 20,
                 [&](int64_t g0, int64_t g1) {
@@ -752,13 +720,16 @@ class TopKSitesOp : public OpKernel {
       if (keep[i]) rows[at++] = static_cast<int32_t>(i);
     }
   }
+};
 
- private:
 #if TF_SPARSECONV_CUDA
-  // The same selection on the GPU (coord_sparse_index_op_gpu.cu.cc): features
-  // and coords are device memory, k host memory; the number of kept rows
-  // (and the first negative batch index) come back to the host.
-  void ComputeGpu(OpKernelContext* ctx, int64_t n, int64_t c, int64_t width, int64_t k) {
+// The same selection on the GPU (coord_sparse_index_op_gpu.cu.cc): features
+// and coords are device memory, k host memory; the number of kept rows (and
+// the first negative batch index) come back to the host.
+template <typename T>
+struct TopKSitesFunctor<GPUDevice, T> {
+  void operator()(OpKernelContext* ctx, const T* features, int64_t n, int64_t c,
+                  const int32_t* coords, int64_t width, int64_t k, bool l2) {
     const int64_t bytes = TopKSitesGpuWorkspaceBytes(n);
     OP_REQUIRES(ctx, bytes >= 0, errors::InvalidArgument("features has too many rows"));
     Tensor workspace;
@@ -767,9 +738,8 @@ class TopKSitesOp : public OpKernel {
     void* ws = workspace.flat<int8_t>().data();
     int64_t bad = n, kept = 0;
     int32_t bad_batch = 0;
-    const char* err = LaunchTopKSitesGpu(DTypeTraits<T>::kFormat, ctx->input(0).flat<T>().data(), n,
-                                         c, ctx->input(1).flat<int32_t>().data(), width, k, l2_, ws,
-                                         &bad, &bad_batch, &kept, GpuStream(ctx));
+    const char* err = LaunchTopKSitesGpu(DTypeTraits<T>::kFormat, features, n, c, coords, width, k,
+                                         l2, ws, &bad, &bad_batch, &kept, GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
     OP_REQUIRES(ctx, bad >= n,
                 errors::InvalidArgument("coords[", bad, ", 0] = ", bad_batch,
@@ -779,8 +749,41 @@ class TopKSitesOp : public OpKernel {
     err = LaunchTopKSitesRowsGpu(ws, n, kept, rows_t->flat<int32_t>().data(), GpuStream(ctx));
     OP_REQUIRES(ctx, err == nullptr, errors::Internal("TopKSites GPU: ", err));
   }
-#endif
+};
+#endif  // TF_SPARSECONV_CUDA
 
+template <typename Device, typename T>
+class TopKSitesOp : public OpKernel {
+ public:
+  explicit TopKSitesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "score", "l2", &l2_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& features_t = ctx->input(0);
+    const Tensor& coords_t = ctx->input(1);
+    const Tensor& k_t = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckRank(features_t, 2, "features must be [N, C]"));
+    OP_REQUIRES(ctx,
+                coords_t.dims() == 2 && coords_t.dim_size(1) >= 2 &&
+                    coords_t.dim_size(1) <= 1 + kMaxCoordDims,
+                errors::InvalidArgument("coords must be int32 [N, 1 + D] (D = 1, 2, 3), got shape ",
+                                        coords_t.shape().DebugString()));
+    OP_REQUIRES(ctx, coords_t.dim_size(0) == features_t.dim_size(0),
+                errors::InvalidArgument("features has ", features_t.dim_size(0),
+                                        " rows but coords has ", coords_t.dim_size(0)));
+    OP_REQUIRES_OK(ctx, CheckRank(k_t, 0, "k must be an int32 scalar"));
+    const int64_t k = k_t.scalar<int32_t>()();
+    OP_REQUIRES(ctx, k >= 1, errors::InvalidArgument("k must be >= 1, got ", k));
+    const int64_t n = features_t.dim_size(0), c = features_t.dim_size(1);
+    const int64_t width = coords_t.dim_size(1);
+    OP_REQUIRES(ctx, n <= kInt32Max,
+                errors::InvalidArgument("features has more than 2^31 - 1 rows"));
+    TopKSitesFunctor<Device, T>()(ctx, features_t.flat<T>().data(), n, c,
+                                  coords_t.flat<int32_t>().data(), width, k, l2_);
+  }
+
+ private:
   bool l2_ = true;
 };
 

@@ -425,20 +425,14 @@ int64_t InVolume(const ConvGeometry& g, int64_t batch) {
 }
 
 // CUB temporary bytes of the sorts / scans the phases run.
-size_t SortPairsBytes64(int64_t n) {
+// (Pairs: Key keys, all of whose bits are sorted, and int32 values.)
+template <typename Key>
+size_t SortPairsBytes(int64_t n) {
   size_t bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
-                                  static_cast<uint64_t*>(nullptr),
-                                  static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(n), 0, 64);
-  return bytes;
-}
-size_t SortPairsBytes32(int64_t n) {
-  size_t bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint32_t*>(nullptr),
-                                  static_cast<uint32_t*>(nullptr),
-                                  static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(n), 0, 32);
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const Key*>(nullptr),
+                                  static_cast<Key*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(n), 0,
+                                  static_cast<int>(8 * sizeof(Key)));
   return bytes;
 }
 size_t SortKeysBytes64(int64_t n) {
@@ -493,7 +487,7 @@ SitesLayout MakeSitesLayout(void* base, int64_t n, int64_t nk) {
   l.rows_in = c.Take<int32_t>(n);
   l.proposals = c.Take<uint64_t>(nk);
   l.info = c.Take<SitesInfo>(1);
-  l.temp_bytes = static_cast<int64_t>(SortPairsBytes64(n));
+  l.temp_bytes = static_cast<int64_t>(SortPairsBytes<uint64_t>(n));
   if (nk > 0) {
     l.temp_bytes = Max(l.temp_bytes, static_cast<int64_t>(SortKeysBytes64(nk)));
     l.temp_bytes = Max(l.temp_bytes, static_cast<int64_t>(UniqueBytes64(nk)));
@@ -555,9 +549,9 @@ TopKLayout MakeTopKLayout(void* base, int64_t n) {
   l.keep = c.Take<int32_t>(n);
   l.positions = c.Take<int32_t>(n);
   l.info = c.Take<TopKInfo>(1);
-  l.temp_bytes =
-      Max(Max(static_cast<int64_t>(SortPairsBytes64(n)), static_cast<int64_t>(SortPairsBytes32(n))),
-          static_cast<int64_t>(ScanBytes(n)));
+  l.temp_bytes = Max(Max(static_cast<int64_t>(SortPairsBytes<uint64_t>(n)),
+                         static_cast<int64_t>(SortPairsBytes<uint32_t>(n))),
+                     static_cast<int64_t>(ScanBytes(n)));
   l.temp = c.Bytes(l.temp_bytes);
   l.total = c.Total();
   return l;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -61,6 +62,23 @@ using GPUDevice = Eigen::GpuDevice;
 #else
 #define TSC_REGISTER_FLOAT_KERNELS(REGISTER) TSC_FOR_FLOAT_TYPES(REGISTER, CPU)
 #endif
+
+// *is = (the string attribute `name` == value): the kernels' choice
+// attributes (e.g. per = "sample" | "channel").
+inline Status StringAttrIs(OpKernelConstruction* ctx, const char* name, const char* value,
+                           bool* is) {
+  std::string attr;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &attr));
+  *is = attr == value;
+  return ::tensorflow::OkStatus();
+}
+
+// An input's rank check with the kernels' message: `what` (e.g. "x must be
+// [B, H, W, C]") followed by ", got shape " and the tensor's shape.
+inline Status CheckRank(const Tensor& t, int rank, const char* what) {
+  if (t.dims() == rank) return ::tensorflow::OkStatus();
+  return errors::InvalidArgument(what, ", got shape ", t.shape().DebugString());
+}
 
 // fn(begin, end) over [0, total) on the op's CPU worker threads; `cost_per_unit`
 // (in cycles, roughly) lets TensorFlow choose the shard size.

@@ -162,12 +162,8 @@ class StreamingConvStepOp : public OpKernel {
     const Tensor& frames = ctx->input(1);
     const Tensor& kernel = ctx->input(2);
     const Tensor& bias = ctx->input(3);
-    OP_REQUIRES(ctx, history.dims() == 3,
-                errors::InvalidArgument("history must be [B, hist, C], got shape ",
-                                        history.shape().DebugString()));
-    OP_REQUIRES(ctx, frames.dims() == 3,
-                errors::InvalidArgument("frames must be [B, t, C], got shape ",
-                                        frames.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckRank(history, 3, "history must be [B, hist, C]"));
+    OP_REQUIRES_OK(ctx, CheckRank(frames, 3, "frames must be [B, t, C]"));
     OP_REQUIRES(ctx, kernel.dims() == 3 && kernel.dim_size(0) >= 1,
                 errors::InvalidArgument("kernel must be [taps >= 1, C, F], got shape ",
                                         kernel.shape().DebugString()));

@@ -368,12 +368,42 @@ struct TopKMaskGradFunctor<GPUDevice, T> {
 };
 #endif  // TF_SPARSECONV_CUDA
 
+// The kernels' common tail: y (x's shape, input 0's buffer where it may be
+// forwarded) and the [.., k, ..] indices allocated, then the functor.
 template <typename Device, typename T>
-class KWinnersOp : public OpKernel {
+void AllocateAndMask(OpKernelContext* ctx, const TensorShape& indices_shape, const TopKGeometry& g,
+                     ScoreMode mode) {
+  Tensor* y = nullptr;
+  Tensor* indices = nullptr;
+  OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(1, indices_shape, &indices));
+  TopKMaskFunctor<Device, T>()(ctx, ctx->input(0), y, indices, g, mode);
+}
+
+// The gradients' tail: dx (grad's shape) from grad (input 0) and indices
+// (input 1).
+template <typename Device, typename T>
+void AllocateAndMaskGrad(OpKernelContext* ctx, const TopKGeometry& g) {
+  Tensor* dx = nullptr;
+  OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
+  TopKMaskGradFunctor<Device, T>()(ctx, ctx->input(0), ctx->input(1), dx, g);
+}
+
+// KWinners and its gradient: the `axis` attribute.
+class AxisOpBase : public OpKernel {
  public:
-  explicit KWinnersOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit AxisOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
   }
+
+ protected:
+  int axis_;
+};
+
+template <typename Device, typename T>
+class KWinnersOp : public AxisOpBase {
+ public:
+  explicit KWinnersOp(OpKernelConstruction* ctx) : AxisOpBase(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -393,23 +423,14 @@ class KWinnersOp : public OpKernel {
     g.k = std::min<int64_t>(k, g.size);
     TensorShape indices_shape = x.shape();
     indices_shape.set_dim(axis, g.k);
-    Tensor* y = nullptr;
-    Tensor* indices = nullptr;
-    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, indices_shape, &indices));
-    TopKMaskFunctor<Device, T>()(ctx, x, y, indices, g, ScoreMode::kValue);
+    AllocateAndMask<Device, T>(ctx, indices_shape, g, ScoreMode::kValue);
   }
-
- private:
-  int axis_;
 };
 
 template <typename Device, typename T>
-class KWinnersGradOp : public OpKernel {
+class KWinnersGradOp : public AxisOpBase {
  public:
-  explicit KWinnersGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-  }
+  explicit KWinnersGradOp(OpKernelConstruction* ctx) : AxisOpBase(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
@@ -430,24 +451,18 @@ class KWinnersGradOp : public OpKernel {
                                         dy.shape().DebugString()));
     TopKGeometry g = AxisGeometry(dy.shape(), axis);
     g.k = indices.dim_size(axis);
-    Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
-    TopKMaskGradFunctor<Device, T>()(ctx, dy, indices, dx, g);
+    AllocateAndMaskGrad<Device, T>(ctx, g);
   }
-
- private:
-  int axis_;
 };
 
 template <typename Device, typename T>
 class TopKAttentionOp : public OpKernel {
  public:
   explicit TopKAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string mode, per;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("mode", &mode));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("per", &per));
-    mode_ = mode == "relu" ? ScoreMode::kRelu : ScoreMode::kAbs;
-    per_sample_ = per == "sample";
+    bool relu = false;
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "mode", "relu", &relu));
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "per", "sample", &per_sample_));
+    mode_ = relu ? ScoreMode::kRelu : ScoreMode::kAbs;
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -465,11 +480,7 @@ class TopKAttentionOp : public OpKernel {
     g.k = std::min<int64_t>(k, g.size);
     const TensorShape indices_shape =
         per_sample_ ? TensorShape({g.outer, g.k}) : TensorShape({g.outer, g.k, g.inner});
-    Tensor* y = nullptr;
-    Tensor* indices = nullptr;
-    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, indices_shape, &indices));
-    TopKMaskFunctor<Device, T>()(ctx, x, y, indices, g, mode_);
+    AllocateAndMask<Device, T>(ctx, indices_shape, g, mode_);
   }
 
  private:
@@ -481,9 +492,7 @@ template <typename Device, typename T>
 class TopKAttentionGradOp : public OpKernel {
  public:
   explicit TopKAttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string per;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("per", &per));
-    per_sample_ = per == "sample";
+    OP_REQUIRES_OK(ctx, StringAttrIs(ctx, "per", "sample", &per_sample_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -505,9 +514,7 @@ class TopKAttentionGradOp : public OpKernel {
                     dy.shape().DebugString(),
                     per_sample_ ? " (per='sample': [B, k])" : " (per='channel': [B, k, C])"));
     g.k = indices.dim_size(1);
-    Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, SameShapeOutput<Device>(ctx, 0, &dx));
-    TopKMaskGradFunctor<Device, T>()(ctx, dy, indices, dx, g);
+    AllocateAndMaskGrad<Device, T>(ctx, g);
   }
 
  private:

@@ -32,8 +32,7 @@ Status ReduceMaskShape(InferenceContext* c) {
 
 Status GatherShape(InferenceContext* c) {
   ShapeHandle x, indices;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &indices));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 4, &x}, {1, 2, &indices}}));
   DimensionHandle three;
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(indices, 1), 3, &three));
   std::vector<int32_t> size;
@@ -44,9 +43,7 @@ Status GatherShape(InferenceContext* c) {
 
 Status ScatterShape(InferenceContext* c) {
   ShapeHandle blocks, indices, base;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &blocks));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &indices));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &base));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 4, &blocks}, {1, 2, &indices}, {2, 4, &base}}));
   DimensionHandle merged;
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(indices, 1), 3, &merged));
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(blocks, 0), c->Dim(indices, 0), &merged));
@@ -118,8 +115,7 @@ REGISTER_OP("TfSparseConv>SparseScatterZeros")
     .Attr("add: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle blocks, indices, out;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &blocks));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &indices));
+      TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 4, &blocks}, {1, 2, &indices}}));
       TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
       TF_RETURN_IF_ERROR(c->WithRank(out, 4, &out));
       DimensionHandle merged;

@@ -23,9 +23,7 @@ Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k, int64_t str
 
 Status ForwardShape(InferenceContext* c) {
   ShapeHandle x, kernel, connections;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &kernel));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &connections));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 4, &x}, {1, 4, &kernel}, {2, 2, &connections}}));
   std::vector<int32_t> strides, dilations;
   std::string padding;
   TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
@@ -62,17 +60,13 @@ Status BiasActivationShape(InferenceContext* c) {
   return ::tensorflow::OkStatus();
 }
 
+// The output is the rank-4 shape that input `kInput` (a shape tensor) holds:
+// input 0 (input_sizes) for the input gradient, 1 (kernel_sizes) for the
+// kernel gradient.
+template <int kInput>
 Status ShapeFromSizesInput(InferenceContext* c) {
   ShapeHandle shape;
-  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &shape));
-  TF_RETURN_IF_ERROR(c->WithRank(shape, 4, &shape));
-  c->set_output(0, shape);
-  return ::tensorflow::OkStatus();
-}
-
-Status KernelGradShape(InferenceContext* c) {
-  ShapeHandle shape;
-  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(1, &shape));
+  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(kInput, &shape));
   TF_RETURN_IF_ERROR(c->WithRank(shape, 4, &shape));
   c->set_output(0, shape);
   return ::tensorflow::OkStatus();
@@ -129,7 +123,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropInput")
     .Input("connections: int32")
     .Input("grad: T")
     .Output("x_grad: T")
-    .TSC_CONV_ATTRS.SetShapeFn(ShapeFromSizesInput)
+    .TSC_CONV_ATTRS.SetShapeFn(ShapeFromSizesInput<0>)
     .Doc("Gradient of ChannelSparseConv2D with respect to x.");
 
 REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
@@ -138,7 +132,7 @@ REGISTER_OP("TfSparseConv>ChannelSparseConv2DBackpropKernel")
     .Input("connections: int32")
     .Input("grad: T")
     .Output("kernel_grad: T")
-    .TSC_CONV_ATTRS.SetShapeFn(KernelGradShape)
+    .TSC_CONV_ATTRS.SetShapeFn(ShapeFromSizesInput<1>)
     .Doc("Gradient of ChannelSparseConv2D with respect to kernel.");
 
 #undef TSC_CONV_ATTRS

@@ -40,8 +40,7 @@ Status RulebookShape(InferenceContext* c) {
   bool submanifold = false;
   TF_RETURN_IF_ERROR(c->GetAttr("submanifold", &submanifold));
   ShapeHandle coords, shape;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &coords));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &shape));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 2, &coords}, {1, 1, &shape}}));
   DimensionHandle merged;
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(shape, 0), dims, &merged));
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(coords, 1), dims + 1, &merged));
@@ -62,8 +61,7 @@ Status RulebookShape(InferenceContext* c) {
 
 Status RulebookPairs(InferenceContext* c, int pair_ptr_input, int pairs_input, DimensionHandle* k) {
   ShapeHandle ptr, pairs;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(pair_ptr_input), 1, &ptr));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(pairs_input), 2, &pairs));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{pair_ptr_input, 1, &ptr}, {pairs_input, 2, &pairs}}));
   DimensionHandle two;
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(pairs, 1), 2, &two));
   *k = c->Dim(ptr, 0);
@@ -80,9 +78,7 @@ Status RulebookPairs(InferenceContext* c, int pair_ptr_input, int pairs_input, D
 // num_out [] -> [num_out, Cout].
 Status FeaturesShape(InferenceContext* c) {
   ShapeHandle features, kernel, num_out;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &features));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &kernel));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &num_out));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 2, &features}, {1, 3, &kernel}, {4, 0, &num_out}}));
   DimensionHandle k, merged;
   TF_RETURN_IF_ERROR(RulebookPairs(c, 2, 3, &k));
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, 0), k, &merged));
@@ -96,8 +92,7 @@ Status FeaturesShape(InferenceContext* c) {
 // features [N, Cin], grad [M, Cout], pair_ptr [K + 1], pairs [P, 2] -> [K, Cin, Cout].
 Status KernelGradShape(InferenceContext* c) {
   ShapeHandle features, grad;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &features));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &grad));
+  TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 2, &features}, {1, 2, &grad}}));
   DimensionHandle k;
   TF_RETURN_IF_ERROR(RulebookPairs(c, 2, 3, &k));
   c->set_output(0, c->MakeShape({k, c->Dim(features, 1), c->Dim(grad, 1)}));
@@ -184,9 +179,7 @@ REGISTER_OP("TfSparseConv>TopKSites")
     .Attr("score: {'l2', 'abs_max'} = 'l2'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle features, coords, k;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &features));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &coords));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 0, &k));
+      TF_RETURN_IF_ERROR(WithInputRanks(c, {{0, 2, &features}, {1, 2, &coords}, {2, 0, &k}}));
       DimensionHandle n;
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(features, 0), c->Dim(coords, 0), &n));
       c->set_output(0, c->Vector(c->UnknownDim()));

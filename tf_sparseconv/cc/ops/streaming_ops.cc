@@ -7,10 +7,8 @@ namespace {
 
 Status StreamingConvStepShape(InferenceContext* c) {
   ShapeHandle history, frames, kernel, bias;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &history));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &frames));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &kernel));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &bias));
+  TF_RETURN_IF_ERROR(
+      WithInputRanks(c, {{0, 3, &history}, {1, 3, &frames}, {2, 3, &kernel}, {3, 1, &bias}}));
   DimensionHandle batch, channels;
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(history, 0), c->Dim(frames, 0), &batch));
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(history, 2), c->Dim(frames, 2), &channels));
