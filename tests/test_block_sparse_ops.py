@@ -417,6 +417,44 @@ def test_scatter_into_zeros_small_stride_disjoint_blocks(rng):
     assert_exactly_equal(got, np_scatter(blocks, indices, np.zeros((2, 9, 9, 2), np.float32), 1))
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
+def test_scatter_into_zeros_kept_output(rng, traced):
+    # A large zero-based scatter keeps its output and hands it out again once nobody holds it
+    # (block_sparse_op.cc, KeptZeroOutput): the previous call's blocks are zeroed, this call's
+    # written. Consecutive calls with other blocks (some shared, none, then all), another shape,
+    # and an output still held by the caller (it must never change) all match the oracle.
+    from tf_sparseconv.python.ops.block_sparse_ops import scatter_into_zeros
+
+    shape = [2, 256, 256, 32]  # 16 MiB: above the 8 MiB from which the output is kept
+    grid = (256 // 16, 256 // 16)
+
+    def scatter(blocks, indices, out_shape):
+        return scatter_into_zeros(blocks, indices, out_shape, (16, 16))
+
+    if traced:
+        scatter = tf.function(scatter)
+    every = all_blocks(2, grid)
+    picks = [every[rng.permutation(len(every))[:40]] for _ in range(3)]
+    picks += [picks[0], np.zeros((0, 3), np.int32), every, picks[1]]
+    held = []
+    for i, indices in enumerate(picks):
+        indices = np.ascontiguousarray(indices, np.int32)
+        blocks = rng.standard_normal((len(indices), 16, 16, 32)).astype(np.float32)
+        got = scatter(tf.constant(blocks), tf.constant(indices), tf.constant(shape))
+        expected = np_scatter(blocks, indices, np.zeros(shape, np.float32), 16, 0)
+        assert_exactly_equal(got, expected)
+        if i % 2 == 0:
+            held.append((got, expected))  # still referenced: the next calls must not touch it
+        del got  # (the others are released before the next call, so their buffer is kept)
+    for got, expected in held:
+        assert_exactly_equal(got, expected)
+    other = [1, 128, 512, 32]  # another shape of the same size: a fresh output
+    indices = np.array([[0, 3, 7], [0, 0, 31]], np.int32)
+    blocks = rng.standard_normal((2, 16, 16, 32)).astype(np.float32)
+    got = scatter(tf.constant(blocks), tf.constant(indices), tf.constant(other))
+    assert_exactly_equal(got, np_scatter(blocks, indices, np.zeros(other, np.float32), 16, 0))
+
+
 @pytest.mark.parametrize("name", both("sparse_scatter"))
 def test_sparse_scatter_add_heavy_overlap(rng, name):
     # Every pixel is covered by up to 32 blocks (each index twice, unsorted) of very different
