@@ -437,8 +437,8 @@ def test_scatter_into_zeros_kept_output(rng, traced):
     picks = [every[rng.permutation(len(every))[:40]] for _ in range(3)]
     picks += [picks[0], np.zeros((0, 3), np.int32), every, picks[1]]
     held = []
-    for i, indices in enumerate(picks):
-        indices = np.ascontiguousarray(indices, np.int32)
+    for i, pick in enumerate(picks):
+        indices = np.ascontiguousarray(pick, np.int32)
         blocks = rng.standard_normal((len(indices), 16, 16, 32)).astype(np.float32)
         got = scatter(tf.constant(blocks), tf.constant(indices), tf.constant(shape))
         expected = np_scatter(blocks, indices, np.zeros(shape, np.float32), 16, 0)
