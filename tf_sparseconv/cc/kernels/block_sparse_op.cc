@@ -14,6 +14,7 @@
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -600,10 +601,6 @@ class SparseGatherOp : public BlockOpBase {
   }
 };
 
-// SparseScatter (kZeroBase = false: base is input 2) and the internal
-// SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
-// base, which is never materialised: the output is zero-filled in place, so
-// scattering computed blocks into an otherwise empty tensor writes it once).
 // The output of a large zero-based scatter (add = false), kept from one call
 // to the next and handed out again once nobody else holds it: its buffer's
 // reference count is back to this cache's alone, so every consumer is done
@@ -612,7 +609,10 @@ class SparseGatherOp : public BlockOpBase {
 // Filling a fresh output is dominated by its page faults (most of a
 // block-sparse convolution's scatter at 10 % active blocks); the kept one
 // needs only the previous call's blocks zeroed and this call's written. It
-// holds one output-sized buffer per kernel between calls. CPU only.
+// holds one output-sized buffer per kernel between calls, and while it is
+// kept, the op consuming it cannot reuse it for its own output in place (a
+// ReLU after it allocates instead). CPU only; TF_SPARSECONV_KEEP_OUTPUT=0
+// turns it off.
 template <typename Device, typename T>
 class KeptZeroOutput {
  public:
@@ -629,7 +629,9 @@ class KeptZeroOutput<CPUDevice, T> {
   // or returns false: the caller allocates and scatters as usual.
   bool Scatter(OpKernelContext* ctx, const TensorShape& shape, const T* blk, const int32_t* idx,
                int64_t n, const BlockGeometry& g) {
-    if (shape.num_elements() * static_cast<int64_t>(sizeof(T)) < kMinBytes) return false;
+    if (!enabled_ || shape.num_elements() * static_cast<int64_t>(sizeof(T)) < kMinBytes) {
+      return false;
+    }
     std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
     if (!lock.owns_lock()) return false;  // a concurrent call allocates its own
     using Functor = BlockSparseFunctor<CPUDevice, T>;
@@ -639,7 +641,10 @@ class KeptZeroOutput<CPUDevice, T> {
                        kept_.flat<T>().data(), g);
     } else {
       Tensor fresh;
-      if (!ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value, shape, &fresh).ok()) {
+      // With output 0's allocator attributes, as allocate_output would use.
+      if (!ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value, shape, &fresh,
+                              ctx->output_alloc_attr(0))
+               .ok()) {
         return false;
       }
       Functor::Scatter(ctx, blk, idx, n, nullptr, fresh.flat<T>().data(), fresh.NumElements(),
@@ -654,12 +659,21 @@ class KeptZeroOutput<CPUDevice, T> {
 
  private:
   static constexpr int64_t kMinBytes = int64_t{8} << 20;
+  // TF_SPARSECONV_KEEP_OUTPUT=0 turns it off (read when the kernel is made).
+  const bool enabled_ = [] {
+    const char* env = std::getenv("TF_SPARSECONV_KEEP_OUTPUT");
+    return env == nullptr || std::string(env) != "0";
+  }();
   std::mutex mu_;
   Tensor kept_;
   std::vector<int32_t> kept_indices_;
   BlockGeometry kept_geometry_{};
 };
 
+// SparseScatter (kZeroBase = false: base is input 2) and the internal
+// SparseScatterZeros (kZeroBase = true: input 2 is the shape of an all-zero
+// base, which is never materialised: the output is zero-filled in place, so
+// scattering computed blocks into an otherwise empty tensor writes it once).
 template <typename Device, typename T, bool kZeroBase>
 class SparseScatterOp : public BlockOpBase {
  public:
