@@ -7,6 +7,7 @@ row, with the fraction of the image that the active blocks (plus halo) cover.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -17,6 +18,10 @@ from benchmarks.common import Row, time_pair
 
 C = 64
 BLOCK_SIZES = (8, 16, 32, 64)
+
+
+# Lambdas traced as they are (autograph cannot parse several lambdas on one line).
+_traced = functools.partial(tf.function, autograph=False, jit_compile=False)
 
 
 def blob_mask(size: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -192,6 +197,34 @@ def run(quick: bool = False) -> list[Row]:
             target=5.0,
         )
     )
+    # The same call followed by stock ops (what the kept output of the scatter buys in a network
+    # depends on whether the next op would have written its result in place; RESULTS.md).
+    chains = {
+        "then relu": lambda y, a: tf.nn.relu(y),
+        "then + x": lambda y, a: y + a,
+        "two layers, relu between": None,
+    }
+    for label, after in chains.items():
+        if after is None:
+            ours_chain = _traced(
+                lambda a, b, m: tsc.ops.block_sparse_conv2d(
+                    tf.nn.relu(tsc.ops.block_sparse_conv2d(a, b, m, 32)), b, m, 32
+                )
+            )
+            stock_chain = _traced(
+                lambda a, b, m: tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(a, b, 1, "SAME")), b, 1, "SAME")
+            )
+        else:
+            ours_chain = _traced(lambda a, b, m, f=after: f(tsc.ops.block_sparse_conv2d(a, b, m, 32), a))
+            stock_chain = _traced(lambda a, b, m, f=after: f(tf.nn.conv2d(a, b, 1, "SAME"), a))
+        rows.append(
+            Row(
+                "block_sparse_conv2d",
+                f"{tile_case}, inside tf.function, {label}",
+                *time_pair(ours_chain, stock_chain, x, kernel, tiles, repeat=15),
+                "the same with tf.nn.conv2d (whole image)",
+            )
+        )
     mask = tf.constant(blob_mask(size, 0.1))
     dy = tf.constant(rng.standard_normal((1, size, size, C)).astype(np.float32))
     best = None
