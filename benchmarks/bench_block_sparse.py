@@ -199,24 +199,17 @@ def run(quick: bool = False) -> list[Row]:
     )
     # The same call followed by stock ops (what the kept output of the scatter buys in a network
     # depends on whether the next op would have written its result in place; RESULTS.md).
+    # Each chain is written once over `conv`, run with ours and with tf.nn.conv2d.
     chains = {
-        "then relu": lambda y, a: tf.nn.relu(y),
-        "then + x": lambda y, a: y + a,
-        "two layers, relu between": None,
+        "then relu": lambda conv, a: tf.nn.relu(conv(a)),
+        "then + x": lambda conv, a: conv(a) + a,
+        "two layers, relu between": lambda conv, a: conv(tf.nn.relu(conv(a))),
     }
-    for label, after in chains.items():
-        if after is None:
-            ours_chain = _traced(
-                lambda a, b, m: tsc.ops.block_sparse_conv2d(
-                    tf.nn.relu(tsc.ops.block_sparse_conv2d(a, b, m, 32)), b, m, 32
-                )
-            )
-            stock_chain = _traced(
-                lambda a, b, m: tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(a, b, 1, "SAME")), b, 1, "SAME")
-            )
-        else:
-            ours_chain = _traced(lambda a, b, m, f=after: f(tsc.ops.block_sparse_conv2d(a, b, m, 32), a))
-            stock_chain = _traced(lambda a, b, m, f=after: f(tf.nn.conv2d(a, b, 1, "SAME"), a))
+    for label, chain in chains.items():
+        ours_chain = _traced(
+            lambda a, b, m, f=chain: f(lambda v: tsc.ops.block_sparse_conv2d(v, b, m, 32), a)
+        )
+        stock_chain = _traced(lambda a, b, m, f=chain: f(lambda v: tf.nn.conv2d(v, b, 1, "SAME"), a))
         rows.append(
             Row(
                 "block_sparse_conv2d",

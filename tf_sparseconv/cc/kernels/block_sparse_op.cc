@@ -186,31 +186,39 @@ class BlocksByRow {
 
   // Whether any block covers row y of image b.
   bool Covers(int64_t b, int64_t y) const {
-    bool any = false;
-    ForEach(b, y, [&](int64_t, int64_t) { any = true; });
-    return any;
+    const Range bh = BlockRows(y);
+    for (int64_t r = bh.lo; r <= bh.hi; ++r) {
+      if (start_[Bucket(b, r)] != start_[Bucket(b, r) + 1]) return true;
+    }
+    return false;
   }
 
   // f(k, i) for each block k covering row y of image b (i: the row inside the
   // block), by increasing block row, then index order.
   template <typename F>
   void ForEach(int64_t b, int64_t y, F&& f) const {
-    // Block rows bh with offset + bh * stride <= y < offset + bh * stride + size.
-    const int64_t rel = y - g_.offset_h;
-    const int64_t lo = std::max<int64_t>(0, FloorDiv(rel - g_.size_h, g_.stride_h) + 1);
-    const int64_t hi = std::min<int64_t>(g_.grid_h - 1, FloorDiv(rel, g_.stride_h));
-    for (int64_t bh = lo; bh <= hi; ++bh) {
-      const int64_t bucket = Bucket(b, bh);
+    const Range bh = BlockRows(y);
+    for (int64_t r = bh.lo; r <= bh.hi; ++r) {
+      const int64_t bucket = Bucket(b, r);
       for (int64_t q = start_[bucket]; q < start_[bucket + 1]; ++q)
-        f(order_[q], rel - bh * g_.stride_h);
+        f(order_[q], y - g_.offset_h - r * g_.stride_h);
     }
   }
 
  private:
+  struct Range {
+    int64_t lo, hi;  // inclusive; empty when lo > hi
+  };
+  // Block rows bh with offset + bh * stride <= y < offset + bh * stride + size.
+  Range BlockRows(int64_t y) const {
+    const int64_t rel = y - g_.offset_h;
+    return {std::max<int64_t>(0, FloorDiv(rel - g_.size_h, g_.stride_h) + 1),
+            std::min<int64_t>(g_.grid_h - 1, FloorDiv(rel, g_.stride_h))};
+  }
   int64_t Bucket(int64_t b, int64_t bh) const { return b * g_.grid_h + bh; }
   static int64_t FloorDiv(int64_t a, int64_t d) { return a >= 0 ? a / d : -((-a + d - 1) / d); }
 
-  const BlockGeometry& g_;
+  const BlockGeometry g_;  // a copy: twelve integers
   std::vector<int64_t> start_, order_;
 };
 
